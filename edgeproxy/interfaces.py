@@ -1,0 +1,181 @@
+"""
+The ports of edgeproxy's hexagon.
+
+The domain (L{edgeproxy.selection}, L{edgeproxy.router}) and the proxy
+protocols talk only to these interfaces; adapters at the edges (SQLite,
+MaxMind, in-memory tables, later PostgreSQL and replication) implement them.
+Every adapter is declared with C{@implementer} and checked with
+C{verifyObject} in the tests; L{edgeproxy.testing} has an in-memory
+implementation of each for other projects' tests.
+
+Methods return a L{Deferred} only when they may do I/O.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, FrozenSet, Mapping, Optional
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from edgeproxy.model import Backend, Binding, BindingKey, GeoInfo, RoutingSnapshot
+
+
+SnapshotListener = Callable[["RoutingSnapshot", "RoutingSnapshot"], None]
+"""Called with (old, new) whenever a reload changes the routing table."""
+
+
+class IBackendRepository(Interface):
+    """
+    Where the routing table comes from (SQLite, PostgreSQL, replication...).
+
+    The repository always holds a current L{RoutingSnapshot}; reads are
+    synchronous and cheap, because they happen on every new connection.
+    """
+
+    def current() -> "RoutingSnapshot":
+        """
+        The routing snapshot in force now.  Never blocks, never fails.
+        """
+
+    def reload() -> "Deferred[RoutingSnapshot]":
+        """
+        Read the table again off the reactor thread.
+
+        On success the new snapshot replaces the current one (and listeners
+        are told if the content changed).  On failure the last good snapshot
+        stays in force; the returned L{Deferred} still fires with the
+        snapshot in force, never with a failure, so that a periodic job that
+        calls this can never die.
+        """
+
+    def addListener(listener: SnapshotListener) -> None:
+        """
+        Call C{listener(old, new)} after every reload that changes content.
+        """
+
+
+class IBindingRepository(Interface):
+    """
+    Client affinity: (client IP, app) -> backend id, with a sliding TTL.
+    """
+
+    ttl = Attribute("Sliding time-to-live of a binding, in seconds (float).")
+
+    def lookup(key: "BindingKey", now: float) -> Optional["Binding"]:
+        """
+        The live binding for C{key}, refreshed to C{now}, or C{None}.
+
+        An expired binding is removed and never returned.
+        """
+
+    def bind(key: "BindingKey", backend_id: str, now: float) -> "Binding":
+        """
+        Get-or-create: return the live binding for C{key} if there is one
+        (refreshed), else create one to C{backend_id}.  When the table is
+        full the least recently used binding is evicted.
+        """
+
+    def remove(key: "BindingKey") -> None:
+        """
+        Forget the binding for C{key}, if any.
+        """
+
+    def removeBackend(backend_id: str) -> int:
+        """
+        Forget every binding to C{backend_id}; return how many went.
+        """
+
+    def collect(now: float) -> int:
+        """
+        Free expired bindings; return how many were freed.
+        """
+
+    def __len__() -> int:
+        """
+        Number of bindings held (live or not yet collected).
+        """
+
+
+class IGeoResolver(Interface):
+    """
+    Where a client is.
+    """
+
+    def resolve(ip: str) -> Optional["GeoInfo"]:
+        """
+        Locate C{ip} (text form, IPv4 or IPv6).  Never raises and never does
+        network I/O; returns C{None} when the address has no geo (unknown,
+        loopback or private without an override, unparsable).
+        """
+
+
+class IMetricsStore(Interface):
+    """
+    Per-backend connection counts and the proxy's counters.
+
+    The counts are read on every routing decision, so C{connections} is a
+    live mapping (backend id -> open connections plus connects in flight).
+    """
+
+    connections = Attribute(
+        "Live Mapping[str, int]: backend id -> current connections "
+        "(open plus connecting).  Missing ids count as 0."
+    )
+
+    def connectionOpened(backend_id: str) -> None:
+        """
+        A connection (or connect attempt) to C{backend_id} now counts.
+        """
+
+    def connectionClosed(backend_id: str) -> None:
+        """
+        A connection (or failed attempt) to C{backend_id} no longer counts.
+        """
+
+    def increment(name: str, label: str = "", amount: int = 1) -> None:
+        """
+        Add C{amount} to the counter C{name} (with an optional label value,
+        e.g. the reason a connection ended).
+        """
+
+    def counter(name: str, label: str = "") -> int:
+        """
+        Current value of a counter (0 if never incremented).
+        """
+
+    def counters() -> Mapping[tuple[str, str], int]:
+        """
+        A copy of every counter, keyed by (name, label).
+        """
+
+
+class IRouter(Interface):
+    """
+    The routing decision as the proxy sees it: bindings, geo, selection and
+    load accounting in one synchronous call per connect attempt.
+    """
+
+    def choose(
+        client_ip: str, app: Optional[str], exclude: FrozenSet[str]
+    ) -> Optional["Backend"]:
+        """
+        Pick the backend for a new connect attempt from C{client_ip} on a
+        listener bound to C{app} (C{None}: every app), skipping the ids in
+        C{exclude} (attempts that already failed).  The chosen backend counts
+        one more connection from this moment; the caller must call
+        L{release} exactly once for every backend returned.  Binds the
+        client.  Returns C{None} when there is no candidate.
+        """
+
+    def release(backend_id: str) -> None:
+        """
+        The connection (or attempt) to C{backend_id} is over.
+        """
+
+    def connectFailed(client_ip: str, app: Optional[str], backend_id: str) -> None:
+        """
+        A connect to C{backend_id} failed: clear the client's binding to it.
+        """

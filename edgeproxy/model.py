@@ -1,0 +1,169 @@
+"""
+Value types of the routing domain.
+
+Everything here is plain data: no I/O, no reactor, no clock.  A
+L{RoutingSnapshot} is immutable and replaced whole on reload; it carries the
+indexes that let L{edgeproxy.selection.select} look at a handful of
+candidates instead of scanning every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+import attrs
+
+#: PROXY protocol versions a backend can ask for (``proxy_protocol`` column).
+PROXY_OFF = 0
+PROXY_V1 = 1
+PROXY_V2 = 2
+
+
+@attrs.frozen(slots=True)
+class Backend:
+    """
+    One row of the routing table, validated and normalised.
+
+    @ivar id: Unique backend id, e.g. C{fly-gru-1}.
+    @ivar app: Application name; C{None} matches no app-bound listener.
+    @ivar region: Region code (C{sa}, C{us}, C{eu}, C{ap} or the operator's).
+    @ivar country: ISO 3166-1 alpha-2, upper case, or C{None}.
+    @ivar host: Address to connect to (the C{wg_ip} column).
+    @ivar port: TCP port, 1-65535.
+    @ivar healthy: Whether the row says the backend is healthy.
+    @ivar weight: Effective weight, at least 1 (0 in the table means 1).
+    @ivar soft_limit: Effective soft limit, at least 1 (0 means 1).
+    @ivar hard_limit: Absolute maximum of connections; 0 means unlimited.
+    @ivar deleted: Soft-delete flag.
+    @ivar proxy_protocol: L{PROXY_OFF}, L{PROXY_V1} or L{PROXY_V2}.
+    @ivar draining: Finish open connections, take no new ones.
+    """
+
+    id: str
+    app: Optional[str]
+    region: str
+    country: Optional[str]
+    host: str
+    port: int
+    healthy: bool = True
+    weight: int = 1
+    soft_limit: int = 1
+    hard_limit: int = 0
+    deleted: bool = False
+    proxy_protocol: int = PROXY_OFF
+    draining: bool = False
+
+    @property
+    def routable(self) -> bool:
+        """
+        Whether new connections may be sent here at all (load aside).
+        """
+        return self.healthy and not self.deleted and not self.draining
+
+
+@attrs.frozen(slots=True)
+class GeoInfo:
+    """
+    Where a client (or a POP) is.
+
+    @ivar country: ISO 3166-1 alpha-2, upper case, or C{None} if unknown.
+    @ivar region: Region code derived from the country (or continent).
+    """
+
+    country: Optional[str]
+    region: Optional[str]
+
+
+@attrs.define(slots=True)
+class Binding:
+    """
+    Client affinity: a (client IP, app) pair stuck to one backend.
+
+    Mutable on purpose: C{last_seen} slides on every use.
+    """
+
+    backend_id: str
+    created: float
+    last_seen: float
+
+
+BindingKey = Tuple[str, Optional[str]]
+"""(client IP, app) -- the key of a L{Binding}."""
+
+
+_Index = Dict[Tuple[Optional[str], Optional[str]], Tuple[Backend, ...]]
+
+
+@attrs.frozen(slots=True, eq=False)
+class RoutingSnapshot:
+    """
+    An immutable, indexed view of the routing table at one instant.
+
+    Built once per (re)load by L{RoutingSnapshot.build}; never mutated.
+
+    @ivar backends: Every valid row, routable or not, in table order.
+    @ivar by_id: Every valid row by id.
+    @ivar routable: Rows that may take new connections (healthy, not deleted,
+        not draining), by id.
+    @ivar by_app: Routable rows per app; key C{None} holds every app.
+    @ivar by_app_country: Routable rows per (app or C{None}, country).
+    @ivar by_app_region: Routable rows per (app or C{None}, region).
+    @ivar version: An opaque token that changes when the content changes.
+    """
+
+    backends: Tuple[Backend, ...]
+    by_id: Mapping[str, Backend]
+    routable: Mapping[str, Backend]
+    by_app: Mapping[Optional[str], Tuple[Backend, ...]]
+    by_app_country: Mapping[Tuple[Optional[str], Optional[str]], Tuple[Backend, ...]]
+    by_app_region: Mapping[Tuple[Optional[str], Optional[str]], Tuple[Backend, ...]]
+    version: int
+
+    @classmethod
+    def build(cls, backends: Iterable[Backend]) -> "RoutingSnapshot":
+        """
+        Index C{backends}.  Later duplicates of an id are ignored.
+        """
+        rows: list[Backend] = []
+        by_id: dict[str, Backend] = {}
+        for b in backends:
+            if b.id in by_id:
+                continue
+            by_id[b.id] = b
+            rows.append(b)
+        routable = {b.id: b for b in rows if b.routable}
+        by_app: dict[Optional[str], list[Backend]] = {None: []}
+        by_country: dict[Tuple[Optional[str], Optional[str]], list[Backend]] = {}
+        by_region: dict[Tuple[Optional[str], Optional[str]], list[Backend]] = {}
+        for b in routable.values():
+            for app in (None, b.app) if b.app is not None else (None,):
+                by_app.setdefault(app, []).append(b)
+                if b.country is not None:
+                    by_country.setdefault((app, b.country), []).append(b)
+                by_region.setdefault((app, b.region), []).append(b)
+        rows_t = tuple(rows)
+        return cls(
+            backends=rows_t,
+            by_id=by_id,
+            routable=routable,
+            by_app={k: tuple(v) for k, v in by_app.items()},
+            by_app_country={k: tuple(v) for k, v in by_country.items()},
+            by_app_region={k: tuple(v) for k, v in by_region.items()},
+            version=hash(rows_t),
+        )
+
+    @classmethod
+    def empty(cls) -> "RoutingSnapshot":
+        """
+        A snapshot with no backends.
+        """
+        return cls.build(())
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def same_content(self, other: "RoutingSnapshot") -> bool:
+        """
+        Whether C{other} holds exactly the same rows.
+        """
+        return self.version == other.version and self.backends == other.backends

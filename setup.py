@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="edgeproxy",
+    version="0.1.0.dev0",
+    description="A geo-aware L4 (TCP) edge proxy framework on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["edgeproxy", "edgeproxy.*"]) + ["twisted.plugins"],
+    package_data={"edgeproxy": ["py.typed", "data/*"], "twisted.plugins": []},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=23.10.0",
+        "zope.interface>=6.0",
+        "attrs>=23.1.0",
+        "geoip2>=4.7.0",
+        "maxminddb-geolite2>=2018.703",
+        "txsni>=0.2.0",
+        "treq>=23.11.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7.4",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.90",
+            "pytest-timeout>=2.1",
+        ],
+        "dev": [
+            "mypy>=1.8",
+            "mypy-zope>=1.0.3",
+            "ruff>=0.4",
+            "towncrier>=23.10",
+            "tox>=4.11",
+        ],
+    },
+    entry_points={},
+    zip_safe=False,
+)
