@@ -1,0 +1,384 @@
+"""
+Tests for L{edgeproxy.router.Router}, and the verifyObject compliance of the
+public in-memory adapters in L{edgeproxy.testing}.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterable, cast
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, globalLogPublisher
+from zope.interface.verify import verifyObject
+
+from edgeproxy.interfaces import (
+    IBackendRepository,
+    IBindingRepository,
+    IGeoResolver,
+    IMetricsStore,
+    IRouter,
+)
+from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
+from edgeproxy.router import NO_BACKEND, Router
+from edgeproxy.testing import (
+    BindingTable,
+    InMemoryBackendRepository,
+    MetricsStore,
+    StaticGeoResolver,
+    backend,
+)
+
+CLIENT_BR = "203.0.113.10"
+CLIENT_FR = "198.51.100.20"
+CLIENT_NOGEO = "192.0.2.99"
+
+GEO = StaticGeoResolver({CLIENT_BR: GeoInfo("BR", "sa"), CLIENT_FR: GeoInfo("FR", "eu")})
+
+
+class _World:
+    """
+    A router over in-memory ports, with handles on each of them.
+    """
+
+    def __init__(self, backends: Iterable[Backend], local_region: str = "sa", ttl: float = 600.0):
+        self.clock = Clock()
+        self.repository = InMemoryBackendRepository(backends)
+        self.bindings = BindingTable(ttl=ttl)
+        self.metrics = MetricsStore()
+        self.router = Router(
+            self.repository,
+            self.bindings,
+            GEO,
+            self.metrics,
+            local_region,
+            self.clock,
+            random.Random(3),
+        )
+
+    def choose(self, ip: str = CLIENT_BR, app: str | None = "app", exclude=frozenset()):
+        return self.router.choose(ip, app, frozenset(exclude))
+
+    def bound(self, ip: str = CLIENT_BR, app: str | None = "app") -> str | None:
+        b = self.bindings.peek((ip, app), self.clock.seconds())
+        return None if b is None else b.backend_id
+
+
+def _id(b: Backend | None) -> str | None:
+    return None if b is None else b.id
+
+
+# --------------------------------------------------------------------------
+# Interface compliance of every adapter written here.
+
+
+def test_adapters_provide_their_interfaces():
+    """
+    Router, BindingTable, MetricsStore and the public in-memory
+    InMemoryBackendRepository and StaticGeoResolver all pass verifyObject.
+    """
+    w = _World([backend("a")])
+    assert verifyObject(IRouter, w.router)
+    assert verifyObject(IBindingRepository, w.bindings)
+    assert verifyObject(IMetricsStore, w.metrics)
+    assert verifyObject(IBackendRepository, w.repository)
+    assert verifyObject(IGeoResolver, GEO)
+
+
+# --------------------------------------------------------------------------
+# The testing helpers themselves.
+
+
+def test_backend_factory_defaults_and_overrides():
+    """
+    C{backend()} gives a routable row with the documented defaults; any
+    field can be overridden and the country is upper-cased like the loaders
+    do.
+    """
+    b = backend("x")
+    assert (b.id, b.app, b.region, b.country, b.host, b.port) == (
+        "x",
+        "app",
+        "sa",
+        "BR",
+        "127.0.0.1",
+        9000,
+    )
+    assert b.routable and b.weight == 1 and b.soft_limit == 1 and b.hard_limit == 0
+    c = backend("y", country="fr", region="eu", port=1234, app=None)
+    assert (c.country, c.region, c.port, c.app) == ("FR", "eu", 1234, None)
+    assert backend("z", country=None).country is None
+
+
+def test_in_memory_repository_set_and_listeners():
+    """
+    C{set()} replaces the snapshot and tells listeners (old, new) only when
+    the content changed; a failing listener does not stop the others;
+    C{reload()} fires at once with the current snapshot.
+    """
+    repo = InMemoryBackendRepository([backend("a")])
+    seen: list[tuple[RoutingSnapshot, RoutingSnapshot]] = []
+
+    def broken(old: RoutingSnapshot, new: RoutingSnapshot) -> None:
+        raise RuntimeError("listener bug")
+
+    repo.addListener(broken)
+    repo.addListener(lambda old, new: seen.append((old, new)))
+    first = repo.current()
+    assert repo.set([backend("a")]) is first
+    assert seen == []
+    logged: list[dict] = []
+    observer = cast(ILogObserver, logged.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        second = repo.set([backend("a"), backend("b")])
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [e["log_failure"].value.args for e in logged if "log_failure" in e] == [
+        ("listener bug",)
+    ]
+    assert repo.current() is second
+    assert seen == [(first, second)]
+    results: list[RoutingSnapshot] = []
+    repo.reload().addCallback(results.append)
+    assert results == [second]
+
+
+def test_static_geo_resolver():
+    """
+    C{StaticGeoResolver} answers from its table and gives no geo for any
+    other address, without raising on garbage.
+    """
+    assert GEO.resolve(CLIENT_BR) == GeoInfo("BR", "sa")
+    assert GEO.resolve(CLIENT_NOGEO) is None
+    assert GEO.resolve("not an ip") is None
+
+
+# --------------------------------------------------------------------------
+# Routing.
+
+
+def test_choose_uses_geo_and_binds_and_counts():
+    """
+    A first connection goes to the best geo tier, binds the client to it
+    and counts one connection against it from the moment of choice.
+    """
+    w = _World([backend("gru", country="BR"), backend("cdg", country="FR", region="eu")])
+    assert _id(w.choose(CLIENT_FR)) == "cdg"
+    assert w.bound(CLIENT_FR) == "cdg"
+    assert w.metrics.connections == {"cdg": 1}
+    assert _id(w.choose(CLIENT_BR)) == "gru"
+    assert w.metrics.connections == {"cdg": 1, "gru": 1}
+
+
+def test_client_without_geo_goes_local():
+    """
+    A client with no geo goes to the local region first, whatever the
+    other countries are.
+    """
+    w = _World([backend("cdg", country="FR", region="eu"), backend("gru")], local_region="sa")
+    assert _id(w.choose(CLIENT_NOGEO)) == "gru"
+
+
+def test_binding_first_and_refreshed():
+    """
+    A live binding wins over a better-scored backend, and using it slides
+    its TTL.
+    """
+    w = _World([backend("a"), backend("b")], ttl=10.0)
+    first = w.choose()
+    assert first is not None
+    other = "b" if first.id == "a" else "a"
+    # The bound backend is now busier than the other, yet the binding holds.
+    for step in range(1, 4):
+        w.clock.advance(8)
+        assert _id(w.choose()) == first.id
+        assert w.metrics.connections[first.id] == step + 1
+        assert other not in w.metrics.connections
+    binding = w.bindings.peek((CLIENT_BR, "app"), w.clock.seconds())
+    assert binding is not None and binding.last_seen == w.clock.seconds() == 24
+
+
+def test_in_flight_counting_without_release():
+    """
+    Two choices without a release see load 1 then 2 on the bound backend;
+    releasing brings the count back down.
+    """
+    w = _World([backend("a")])
+    w.choose()
+    assert w.metrics.connections == {"a": 1}
+    w.choose()
+    assert w.metrics.connections == {"a": 2}
+    w.router.release("a")
+    w.router.release("a")
+    assert w.metrics.connections == {}
+
+
+def test_simultaneous_first_connections_share_backend():
+    """
+    F16: 100 first connections from one client, all before any of them
+    completes, are all bound to and sent to the same backend.
+    """
+    w = _World([backend(f"b{i}") for i in range(5)])
+    chosen = {_id(w.choose()) for _ in range(100)}
+    assert len(chosen) == 1
+    (only,) = chosen
+    assert w.metrics.connections == {only: 100}
+    assert len(w.bindings) == 1
+
+
+def _drop_a(w: _World) -> None:
+    w.bindings.bind((CLIENT_BR, "app"), "a", w.clock.seconds())
+
+
+@pytest.mark.parametrize(
+    "rows,exclude,why",
+    [
+        ([backend("a", healthy=False), backend("b")], (), "unhealthy"),
+        ([backend("a", deleted=True), backend("b")], (), "deleted"),
+        ([backend("a", draining=True), backend("b")], (), "draining"),
+        ([backend("b")], (), "removed"),
+        ([backend("a", hard_limit=1), backend("b")], (), "at-hard-limit"),
+        ([backend("a", app="other"), backend("b")], (), "other-app"),
+        ([backend("a"), backend("b")], ("a",), "excluded"),
+    ],
+)
+def test_binding_dropped_when_unusable(rows, exclude, why):
+    """
+    A binding to a backend that is unhealthy, deleted, draining, gone, at
+    its hard limit, of another app or excluded is not used: the client goes
+    to another backend and is re-bound to it.
+    """
+    w = _World(rows)
+    if why == "at-hard-limit":
+        w.metrics.connectionOpened("a")
+    _drop_a(w)
+    assert _id(w.choose(exclude=exclude)) == "b", why
+    assert w.bound() == "b"
+
+
+def test_expired_binding_not_used():
+    """
+    A binding past its TTL is not used; the client is routed afresh and
+    re-bound to the better backend.
+    """
+    w = _World([backend("a", region="us", country="US"), backend("b")], ttl=10.0)
+    _drop_a(w)
+    w.clock.advance(10)
+    assert _id(w.choose()) == "b"
+    assert w.bound() == "b"
+
+
+def test_connect_failed_clears_binding():
+    """
+    A failed connect clears the client's binding to that backend only: a
+    binding to another backend, or of another app, stays.
+    """
+    w = _World([backend("a"), backend("b")])
+    first = w.choose()
+    assert first is not None
+    w.router.connectFailed(CLIENT_BR, "app", "not-" + first.id)
+    assert w.bound() == first.id
+    w.bindings.bind((CLIENT_BR, None), first.id, w.clock.seconds())
+    w.router.connectFailed(CLIENT_BR, "app", first.id)
+    assert w.bound() is None
+    assert w.bound(app=None) == first.id
+
+
+def test_failover_choice_avoids_excluded():
+    """
+    After a failed attempt (connectFailed, then choose with the failed id
+    excluded) the client gets another backend and is bound to it.
+    """
+    w = _World([backend("a"), backend("b", weight=5)])
+    first = w.choose()
+    assert first is not None
+    w.router.connectFailed(CLIENT_BR, "app", first.id)
+    w.router.release(first.id)
+    second = w.choose(exclude={first.id})
+    assert second is not None and second.id != first.id
+    assert w.bound() == second.id
+
+
+@pytest.mark.parametrize(
+    "rows,load",
+    [
+        ([], {}),
+        ([backend("a", healthy=False), backend("b", deleted=True)], {}),
+        ([backend("a", hard_limit=1), backend("b", hard_limit=2)], {"a": 1, "b": 2}),
+    ],
+    ids=["empty", "all-unhealthy", "all-at-hard-limit"],
+)
+def test_no_backend_counted(rows, load):
+    """
+    F20: with no candidate (empty table, all unhealthy, all at hard limit)
+    C{choose} returns None, counts C{routing_no_backend}, binds nothing and
+    counts no connection.
+    """
+    w = _World(rows)
+    for bid, n in load.items():
+        for _ in range(n):
+            w.metrics.connectionOpened(bid)
+    assert w.choose() is None
+    assert w.choose() is None
+    assert w.metrics.counter(NO_BACKEND) == 2
+    assert len(w.bindings) == 0
+    assert w.metrics.connections == load
+
+
+@pytest.mark.parametrize("change", ["removed", "unhealthy"])
+def test_reload_removing_backend(change):
+    """
+    F14: after a reload removes a backend or marks it unhealthy, new
+    choices avoid it and bindings to it are not used, while the open
+    connections to it still count until released.
+    """
+    w = _World([backend("a"), backend("b", region="us", country="US")])
+    assert _id(w.choose()) == "a"
+    w.repository.set(
+        [backend("b", region="us", country="US")]
+        if change == "removed"
+        else [backend("a", healthy=False), backend("b", region="us", country="US")]
+    )
+    assert _id(w.choose()) == "b"
+    assert _id(w.choose(CLIENT_FR)) == "b"
+    assert w.bound() == "b"
+    assert w.metrics.connections == {"a": 1, "b": 2}
+    w.router.release("a")
+    assert "a" not in w.metrics.connections
+
+
+def test_reload_seen_without_restart():
+    """
+    The router caches nothing from the table: a backend added by a reload
+    is used by the next connection it is best for.
+    """
+    w = _World([backend("gru")])
+    assert _id(w.choose(CLIENT_FR)) == "gru"
+    w.router.connectFailed(CLIENT_FR, "app", "gru")
+    w.repository.set([backend("gru"), backend("cdg", country="FR", region="eu")])
+    assert _id(w.choose(CLIENT_FR)) == "cdg"
+
+
+def test_explain_has_no_side_effects():
+    """
+    C{explain} reports geo, binding and candidates by score without binding,
+    refreshing or counting anything.
+    """
+    w = _World([backend("gru"), backend("cdg", country="FR", region="eu")], ttl=10.0)
+    w.choose(CLIENT_FR)
+    w.clock.advance(5)
+    before = (dict(w.metrics.connections), len(w.bindings), w.metrics.counters())
+    report = w.router.explain(CLIENT_FR, "app")
+    assert report["geo"] == {"country": "FR", "region": "eu"}
+    assert report["binding"] == "cdg"
+    assert [(c["id"], c["tier"], c["load"]) for c in report["candidates"]] == [
+        ("cdg", 0, 1),
+        ("gru", 2, 0),
+    ]
+    assert report["candidates"][0]["score"] == 1.0
+    assert (dict(w.metrics.connections), len(w.bindings), w.metrics.counters()) == before
+    binding = w.bindings.peek((CLIENT_FR, "app"), w.clock.seconds())
+    assert binding is not None and binding.last_seen == 0
+    assert w.router.explain(CLIENT_NOGEO, None)["geo"] is None

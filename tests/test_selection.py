@@ -1,0 +1,515 @@
+"""
+Tests for L{edgeproxy.selection}: the routing decision of SPEC section 3.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Mapping
+
+import attrs
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
+from edgeproxy.selection import geo_tier, score, select
+from edgeproxy.testing import backend
+
+# --------------------------------------------------------------------------
+# An independent brute-force reference: scan every row, score it with the
+# SPEC formula written out again here, keep the minimum.
+
+
+def _ref_tier(b: Backend, geo: GeoInfo | None, local_region: str) -> int:
+    country = geo.country if geo is not None else None
+    region = geo.region if geo is not None else None
+    if country and b.country is not None and b.country.upper() == country.upper():
+        return 0
+    if region and b.region == region:
+        return 1
+    if b.region == local_region:
+        return 2
+    return 3
+
+
+def _ref_score(b: Backend, geo: GeoInfo | None, local_region: str, current: int) -> float:
+    return _ref_tier(b, geo, local_region) * 100.0 + (
+        current / max(1, b.soft_limit) / max(1, b.weight)
+    )
+
+
+def _ref_candidates(snapshot, app, load, exclude=frozenset()):
+    for b in snapshot.backends:
+        if not b.healthy or b.deleted or b.draining:
+            continue
+        if app is not None and b.app != app:
+            continue
+        if b.id in exclude:
+            continue
+        current = load.get(b.id, 0)
+        if b.hard_limit > 0 and current >= b.hard_limit:
+            continue
+        yield b, current
+
+
+def select_reference(snapshot, app, geo, local_region, load, exclude=frozenset()):
+    """
+    Brute force: (minimum score, ids that reach it), or (None, set()).
+    """
+    scored = [
+        (_ref_score(b, geo, local_region, cur), b.id)
+        for b, cur in _ref_candidates(snapshot, app, load, exclude)
+    ]
+    if not scored:
+        return None, set()
+    best = min(s for s, _ in scored)
+    return best, {i for s, i in scored if s == best}
+
+
+class _ConstantRandom(random.Random):
+    """
+    A random source whose C{random()} always returns the same value: with
+    0.0 every tie replaces the pick (the last tied candidate wins), with a
+    value just below 1.0 no tie does (the first wins).
+    """
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+# --------------------------------------------------------------------------
+# Table-driven cases.
+
+BR = GeoInfo("BR", "sa")
+CL = GeoInfo("CL", "sa")
+JP = GeoInfo("JP", "ap")
+
+_BR = backend("br", country="BR", region="sa")
+_AR = backend("ar", country="AR", region="sa")
+_US = backend("us", country="US", region="us")
+_FR = backend("fr", country="FR", region="eu")
+
+CASES = [
+    pytest.param([_BR, _AR, _US], "app", BR, "us", {}, (), "br", id="tier0-same-country"),
+    pytest.param([_BR, _US], "app", CL, "us", {"br": 3}, (), "br", id="tier1-same-region"),
+    pytest.param([_AR, _US, _FR], "app", JP, "us", {"us": 9}, (), "us", id="tier2-local-region"),
+    pytest.param([_AR, _US], "app", JP, "eu", {"ar": 2, "us": 1}, (), "us", id="tier3-least-load"),
+    pytest.param(
+        [backend("x", weight=1), backend("y", weight=2)],
+        "app",
+        BR,
+        "sa",
+        {"x": 2, "y": 2},
+        (),
+        "y",
+        id="higher-weight-wins-at-equal-load",
+    ),
+    pytest.param(
+        [backend("x", soft_limit=8), backend("y", soft_limit=2)],
+        "app",
+        BR,
+        "sa",
+        {"x": 4, "y": 2},
+        (),
+        "x",
+        id="soft-limit-scales-load",
+    ),
+    pytest.param(
+        [backend("br", hard_limit=3), _AR],
+        "app",
+        BR,
+        "sa",
+        {"br": 3},
+        (),
+        "ar",
+        id="hard-limit-reached-excluded",
+    ),
+    pytest.param(
+        [backend("br", hard_limit=4), _AR],
+        "app",
+        BR,
+        "sa",
+        {"br": 3},
+        (),
+        "br",
+        id="below-hard-limit-still-candidate",
+    ),
+    pytest.param(
+        [_BR, _AR], "app", BR, "sa", {"br": 150}, (), "ar", id="load-term-over-100-crosses-tier"
+    ),
+    pytest.param(
+        [backend("x", weight=0, soft_limit=0), backend("y")],
+        "app",
+        BR,
+        "sa",
+        {"x": 1, "y": 2},
+        (),
+        "x",
+        id="zero-weight-and-soft-limit-mean-1",
+    ),
+    pytest.param(
+        [backend("web1", app="web"), backend("api1", app="api", country="BR")],
+        "web",
+        BR,
+        "sa",
+        {"web1": 50},
+        (),
+        "web1",
+        id="app-filter",
+    ),
+    pytest.param(
+        [backend("web1", app="web", region="us", country="US"), backend("api1", app="api")],
+        None,
+        BR,
+        "us",
+        {},
+        (),
+        "api1",
+        id="no-app-means-every-app",
+    ),
+    pytest.param([_BR, _US], "app", None, "us", {"us": 5}, (), "us", id="no-geo-local-first"),
+    pytest.param(
+        [_BR, _US],
+        "app",
+        GeoInfo(None, None),
+        "eu",
+        {"br": 1},
+        (),
+        "us",
+        id="no-geo-then-tier3-by-load",
+    ),
+    pytest.param([_BR, _AR], "app", BR, "sa", {}, ("br",), "ar", id="exclude-list"),
+    pytest.param(
+        [_BR, _AR], "app", GeoInfo("br", "sa"), "us", {"br": 1}, (), "br", id="country-ci"
+    ),
+    pytest.param(
+        [
+            backend("sick", healthy=False),
+            backend("gone", deleted=True),
+            backend("drain", draining=True),
+            _US,
+        ],
+        "app",
+        BR,
+        "sa",
+        {"us": 40},
+        (),
+        "us",
+        id="unroutable-never-picked",
+    ),
+    pytest.param([], "app", BR, "sa", {}, (), None, id="empty-table"),
+    pytest.param(
+        [backend("a", healthy=False), backend("b", deleted=True)],
+        "app",
+        BR,
+        "sa",
+        {},
+        (),
+        None,
+        id="all-unroutable",
+    ),
+    pytest.param(
+        [backend("a", hard_limit=1), backend("b", hard_limit=2)],
+        "app",
+        BR,
+        "sa",
+        {"a": 1, "b": 2},
+        (),
+        None,
+        id="all-at-hard-limit",
+    ),
+    pytest.param([_BR], "other", BR, "sa", {}, (), None, id="unknown-app"),
+]
+
+
+@pytest.mark.parametrize("backends,app,geo,local,load,exclude,expected", CASES)
+def test_select_cases(backends, app, geo, local, load, exclude, expected):
+    """
+    Each tier, weights, soft limits, hard limits, zero guards, the app
+    filter, clients without geo, the exclude list and empty candidate sets
+    give the backend the SPEC formula says, and agree with brute force.
+    """
+    snapshot = RoutingSnapshot.build(backends)
+    chosen = select(snapshot, app, geo, local, load, random.Random(1), frozenset(exclude))
+    assert (chosen.id if chosen is not None else None) == expected
+    _, argmin = select_reference(snapshot, app, geo, local, load, frozenset(exclude))
+    assert argmin == ({expected} if expected is not None else set())
+
+
+def test_geo_tier_and_score():
+    """
+    L{geo_tier} gives 0/1/2/3 for same country / same region / local region
+    / elsewhere (case-insensitive country; no geo gives only 2 or 3), and
+    L{score} is C{tier * 100 + current / soft_limit / weight}.
+    """
+    assert geo_tier(_BR, BR, "us") == 0
+    assert geo_tier(_BR, GeoInfo("br", "sa"), "us") == 0
+    assert geo_tier(_AR, BR, "us") == 1
+    assert geo_tier(_US, BR, "us") == 2
+    assert geo_tier(_FR, BR, "us") == 3
+    assert geo_tier(_BR, None, "sa") == 2
+    assert geo_tier(_BR, None, "us") == 3
+    assert geo_tier(_BR, GeoInfo("", ""), "us") == 3
+    b = backend("w", country="US", region="us", weight=2, soft_limit=4)
+    assert score(b, BR, "us", 6) == 200 + 6 / 4 / 2
+    assert score(backend("z", weight=0, soft_limit=0), BR, "us", 3) == 3.0
+
+
+def test_random_tie_break_reaches_every_tied_backend():
+    """
+    Exactly tied candidates are chosen uniformly at random: over 4000
+    seeded draws among four identical backends each gets roughly a quarter,
+    and a worse-scored fifth backend is never chosen.
+    """
+    snapshot = RoutingSnapshot.build([backend(f"t{i}") for i in range(4)] + [backend("loaded")])
+    rng = random.Random(12345)
+    counts = Counter(
+        select(snapshot, "app", BR, "sa", {"loaded": 1}, rng).id  # type: ignore[union-attr]
+        for _ in range(4000)
+    )
+    assert set(counts) == {"t0", "t1", "t2", "t3"}
+    for i in range(4):
+        assert 800 < counts[f"t{i}"] < 1200
+
+
+def test_ties_across_tiers_are_shared():
+    """
+    A tier-0 backend whose load term is exactly 100 ties with an idle
+    tier-1 backend (both score 100), so both get chosen sometimes.
+    """
+    snapshot = RoutingSnapshot.build([_BR, _AR])
+    rng = random.Random(7)
+    seen = {
+        select(snapshot, "app", BR, "sa", {"br": 100}, rng).id  # type: ignore[union-attr]
+        for _ in range(200)
+    }
+    assert seen == {"br", "ar"}
+
+
+def test_rng_untouched_without_ties():
+    """
+    The random source is only consulted on an exact tie, so routing
+    without ties costs no random draw.
+    """
+
+    class Exploding(random.Random):
+        def random(self) -> float:
+            raise AssertionError("rng used without a tie")
+
+    snapshot = RoutingSnapshot.build([_BR, _AR, _US])
+    chosen = select(snapshot, "app", BR, "sa", {"br": 1, "ar": 2}, Exploding())
+    assert chosen is not None and chosen.id == "br"
+
+
+def test_indexed_walk_stops_early():
+    """
+    When the client's country has a backend with spare capacity, the walk
+    stops after that tier: the other rows are never even scored (their
+    load is never read).
+    """
+    rows = [backend("br", country="BR")] + [
+        backend(f"fr{i}", country="FR", region="eu") for i in range(50)
+    ]
+    snapshot = RoutingSnapshot.build(rows)
+
+    class CountingLoad(dict):
+        reads = 0
+
+        def get(self, key, default=None):
+            CountingLoad.reads += 1
+            return super().get(key, default)
+
+    load = CountingLoad()
+    chosen = select(snapshot, "app", BR, "eu", load, random.Random(0))
+    assert chosen is not None and chosen.id == "br"
+    assert CountingLoad.reads == 1
+
+
+# --------------------------------------------------------------------------
+# Properties.
+
+# Few values, so that every tier is usually populated and tiers overlap.
+_COUNTRIES = ["BR", "AR", "FR"]
+_REGIONS = ["sa", "us", "eu"]
+_APPS = ["a", "b"]
+
+
+@st.composite
+def _backends(draw, max_size=16):
+    n = draw(st.integers(0, max_size))
+    rows = []
+    for i in range(n):
+        rows.append(
+            backend(
+                f"b{i}",
+                app=draw(st.sampled_from(["a", "a", "b", None])),
+                region=draw(st.sampled_from(_REGIONS)),
+                country=draw(st.sampled_from([*_COUNTRIES, None])),
+                healthy=draw(st.integers(0, 4)) != 0,
+                deleted=draw(st.integers(0, 7)) == 0,
+                draining=draw(st.integers(0, 7)) == 0,
+                weight=draw(st.integers(0, 5)),
+                soft_limit=draw(st.integers(0, 5)),
+                hard_limit=draw(st.sampled_from([0, 0, 0, 0, 1, 2, 5, 1000])),
+            )
+        )
+    return rows
+
+
+_geos = st.one_of(
+    st.none(),
+    st.builds(
+        GeoInfo,
+        st.sampled_from([*_COUNTRIES, "br", "fr", None, "DE"]),
+        st.sampled_from([*_REGIONS, "sa", None, "xx"]),
+    ),
+)
+
+
+@st.composite
+def _situations(draw):
+    rows = draw(_backends())
+    ids = [b.id for b in rows]
+    # Loads either small or a multiple of soft_limit * weight chosen so that
+    # load terms land on, just under and just over whole hundreds: that is
+    # where tiers overlap and exact cross-tier ties happen.
+    load = {}
+    for b in rows:
+        kind = draw(st.integers(0, 3))
+        if kind == 1:
+            load[b.id] = draw(st.integers(0, 6))
+        elif kind >= 2:
+            scale = max(1, b.soft_limit) * max(1, b.weight)
+            term = draw(st.sampled_from([100, 100, 200, 200, 1, 50, 99, 101, 150, 250, 300]))
+            load[b.id] = term * scale + draw(st.sampled_from([0, 0, 0, -1, 1]))
+    exclude = frozenset(i for i in ids if draw(st.integers(0, 9)) == 0)
+    return (
+        RoutingSnapshot.build(rows),
+        draw(st.sampled_from(["a", None, "a", "b"])),
+        draw(_geos),
+        draw(st.sampled_from(_REGIONS)),
+        load,
+        exclude,
+        draw(st.integers(0, 2**32)),
+    )
+
+
+@settings(max_examples=300)
+@given(_situations())
+def test_indexed_select_matches_brute_force(situation):
+    """
+    The indexed tier walk finds exactly what a scan of every candidate
+    finds: C{None} iff there is no candidate, otherwise a backend in the
+    argmin set whose score is the minimum score.
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    chosen = select(snapshot, app, geo, local, load, random.Random(seed), exclude)
+    best, argmin = select_reference(snapshot, app, geo, local, load, exclude)
+    if best is None:
+        assert chosen is None
+    else:
+        assert chosen is not None
+        assert chosen.id in argmin
+        assert score(chosen, geo, local, load.get(chosen.id, 0)) == best
+
+
+@given(_situations())
+def test_never_picks_a_forbidden_backend(situation):
+    """
+    The pick is never unhealthy, deleted, draining, at its hard limit,
+    excluded or of another app.
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    chosen = select(snapshot, app, geo, local, load, random.Random(seed), exclude)
+    assume(chosen is not None)
+    assert chosen is not None
+    assert chosen.healthy and not chosen.deleted and not chosen.draining
+    assert chosen.hard_limit == 0 or load.get(chosen.id, 0) < chosen.hard_limit
+    assert chosen.id not in exclude
+    assert app is None or chosen.app == app
+
+
+@given(_situations())
+def test_better_tier_wins_while_it_has_capacity(situation):
+    """
+    If some candidate of geo tier t is below its hard limit and its load
+    term is under 100, the pick has a tier no worse than t.
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    roomy = [
+        _ref_tier(b, geo, local)
+        for b, cur in _ref_candidates(snapshot, app, load, exclude)
+        if cur / max(1, b.soft_limit) / max(1, b.weight) < 100
+    ]
+    assume(roomy)
+    chosen = select(snapshot, app, geo, local, load, random.Random(seed), exclude)
+    assert chosen is not None
+    assert geo_tier(chosen, geo, local) <= min(roomy)
+
+
+def _share(
+    snapshot: RoutingSnapshot,
+    geo: GeoInfo | None,
+    local: str,
+    target: str,
+    steps: int,
+    tie: float,
+    start: Mapping[str, int],
+) -> int:
+    load = dict(start)
+    picks = 0
+    rng = _ConstantRandom(tie)
+    for _ in range(steps):
+        chosen = select(snapshot, "a", geo, local, load, rng)
+        if chosen is None:
+            break
+        load[chosen.id] = load.get(chosen.id, 0) + 1
+        picks += chosen.id == target
+    return picks
+
+
+@given(
+    rows=_backends(max_size=6).map(
+        lambda rows: [
+            attrs.evolve(b, app="a", healthy=True, deleted=False, draining=False) for b in rows
+        ]
+    ),
+    geo=_geos,
+    local=st.sampled_from(_REGIONS),
+    data=st.data(),
+    extra=st.integers(1, 6),
+    steps=st.integers(1, 60),
+    tie=st.sampled_from([0.0, 0.999999]),
+)
+def test_higher_weight_never_lowers_share(rows, geo, local, data, extra, steps, tie):
+    """
+    Raising one backend's weight never lowers how many of N sequential
+    connections (load accumulating, nothing released) it receives.
+
+    Why this is a sound property: each backend's successive scores
+    C{tier*100 + c/soft/weight} (c = 0, 1, 2...) increase with c, so N
+    greedy choices take the N smallest (score, tie-rank) "slots" overall.
+    Raising the target's weight lowers its slot scores and leaves the
+    others' alone, so it can only gain slots.  That needs a tie-break that
+    does not depend on the weights: the random source is replaced by a
+    constant (0.0: the last tied candidate in walk order wins; ~1.0: the
+    first), which makes the tie-rank a fixed order.  A real seeded RNG
+    would not do: draws happen only on ties, so the two runs would consume
+    different random numbers.
+    """
+    assume(rows)
+    target = data.draw(st.sampled_from(rows)).id
+    start = {b.id: data.draw(st.integers(0, 3)) for b in rows}
+    low = RoutingSnapshot.build(rows)
+    high = RoutingSnapshot.build(
+        [attrs.evolve(b, weight=max(1, b.weight) + extra) if b.id == target else b for b in rows]
+    )
+    assert _share(high, geo, local, target, steps, tie, start) >= _share(
+        low, geo, local, target, steps, tie, start
+    )
