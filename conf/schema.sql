@@ -1,0 +1,31 @@
+-- edgeproxy routing table (SPEC section 1).
+--
+-- edgeproxy reads this table read-only and reloads it periodically; edit it
+-- with any SQLite client.  A database created with the original schema
+-- (without `country` and `proxy_protocol`) still loads: those columns are
+-- then treated as NULL and 0.  Rows with an invalid value (NULL or empty id,
+-- port outside 1-65535, negative weight or limits, a non-integer where an
+-- integer is required, healthy/deleted other than 0/1, proxy_protocol other
+-- than 0/1/2, missing region or wg_ip) are skipped and logged with their id;
+-- the other rows still load.
+--
+--   weight          higher gets more traffic; 0 (or NULL) counts as 1
+--   soft_limit      comfortable number of connections; 0 (or NULL) counts as 1
+--   hard_limit      absolute maximum of connections; 0 (or NULL) = unlimited
+--   deleted         soft delete: NULL or 0 active, 1 deleted
+--   proxy_protocol  0 off, 1 send a PROXY v1 header, 2 send PROXY v2
+
+CREATE TABLE IF NOT EXISTS backends (
+    id             TEXT PRIMARY KEY NOT NULL,
+    app            TEXT,
+    region         TEXT NOT NULL,
+    country        TEXT,
+    wg_ip          TEXT NOT NULL,
+    port           INTEGER NOT NULL,
+    healthy        INTEGER NOT NULL DEFAULT 1,
+    weight         INTEGER NOT NULL DEFAULT 1,
+    soft_limit     INTEGER NOT NULL DEFAULT 100,
+    hard_limit     INTEGER NOT NULL DEFAULT 0,
+    deleted        INTEGER DEFAULT 0,
+    proxy_protocol INTEGER NOT NULL DEFAULT 0
+);

@@ -1,0 +1,546 @@
+"""
+The SQLite routing table: an L{IBackendRepository} adapter.
+
+The table (SPEC section 1, schema in C{conf/schema.sql}) is read whole into
+an immutable L{RoutingSnapshot}.  The first load happens synchronously before
+the reactor runs (L{SqliteBackendRepository.loadInitial}); later reloads run
+in the reactor's thread pool, open the file read-only with a busy timeout,
+and on any failure keep the last good snapshot (FAULTS F12).
+
+Rows are validated strictly: a row with an invalid value is skipped with its
+id and a reason, never wrapped, truncated or guessed at, and never fails the
+rest of the table.  A problem with the file or the table itself (unreadable,
+corrupt, locked, no C{backends} table, a mandatory column missing) fails the
+whole load.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from importlib import resources
+from typing import Any, Dict, List, Mapping, Tuple
+from urllib.parse import quote
+
+import attrs
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from edgeproxy.interfaces import IBackendRepository, IMetricsStore, SnapshotListener
+from edgeproxy.model import PROXY_OFF, Backend, RoutingSnapshot
+
+__all__ = [
+    "MANDATORY_COLUMNS",
+    "OPTIONAL_COLUMNS",
+    "InvalidRowError",
+    "RoutingDatabaseError",
+    "SqliteBackendRepository",
+    "create_database",
+    "load_backends",
+    "schema_sql",
+    "validate_row",
+]
+
+_log = Logger()
+
+#: Columns without which the table cannot be read at all.
+MANDATORY_COLUMNS: Tuple[str, ...] = ("id", "region", "wg_ip", "port")
+
+#: Columns read when present; a missing one takes its default (NULL or 0).
+#: C{draining} is not in the SPEC schema; it is honoured if an operator adds it.
+OPTIONAL_COLUMNS: Tuple[str, ...] = (
+    "app",
+    "country",
+    "healthy",
+    "weight",
+    "soft_limit",
+    "hard_limit",
+    "deleted",
+    "proxy_protocol",
+    "draining",
+)
+
+_TABLE = "backends"
+
+
+class RoutingDatabaseError(Exception):
+    """
+    The routing database as a whole cannot be read: missing, unreadable,
+    corrupt, locked, or without a usable C{backends} table.
+    """
+
+
+class InvalidRowError(ValueError):
+    """
+    One row of the routing table has an invalid value.
+
+    @ivar column: The offending column.
+    @ivar reason: C{"column: what is wrong"}, for the log.
+    """
+
+    def __init__(self, column: str, problem: str) -> None:
+        self.column = column
+        self.reason = f"{column}: {problem}"
+        super().__init__(self.reason)
+
+
+def schema_sql() -> str:
+    """
+    The SQL that creates an empty routing table (C{conf/schema.sql}, shipped
+    as package data in C{edgeproxy/data/schema.sql}).
+    """
+    return resources.files("edgeproxy").joinpath("data/schema.sql").read_text(encoding="utf-8")
+
+
+# --- row validation ---------------------------------------------------------
+
+
+class _UndecodableText:
+    """
+    A TEXT value that is not valid UTF-8 (kept apart from BLOBs).
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+
+def _decodeText(raw: bytes) -> object:
+    """
+    C{text_factory} for the connection: undecodable text becomes a marker
+    that fails its row instead of the whole query.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _UndecodableText(raw)
+
+
+_ABSENT = object()
+
+
+def _show(value: object) -> str:
+    """
+    A short description of a bad value for a log line.
+    """
+    if isinstance(value, _UndecodableText):
+        return "text that is not valid UTF-8"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "a blob"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _requiredText(row: Mapping[str, object], column: str, strip: bool = True) -> str:
+    value = row.get(column)
+    if value is None:
+        raise InvalidRowError(column, "is NULL")
+    if type(value) is not str:
+        raise InvalidRowError(column, f"{_show(value)} is not text")
+    if not value.strip():
+        raise InvalidRowError(column, "is empty")
+    return value.strip() if strip else value
+
+
+def _optionalText(row: Mapping[str, object], column: str) -> str | None:
+    value = row.get(column)
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise InvalidRowError(column, f"{_show(value)} is not text")
+    value = value.strip()
+    return value or None
+
+
+def _integer(row: Mapping[str, object], column: str, default: int | None) -> int:
+    """
+    An INTEGER column: absent or NULL gives C{default} (or is invalid when
+    C{default} is C{None}); anything but a true integer is invalid.
+    """
+    value = row.get(column, _ABSENT)
+    if value is None or value is _ABSENT:
+        if default is None:
+            raise InvalidRowError(column, "is NULL")
+        return default
+    if type(value) is not int:
+        raise InvalidRowError(column, f"{_show(value)} is not an integer")
+    return value
+
+
+def _nonNegative(row: Mapping[str, object], column: str, default: int) -> int:
+    value = _integer(row, column, default)
+    if value < 0:
+        raise InvalidRowError(column, f"{value} is negative")
+    return value
+
+
+def _flag(row: Mapping[str, object], column: str, default: int | None) -> bool:
+    value = _integer(row, column, default)
+    if value != 0 and value != 1:
+        raise InvalidRowError(column, f"{value} is not 0 or 1")
+    return value == 1
+
+
+def validate_row(row: Mapping[str, object]) -> Backend:
+    """
+    Turn one row (column name -> SQLite value) into a L{Backend}.
+
+    Missing optional columns take their defaults: C{app}, C{country} NULL;
+    C{healthy} 1; C{weight}, C{soft_limit}, C{hard_limit}, C{deleted},
+    C{proxy_protocol}, C{draining} 0.  NULL in C{weight}, C{soft_limit},
+    C{hard_limit}, C{deleted} and C{proxy_protocol} means the same as 0;
+    NULL in C{id}, C{region}, C{wg_ip}, C{port} or C{healthy} is invalid.
+
+    @raise InvalidRowError: For any invalid value; nothing else is raised
+        whatever the values are.
+    """
+    backend_id = _requiredText(row, "id", strip=False)
+    app = _optionalText(row, "app")
+    region = _requiredText(row, "region")
+    country = _optionalText(row, "country")
+    if country is not None:
+        if len(country) != 2 or not (country.isascii() and country.isalpha()):
+            raise InvalidRowError("country", f"{_show(country)} is not a two-letter code")
+        country = country.upper()
+    host = _requiredText(row, "wg_ip")
+    if not host.isprintable() or " " in host:
+        raise InvalidRowError("wg_ip", f"{_show(host)} is not an address or host name")
+    port = _integer(row, "port", None)
+    if not 1 <= port <= 65535:
+        raise InvalidRowError("port", f"{port} is outside 1-65535")
+    healthy = _flag(row, "healthy", 1 if "healthy" not in row else None)
+    weight = _nonNegative(row, "weight", 0)
+    soft_limit = _nonNegative(row, "soft_limit", 0)
+    hard_limit = _nonNegative(row, "hard_limit", 0)
+    deleted = _flag(row, "deleted", 0)
+    proxy_protocol = _integer(row, "proxy_protocol", PROXY_OFF)
+    if proxy_protocol not in (0, 1, 2):
+        raise InvalidRowError("proxy_protocol", f"{proxy_protocol} is not 0, 1 or 2")
+    draining = _flag(row, "draining", 0)
+    return Backend(
+        id=backend_id,
+        app=app,
+        region=region,
+        country=country,
+        host=host,
+        port=port,
+        healthy=healthy,
+        weight=weight or 1,
+        soft_limit=soft_limit or 1,
+        hard_limit=hard_limit,
+        deleted=deleted,
+        proxy_protocol=proxy_protocol,
+        draining=draining,
+    )
+
+
+# --- reading the file -------------------------------------------------------
+
+
+def _quoteIdent(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _rowLabel(value: object, position: int) -> str:
+    """
+    How a skipped row is named in the log: its id, or its position when the
+    id itself is unusable.
+    """
+    if type(value) is str and value.strip():
+        return value
+    return f"<row {position}>"
+
+
+def load_backends(path: str, busy_timeout: float) -> Tuple[List[Backend], List[Tuple[str, str]]]:
+    """
+    Read the C{backends} table of the SQLite file at C{path}, read-only.
+
+    Blocking: call it in a thread or before the reactor runs.
+
+    @param busy_timeout: Seconds to wait for a lock held by a writer.
+    @return: (valid backends in table order, [(row id, reason)] of the rows
+        skipped as invalid or as a repeated id).
+    @raise RoutingDatabaseError: The file or the table cannot be read.
+    """
+    uri = f"file:{quote(os.fspath(path), safe='/')}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    except sqlite3.Error as e:
+        raise RoutingDatabaseError(f"cannot open {path}: {e}") from e
+    try:
+        conn.text_factory = _decodeText
+        conn.execute("BEGIN")
+        present: Dict[str, str] = {}
+        for info in conn.execute(f"PRAGMA table_info({_TABLE})"):
+            name = info[1]
+            if type(name) is str:
+                present.setdefault(name.lower(), name)
+        if not present:
+            raise RoutingDatabaseError(f"{path} has no {_TABLE!r} table")
+        missing = [c for c in MANDATORY_COLUMNS if c not in present]
+        if missing:
+            raise RoutingDatabaseError(
+                f"table {_TABLE!r} in {path} lacks column(s) {', '.join(missing)}"
+            )
+        columns = [c for c in MANDATORY_COLUMNS + OPTIONAL_COLUMNS if c in present]
+        select = ", ".join(_quoteIdent(present[c]) for c in columns)
+        rows = conn.execute(f"SELECT {select} FROM {_TABLE}").fetchall()
+        conn.execute("COMMIT")
+    except sqlite3.Error as e:
+        raise RoutingDatabaseError(f"cannot read {path}: {e}") from e
+    finally:
+        conn.close()
+
+    backends: List[Backend] = []
+    skipped: List[Tuple[str, str]] = []
+    seen: set[str] = set()
+    for position, values in enumerate(rows, 1):
+        row = dict(zip(columns, values))
+        try:
+            backend = validate_row(row)
+        except InvalidRowError as e:
+            skipped.append((_rowLabel(row.get("id"), position), e.reason))
+            continue
+        if backend.id in seen:
+            skipped.append((backend.id, "id: repeats an earlier row"))
+            continue
+        seen.add(backend.id)
+        backends.append(backend)
+    return backends, skipped
+
+
+def create_database(path: str) -> None:
+    """
+    Create the SQLite file at C{path} with the schema and an empty table.
+
+    @raise RoutingDatabaseError: It cannot be created.
+    """
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            conn.executescript(schema_sql())
+            conn.commit()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise RoutingDatabaseError(f"cannot create {path}: {e}") from e
+
+
+def _loadSnapshot(
+    path: str, busy_timeout: float
+) -> Tuple[RoutingSnapshot, Tuple[Tuple[str, str], ...]]:
+    """
+    L{load_backends} and the indexing, both off the reactor thread.
+    """
+    backends, skipped = load_backends(path, busy_timeout)
+    return RoutingSnapshot.build(backends), tuple(skipped)
+
+
+# --- the repository ---------------------------------------------------------
+
+
+@implementer(IBackendRepository)
+@attrs.define(eq=False)
+class SqliteBackendRepository:
+    """
+    The routing table from a SQLite file.
+
+    @ivar path: The database file.
+    @ivar reactor: Provides C{getThreadPool}, C{callFromThread} and
+        C{seconds}; the global reactor when C{None} (looked up at the first
+        reload, never at import).
+    @ivar busy_timeout: Seconds a load waits for a writer's lock.
+    @ivar metrics: Where to count reloads (C{routing_reload} labelled C{ok} or
+        C{error}) and skipped rows (C{routing_rows_skipped} labelled with the
+        offending column); optional.
+    @ivar lastError: Why the last load failed, or C{None} if it succeeded.
+    @ivar lastReloadOk: When the last load succeeded (reactor seconds, or
+        wall-clock time without a reactor), or C{None}.
+    @ivar skipped: The (row id, reason) pairs the last good load skipped.
+    """
+
+    path: str
+    reactor: Any = None
+    busy_timeout: float = 1.0
+    metrics: IMetricsStore | None = None
+    lastError: str | None = attrs.field(init=False, default=None)
+    lastReloadOk: float | None = attrs.field(init=False, default=None)
+    skipped: Tuple[Tuple[str, str], ...] = attrs.field(init=False, default=(), repr=False)
+    _snapshot: RoutingSnapshot = attrs.field(init=False, factory=RoutingSnapshot.empty, repr=False)
+    _listeners: List[SnapshotListener] = attrs.field(init=False, factory=list, repr=False)
+    _inFlight: bool = attrs.field(init=False, default=False)
+    _pending: List["Deferred[RoutingSnapshot]"] = attrs.field(init=False, factory=list, repr=False)
+
+    # IBackendRepository
+
+    def current(self) -> RoutingSnapshot:
+        """
+        The snapshot in force.
+        """
+        return self._snapshot
+
+    def addListener(self, listener: SnapshotListener) -> None:
+        """
+        Call C{listener(old, new)} after every load that changes content.
+        """
+        self._listeners.append(listener)
+
+    def reload(self) -> "Deferred[RoutingSnapshot]":
+        """
+        Read the file again in the reactor's thread pool.
+
+        At most one load runs at a time: a reload asked for while one runs
+        is served by one more load started when it ends.  The result never
+        fails; it is the snapshot in force afterwards.
+        """
+        result: Deferred[RoutingSnapshot] = Deferred()
+        if self._inFlight:
+            self._pending.append(result)
+        else:
+            self._start([result])
+        return result
+
+    # loading
+
+    def loadInitial(self) -> RoutingSnapshot:
+        """
+        The first load, synchronous, before the reactor runs.
+
+        A missing file is created with the schema and an empty table (and a
+        warning).
+
+        @raise RoutingDatabaseError: The file is corrupt or unreadable, or has
+            no usable C{backends} table.
+        """
+        if not os.path.lexists(self.path):
+            create_database(self.path)
+            _log.warn(
+                "Routing database {path} did not exist: created it with an empty backends table",
+                path=self.path,
+            )
+        try:
+            snapshot, skipped = _loadSnapshot(self.path, self.busy_timeout)
+        except RoutingDatabaseError as e:
+            self.lastError = str(e)
+            self._count("routing_reload", "error")
+            raise
+        return self._succeeded((snapshot, skipped))
+
+    def _getReactor(self) -> Any:
+        if self.reactor is None:
+            from twisted.internet import reactor
+
+            return reactor
+        return self.reactor
+
+    def _now(self) -> float:
+        if self.reactor is None:
+            return time.time()
+        return float(self.reactor.seconds())
+
+    def _start(self, waiters: List["Deferred[RoutingSnapshot]"]) -> None:
+        self._inFlight = True
+        try:
+            reactor = self._getReactor()
+            d: Deferred[Any] = deferToThreadPool(
+                reactor, reactor.getThreadPool(), _loadSnapshot, self.path, self.busy_timeout
+            )
+        except Exception:
+            d = fail()
+        d.addCallbacks(self._succeeded, self._failed)
+        d.addErrback(self._bug)
+        d.addCallback(self._finished, waiters)
+
+    def _finished(
+        self, snapshot: RoutingSnapshot, waiters: List["Deferred[RoutingSnapshot]"]
+    ) -> None:
+        self._inFlight = False
+        pending, self._pending = self._pending, []
+        if pending:
+            self._start(pending)
+        for waiter in waiters:
+            waiter.callback(snapshot)
+
+    def _succeeded(
+        self, result: Tuple[RoutingSnapshot, Tuple[Tuple[str, str], ...]]
+    ) -> RoutingSnapshot:
+        new, skipped = result
+        self.lastReloadOk = self._now()
+        if self.lastError is not None:
+            _log.info(
+                "Routing table reloaded again after failure: {count} backends from {path}",
+                count=len(new),
+                path=self.path,
+            )
+            self.lastError = None
+        self._noteSkipped(skipped)
+        self._count("routing_reload", "ok")
+        old = self._snapshot
+        if not old.same_content(new):
+            self._snapshot = new
+            for listener in list(self._listeners):
+                try:
+                    listener(old, new)
+                except Exception:
+                    _log.failure("Routing table listener {listener!r} failed", listener=listener)
+        return self._snapshot
+
+    def _failed(self, failure: Failure) -> RoutingSnapshot:
+        error = failure.value
+        if isinstance(error, RoutingDatabaseError):
+            message = str(error)
+        else:
+            message = f"{type(error).__name__}: {error}"
+        if message != self.lastError:
+            if isinstance(error, RoutingDatabaseError):
+                _log.error(
+                    "Routing table reload failed, keeping the last good table "
+                    "({count} backends): {error}",
+                    count=len(self._snapshot),
+                    error=message,
+                )
+            else:
+                _log.failure(
+                    "Routing table reload failed, keeping the last good table "
+                    "({count} backends): {error}",
+                    failure,
+                    count=len(self._snapshot),
+                    error=message,
+                )
+        self.lastError = message
+        self._count("routing_reload", "error")
+        return self._snapshot
+
+    def _bug(self, failure: Failure) -> RoutingSnapshot:
+        _log.failure("Unexpected error after a routing table load", failure)
+        return self._snapshot
+
+    def _noteSkipped(self, skipped: Tuple[Tuple[str, str], ...]) -> None:
+        """
+        Log and count each skipped row once: only rows (with their reason)
+        not skipped by the previous good load.
+        """
+        if skipped == self.skipped:
+            return
+        before = set(self.skipped)
+        for row_id, reason in skipped:
+            if (row_id, reason) in before:
+                continue
+            _log.warn(
+                "Skipping routing table row {backend_id}: {reason}",
+                backend_id=row_id,
+                reason=reason,
+            )
+            self._count("routing_rows_skipped", reason.split(":", 1)[0])
+        self.skipped = skipped
+
+    def _count(self, name: str, label: str) -> None:
+        if self.metrics is not None:
+            self.metrics.increment(name, label)

@@ -1,0 +1,836 @@
+"""
+Tests for L{edgeproxy.sqlite}: the SQLite routing table (SPEC sections 1
+and 6, FAULTS F12), on real SQLite files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+import pytest
+import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from edgeproxy import sqlite as edgesqlite
+from edgeproxy.interfaces import IBackendRepository
+from edgeproxy.metrics import MetricsStore
+from edgeproxy.model import PROXY_OFF, PROXY_V2, Backend, RoutingSnapshot
+from edgeproxy.sqlite import (
+    MANDATORY_COLUMNS,
+    OPTIONAL_COLUMNS,
+    InvalidRowError,
+    RoutingDatabaseError,
+    SqliteBackendRepository,
+    load_backends,
+    schema_sql,
+    validate_row,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+COLUMNS = (
+    "id",
+    "app",
+    "region",
+    "country",
+    "wg_ip",
+    "port",
+    "healthy",
+    "weight",
+    "soft_limit",
+    "hard_limit",
+    "deleted",
+    "proxy_protocol",
+)
+
+# The original's schema: no country, no proxy_protocol.
+ORIGINAL_SCHEMA = """
+CREATE TABLE backends (
+    id TEXT PRIMARY KEY, app TEXT, region TEXT, wg_ip TEXT, port INTEGER,
+    healthy INTEGER, weight INTEGER, soft_limit INTEGER, hard_limit INTEGER,
+    deleted INTEGER
+);
+"""
+
+# Every SPEC column, without declared types: SQLite then keeps each value
+# exactly as inserted (TEXT '12' stays text, REAL stays real).
+UNTYPED_SCHEMA = "CREATE TABLE backends ({});".format(", ".join(COLUMNS))
+
+NO_PORT_SCHEMA = """
+CREATE TABLE backends (
+    id TEXT PRIMARY KEY, app TEXT, region TEXT, country TEXT, wg_ip TEXT,
+    healthy INTEGER, weight INTEGER, soft_limit INTEGER, hard_limit INTEGER,
+    deleted INTEGER, proxy_protocol INTEGER
+);
+"""
+
+
+def good_row(backend_id: str, **overrides: object) -> Dict[str, object]:
+    """
+    A valid row with every SPEC column.
+    """
+    row: Dict[str, object] = {
+        "id": backend_id,
+        "app": "web",
+        "region": "sa",
+        "country": "BR",
+        "wg_ip": "10.50.1.1",
+        "port": 8080,
+        "healthy": 1,
+        "weight": 2,
+        "soft_limit": 50,
+        "hard_limit": 100,
+        "deleted": 0,
+        "proxy_protocol": 0,
+    }
+    row.update(overrides)
+    return row
+
+
+def write_db(path: Path, rows: Sequence[Mapping[str, object]], schema: str | None = None) -> None:
+    """
+    Write a complete database to C{path}, atomically (built aside, renamed).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    conn = sqlite3.connect(tmp)
+    conn.executescript(schema if schema is not None else schema_sql())
+    for row in rows:
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        conn.execute(f"INSERT INTO backends ({names}) VALUES ({marks})", tuple(row.values()))
+    conn.commit()
+    conn.close()
+    os.replace(tmp, path)
+
+
+def many_rows(prefix: str, count: int = 400) -> List[Dict[str, object]]:
+    """
+    Enough rows to span many database pages.
+    """
+    return [
+        good_row(f"{prefix}-{i:04d}-" + "x" * 40, wg_ip=f"10.0.{i // 250}.{i % 250}")
+        for i in range(count)
+    ]
+
+
+@implementer(ILogObserver)
+class EventCollector:
+    """
+    Keeps the log events of one namespace.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.events: List[Dict[str, Any]] = []
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        if event.get("log_namespace") == self.namespace:
+            self.events.append(event)
+
+
+@pytest.fixture
+def events():
+    """
+    Log events of L{edgeproxy.sqlite} emitted during the test.
+    """
+    collector = EventCollector("edgeproxy.sqlite")
+    globalLogPublisher.addObserver(collector)
+    yield collector.events
+    globalLogPublisher.removeObserver(collector)
+
+
+def texts(events: List[Dict[str, Any]], level: LogLevel | None = None) -> List[str]:
+    return [formatEvent(e) for e in events if level is None or e["log_level"] is level]
+
+
+# --- load_backends ------------------------------------------------------------
+
+
+def test_valid_load(tmp_path: Path) -> None:
+    """
+    Every SPEC column is read into a L{Backend}, normalised: country
+    upper-cased, region and host stripped, weight/soft_limit 0 counted as 1,
+    hard_limit 0 kept (unlimited), deleted NULL active, table order kept.
+    """
+    db = tmp_path / "routing.db"
+    write_db(
+        db,
+        [
+            good_row("fly-gru-1"),
+            good_row(
+                "fly-cdg-1",
+                app=None,
+                region=" eu ",
+                country="fr",
+                wg_ip=" fd00::2 ",
+                port=443,
+                healthy=0,
+                weight=0,
+                soft_limit=0,
+                hard_limit=0,
+                deleted=None,
+                proxy_protocol=2,
+            ),
+        ],
+    )
+    backends, skipped = load_backends(str(db), 0.1)
+    assert skipped == []
+    assert backends == [
+        Backend("fly-gru-1", "web", "sa", "BR", "10.50.1.1", 8080, True, 2, 50, 100, False, 0),
+        Backend("fly-cdg-1", None, "eu", "FR", "fd00::2", 443, False, 1, 1, 0, False, PROXY_V2),
+    ]
+
+
+def test_original_schema_loads(tmp_path: Path) -> None:
+    """
+    A database with the original schema (no country, no proxy_protocol)
+    loads, with country None and proxy_protocol off.
+    """
+    db = tmp_path / "routing.db"
+    row = good_row("old-1")
+    del row["country"], row["proxy_protocol"]
+    write_db(db, [row], ORIGINAL_SCHEMA)
+    backends, skipped = load_backends(str(db), 0.1)
+    assert skipped == []
+    assert [(b.id, b.country, b.proxy_protocol, b.port) for b in backends] == [
+        ("old-1", None, PROXY_OFF, 8080)
+    ]
+
+
+def test_column_names_are_case_insensitive(tmp_path: Path) -> None:
+    """
+    Column names match whatever their case, as SQLite's own names do.
+    """
+    db = tmp_path / "routing.db"
+    schema = UNTYPED_SCHEMA.replace("wg_ip", "WG_IP").replace("port", "Port")
+    write_db(db, [good_row("b1")], schema)
+    backends, _ = load_backends(str(db), 0.1)
+    assert [(b.host, b.port) for b in backends] == [("10.50.1.1", 8080)]
+
+
+def test_integer_affinity_conversions_are_sqlite_s(tmp_path: Path) -> None:
+    """
+    In the shipped schema SQLite itself stores TEXT '12' and REAL 7.0 put in
+    an INTEGER column as integers; those rows load.  A REAL 1.5 stays real
+    and is refused.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a", port="9000", weight=7.0), good_row("b", weight=1.5)])
+    backends, skipped = load_backends(str(db), 0.1)
+    assert [(b.id, b.port, b.weight) for b in backends] == [("a", 9000, 7)]
+    assert skipped == [("b", "weight: float 1.5 is not an integer")]
+
+
+BAD_ROWS = [
+    # (overrides, expected label or None for the id, reason starts with)
+    ({"id": None}, "<row 2>", "id: is NULL"),
+    ({"id": ""}, "<row 2>", "id: is empty"),
+    ({"id": "   "}, "<row 2>", "id: is empty"),
+    ({"id": 7}, "<row 2>", "id: int 7 is not text"),
+    ({"port": 0}, "bad", "port: 0 is outside 1-65535"),
+    ({"port": 65536}, "bad", "port: 65536 is outside 1-65535"),
+    ({"port": -1}, "bad", "port: -1 is outside 1-65535"),
+    ({"port": 2**40 + 80}, "bad", f"port: {2**40 + 80} is outside"),
+    ({"port": "12"}, "bad", "port: str '12' is not an integer"),
+    ({"port": 80.5}, "bad", "port: float 80.5 is not an integer"),
+    ({"port": None}, "bad", "port: is NULL"),
+    ({"port": b"\x00\x50"}, "bad", "port: a blob is not an integer"),
+    ({"weight": -1}, "bad", "weight: -1 is negative"),
+    ({"weight": "1"}, "bad", "weight: str '1' is not an integer"),
+    ({"soft_limit": -5}, "bad", "soft_limit: -5 is negative"),
+    ({"hard_limit": -1}, "bad", "hard_limit: -1 is negative"),
+    ({"hard_limit": 2.0}, "bad", "hard_limit: float 2.0 is not an integer"),
+    ({"healthy": 2}, "bad", "healthy: 2 is not 0 or 1"),
+    ({"healthy": None}, "bad", "healthy: is NULL"),
+    ({"healthy": "yes"}, "bad", "healthy: str 'yes' is not an integer"),
+    ({"deleted": 2}, "bad", "deleted: 2 is not 0 or 1"),
+    ({"deleted": -1}, "bad", "deleted: -1 is not 0 or 1"),
+    ({"proxy_protocol": 3}, "bad", "proxy_protocol: 3 is not 0, 1 or 2"),
+    ({"proxy_protocol": -1}, "bad", "proxy_protocol: -1 is not 0, 1 or 2"),
+    ({"wg_ip": None}, "bad", "wg_ip: is NULL"),
+    ({"wg_ip": " "}, "bad", "wg_ip: is empty"),
+    ({"wg_ip": "10.0.0.1 10.0.0.2"}, "bad", "wg_ip: str '10.0.0.1 10.0.0.2' is not an address"),
+    ({"region": None}, "bad", "region: is NULL"),
+    ({"region": ""}, "bad", "region: is empty"),
+    ({"country": "BRA"}, "bad", "country: str 'BRA' is not a two-letter code"),
+    ({"country": "B1"}, "bad", "country: str 'B1' is not a two-letter code"),
+    ({"country": 55}, "bad", "country: int 55 is not text"),
+    ({"app": 5}, "bad", "app: int 5 is not text"),
+    ({"app": b"web"}, "bad", "app: a blob is not text"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "label", "reason"), BAD_ROWS)
+def test_bad_row_skipped_with_its_id(
+    tmp_path: Path, overrides: Dict[str, object], label: str, reason: str
+) -> None:
+    """
+    A row with an invalid value is skipped and reported with its id (or its
+    position when the id itself is unusable) and a reason naming the column;
+    the rows around it still load, and no value is wrapped or truncated.
+    """
+    db = tmp_path / "routing.db"
+    write_db(
+        db,
+        [good_row("first"), good_row("bad", **overrides), good_row("last")],
+        UNTYPED_SCHEMA,
+    )
+    backends, skipped = load_backends(str(db), 0.1)
+    assert [b.id for b in backends] == ["first", "last"]
+    assert len(skipped) == 1
+    assert skipped[0][0] == label
+    assert skipped[0][1].startswith(reason)
+
+
+def test_undecodable_text_skips_only_its_row(tmp_path: Path) -> None:
+    """
+    TEXT that is not valid UTF-8 fails its own row, not the whole query.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("ok"), good_row("bad")], UNTYPED_SCHEMA)
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE backends SET region = CAST(x'ff61' AS TEXT) WHERE id = 'bad'")
+    conn.commit()
+    conn.close()
+    backends, skipped = load_backends(str(db), 0.1)
+    assert [b.id for b in backends] == ["ok"]
+    assert skipped == [("bad", "region: text that is not valid UTF-8 is not text")]
+
+
+def test_repeated_id_skipped(tmp_path: Path) -> None:
+    """
+    In a table without a primary key, a repeated id is skipped (the first
+    row wins) and reported.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a", port=1), good_row("a", port=2)], UNTYPED_SCHEMA)
+    backends, skipped = load_backends(str(db), 0.1)
+    assert [(b.id, b.port) for b in backends] == [("a", 1)]
+    assert skipped == [("a", "id: repeats an earlier row")]
+
+
+@pytest.mark.parametrize("column", MANDATORY_COLUMNS)
+def test_missing_mandatory_column_fails_the_load(tmp_path: Path, column: str) -> None:
+    """
+    A table without a mandatory column is a failure of the whole load,
+    naming the column.
+    """
+    db = tmp_path / "routing.db"
+    columns = [c for c in COLUMNS if c != column]
+    write_db(db, [], "CREATE TABLE backends ({});".format(", ".join(columns)))
+    with pytest.raises(RoutingDatabaseError, match=column):
+        load_backends(str(db), 0.1)
+
+
+def test_missing_table_fails_the_load(tmp_path: Path) -> None:
+    """
+    A database without a backends table fails the load.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [], "CREATE TABLE other (x);")
+    with pytest.raises(RoutingDatabaseError, match="no 'backends' table"):
+        load_backends(str(db), 0.1)
+
+
+def test_path_needing_uri_quoting(tmp_path: Path) -> None:
+    """
+    A path with characters special in URIs (?, #, %, space) opens fine.
+    """
+    db = tmp_path / "odd ?#% name.db"
+    write_db(db, [good_row("a")])
+    backends, _ = load_backends(str(db), 0.1)
+    assert [b.id for b in backends] == ["a"]
+
+
+def test_load_does_not_write(tmp_path: Path) -> None:
+    """
+    The file is opened read-only: loading leaves it byte for byte intact
+    and creates no journal beside it.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a")])
+    before = db.read_bytes()
+    load_backends(str(db), 0.1)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.db"]
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    st.sampled_from(["0", "1", "BR", "sa", "10.0.0.1", " ", ""]),
+)
+_ROWS = st.dictionaries(st.sampled_from(MANDATORY_COLUMNS + OPTIONAL_COLUMNS), _VALUES)
+
+
+@given(_ROWS)
+def test_validate_row_only_ever_skips(row: Dict[str, object]) -> None:
+    """
+    Whatever the values, validation either gives a normalised L{Backend}
+    within the documented ranges or raises L{InvalidRowError} naming a
+    column -- nothing else.
+    """
+    try:
+        backend = validate_row(row)
+    except InvalidRowError as e:
+        assert e.column in MANDATORY_COLUMNS + OPTIONAL_COLUMNS
+        assert e.reason.startswith(e.column + ": ")
+        return
+    assert type(backend.port) is int and 1 <= backend.port <= 65535
+    assert backend.port == row["port"]
+    assert backend.weight >= 1 and backend.soft_limit >= 1 and backend.hard_limit >= 0
+    assert backend.proxy_protocol in (0, 1, 2)
+    assert backend.id == row["id"] and backend.id.strip()
+    assert backend.country is None or (len(backend.country) == 2 and backend.country.isupper())
+
+
+_SQL_VALUES = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=6),
+    st.binary(max_size=4),
+)
+
+
+@given(st.lists(st.fixed_dictionaries({c: _SQL_VALUES for c in COLUMNS}), max_size=6))
+def test_arbitrary_table_loads_or_skips_every_row(rows: List[Dict[str, object]]) -> None:
+    """
+    Whatever a typeless table holds, a load never fails: every row is either
+    loaded or reported as skipped.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        db = Path(d) / "routing.db"
+        write_db(db, rows, UNTYPED_SCHEMA)
+        backends, skipped = load_backends(str(db), 0.1)
+    assert len(backends) + len(skipped) == len(rows)
+
+
+# --- loadInitial ----------------------------------------------------------------
+
+
+def test_schema_files_match() -> None:
+    """
+    conf/schema.sql and the packaged edgeproxy/data/schema.sql are the same.
+    """
+    conf = (ROOT / "conf" / "schema.sql").read_text(encoding="utf-8")
+    assert conf == schema_sql()
+    assert conf == (ROOT / "edgeproxy" / "data" / "schema.sql").read_text(encoding="utf-8")
+
+
+def test_schema_has_every_column(tmp_path: Path) -> None:
+    """
+    The shipped schema creates every SPEC column, and its defaults give a
+    valid row from just id, region, wg_ip and port.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [{"id": "a", "region": "eu", "wg_ip": "10.0.0.1", "port": 80}])
+    conn = sqlite3.connect(db)
+    names = [r[1] for r in conn.execute("PRAGMA table_info(backends)")]
+    conn.close()
+    assert names == list(COLUMNS)
+    backends, skipped = load_backends(str(db), 0.1)
+    assert skipped == []
+    assert backends[0].routable and backends[0].hard_limit == 0
+
+
+def test_loadInitial_creates_missing_file(tmp_path: Path, events: List[Dict[str, Any]]) -> None:
+    """
+    A missing database is created with the schema and an empty table, with
+    a warning naming the file.
+    """
+    db = tmp_path / "routing.db"
+    repo = SqliteBackendRepository(str(db))
+    snapshot = repo.loadInitial()
+    assert len(snapshot) == 0 and repo.current() is snapshot
+    assert repo.lastError is None and repo.lastReloadOk is not None
+    conn = sqlite3.connect(db)
+    assert [r[1] for r in conn.execute("PRAGMA table_info(backends)")] == list(COLUMNS)
+    conn.close()
+    warnings = texts(events, LogLevel.warn)
+    assert len(warnings) == 1 and str(db) in warnings[0] and "created" in warnings[0]
+
+
+def test_loadInitial_reads_table_and_logs_bad_rows(
+    tmp_path: Path, events: List[Dict[str, Any]]
+) -> None:
+    """
+    The first load reads the table and logs one line per skipped row with
+    its id and reason; skipped rows are counted by column.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a"), good_row("b", port=0), good_row("c", weight=-2)], UNTYPED_SCHEMA)
+    metrics = MetricsStore()
+    repo = SqliteBackendRepository(str(db), metrics=metrics)
+    snapshot = repo.loadInitial()
+    assert [b.id for b in snapshot.backends] == ["a"]
+    lines = texts(events, LogLevel.warn)
+    assert len(lines) == 2
+    assert "b" in lines[0] and "port: 0 is outside 1-65535" in lines[0]
+    assert "c" in lines[1] and "weight: -2 is negative" in lines[1]
+    assert metrics.counter("routing_rows_skipped", "port") == 1
+    assert metrics.counter("routing_rows_skipped", "weight") == 1
+    assert metrics.counter("routing_reload", "ok") == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"this is not a database" * 100, "not a database"),
+        (b"", "no 'backends' table"),
+    ],
+)
+def test_loadInitial_corrupt_file_raises(tmp_path: Path, content: bytes, match: str) -> None:
+    """
+    A corrupt or table-less file at startup is a clear RoutingDatabaseError.
+    """
+    db = tmp_path / "routing.db"
+    db.write_bytes(content)
+    repo = SqliteBackendRepository(str(db))
+    with pytest.raises(RoutingDatabaseError, match=match):
+        repo.loadInitial()
+    assert repo.lastError is not None
+
+
+def test_loadInitial_truncated_file_raises(tmp_path: Path) -> None:
+    """
+    A truncated database at startup is a clear RoutingDatabaseError.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, many_rows("a"))
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RoutingDatabaseError, match="malformed"):
+        SqliteBackendRepository(str(db)).loadInitial()
+
+
+def test_loadInitial_uncreatable_file_raises(tmp_path: Path) -> None:
+    """
+    A missing file that cannot be created (no such directory) raises
+    RoutingDatabaseError naming the path.
+    """
+    db = tmp_path / "nowhere" / "routing.db"
+    with pytest.raises(RoutingDatabaseError, match="cannot create"):
+        SqliteBackendRepository(str(db)).loadInitial()
+
+
+def test_loadInitial_directory_raises(tmp_path: Path) -> None:
+    """
+    A directory where the file should be is not mistaken for a missing
+    file: RoutingDatabaseError.
+    """
+    db = tmp_path / "routing.db"
+    db.mkdir()
+    with pytest.raises(RoutingDatabaseError, match="cannot open"):
+        SqliteBackendRepository(str(db)).loadInitial()
+
+
+def test_verifyObject(tmp_path: Path) -> None:
+    """
+    SqliteBackendRepository provides IBackendRepository.
+    """
+    assert verifyObject(IBackendRepository, SqliteBackendRepository(str(tmp_path / "r.db")))
+
+
+# --- reload, with the real reactor thread pool -----------------------------------
+
+
+def repository(path: Path, **kwargs: Any) -> SqliteBackendRepository:
+    kwargs.setdefault("busy_timeout", 0.05)
+    return SqliteBackendRepository(str(path), reactor=reactor, **kwargs)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_replaces_and_notifies_only_on_change(tmp_path: Path):
+    """
+    A reload with new content replaces the snapshot and tells listeners
+    (old, new); a reload with the same content keeps the same snapshot
+    object and tells nobody.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a")])
+    repo = repository(db)
+    first = repo.loadInitial()
+    calls: List[tuple[RoutingSnapshot, RoutingSnapshot]] = []
+    repo.addListener(lambda old, new: calls.append((old, new)))
+
+    same = yield repo.reload()
+    assert same is first and repo.current() is first and calls == []
+
+    write_db(db, [good_row("a"), good_row("b", region="eu")])
+    second = yield repo.reload()
+    assert [b.id for b in second.backends] == ["a", "b"]
+    assert repo.current() is second
+    assert calls == [(first, second)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_runs_off_the_reactor_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """
+    The file is read in a thread-pool thread, never on the reactor thread.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a")])
+    threads: List[int] = []
+    real = edgesqlite.load_backends
+
+    def recording(path: str, busy_timeout: float):
+        threads.append(threading.get_ident())
+        return real(path, busy_timeout)
+
+    monkeypatch.setattr(edgesqlite, "load_backends", recording)
+    repo = repository(db)
+    snapshot = yield repo.reload()
+    assert [b.id for b in snapshot.backends] == ["a"]
+    assert len(threads) == 1
+    assert threads[0] != threading.get_ident()
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_reloads_never_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """
+    Reloads asked for while one runs wait for it and are then served by one
+    further load; two loads never run at once, and every caller gets the
+    snapshot in force.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a")])
+    running: List[int] = []
+    overlaps: List[int] = []
+    calls: List[int] = []
+    real = edgesqlite.load_backends
+
+    def tracking(path: str, busy_timeout: float):
+        running.append(1)
+        if len(running) > 1:
+            overlaps.append(1)
+        calls.append(1)
+        try:
+            return real(path, busy_timeout)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(edgesqlite, "load_backends", tracking)
+    repo = repository(db)
+    results = yield gatherResults([repo.reload() for _ in range(5)])
+    assert overlaps == []
+    assert len(calls) == 2
+    assert all(r is repo.current() for r in results)
+    assert [b.id for b in repo.current().backends] == ["a"]
+
+
+def _corrupt(db: Path) -> None:
+    db.write_bytes(b"\x00garbage, not SQLite\xff" * 512)
+
+
+def _truncate(db: Path) -> None:
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 3])
+
+
+def _delete(db: Path) -> None:
+    db.unlink()
+
+
+def _dropColumn(db: Path) -> None:
+    write_db(db, [{k: v for k, v in good_row("x").items() if k != "port"}], NO_PORT_SCHEMA)
+
+
+def _directory(db: Path) -> None:
+    db.unlink()
+    db.mkdir()
+
+
+def _halfWritten(db: Path) -> None:
+    # Another complete database, copied over the file in place and
+    # interrupted halfway.
+    other = db.with_name("other.db")
+    write_db(other, many_rows("new"))
+    data = other.read_bytes()
+    with open(db, "r+b") as f:
+        f.write(data[: len(data) // 2])
+        f.truncate()
+
+
+FAULTS = {
+    "corrupted": _corrupt,
+    "truncated": _truncate,
+    "deleted": _delete,
+    "column dropped": _dropColumn,
+    "unreadable (a directory)": _directory,
+    "replaced non-atomically": _halfWritten,
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest_twisted.inlineCallbacks
+def test_reload_survives_fault(tmp_path: Path, fault: str, events: List[Dict[str, Any]]):
+    """
+    F12: after the file is broken the last good snapshot stays in force,
+    the reload's Deferred still fires with it, the failure is recorded and
+    logged once, and the next good file is picked up.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, many_rows("old"))
+    metrics = MetricsStore()
+    repo = repository(db, metrics=metrics)
+    good = repo.loadInitial()
+    assert len(good) == 400
+
+    FAULTS[fault](db)
+    for _ in range(3):
+        kept = yield repo.reload()
+        assert kept is good and repo.current() is good
+    assert repo.lastError is not None
+    assert metrics.counter("routing_reload", "error") == 3
+    assert len(texts(events, LogLevel.error)) == 1
+
+    if db.is_dir():
+        shutil.rmtree(db)
+    write_db(db, [good_row("fresh")])
+    fresh = yield repo.reload()
+    assert [b.id for b in fresh.backends] == ["fresh"] and repo.current() is fresh
+    assert repo.lastError is None
+    infos = [t for t in texts(events, LogLevel.info) if "again after failure" in t]
+    assert len(infos) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_survives_lock(tmp_path: Path):
+    """
+    F12: while another connection holds an EXCLUSIVE transaction the
+    reload gives up after the busy timeout and keeps the last good table;
+    once the lock is gone the new content is picked up.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a")])
+    repo = repository(db, busy_timeout=0.05)
+    good = repo.loadInitial()
+
+    holder = sqlite3.connect(db, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("INSERT INTO backends (id, region, wg_ip, port) VALUES ('b', 'eu', 'h', 1)")
+        kept = yield repo.reload()
+        assert kept is good
+        assert repo.lastError is not None and "locked" in repo.lastError
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+    fresh = yield repo.reload()
+    assert [b.id for b in fresh.backends] == ["a", "b"]
+    assert repo.lastError is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_failure_logged_once_per_change_of_state(tmp_path: Path, events: List[Dict[str, Any]]):
+    """
+    A failure is logged when it first happens, not again while it repeats,
+    again when it turns into a different failure, and recovery is logged
+    once.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a")])
+    repo = repository(db)
+    repo.loadInitial()
+
+    _corrupt(db)
+    yield repo.reload()
+    yield repo.reload()
+    db.unlink()
+    yield repo.reload()
+    yield repo.reload()
+    errors = texts(events, LogLevel.error)
+    assert len(errors) == 2
+    assert "not a database" in errors[0] and "unable to open" in errors[1]
+    assert all("keeping the last good table (1 backends)" in e for e in errors)
+
+    write_db(db, [good_row("a")])
+    yield repo.reload()
+    yield repo.reload()
+    assert len([t for t in texts(events) if "again after failure" in t]) == 1
+    assert len(texts(events, LogLevel.error)) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_skipped_rows_logged_when_the_set_changes(tmp_path: Path, events: List[Dict[str, Any]]):
+    """
+    A skipped row is logged (and counted) once, not at every reload; a row
+    newly skipped later is logged then.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a"), good_row("b", port=0)], UNTYPED_SCHEMA)
+    metrics = MetricsStore()
+    repo = repository(db, metrics=metrics)
+    repo.loadInitial()
+    yield repo.reload()
+    yield repo.reload()
+    assert len(texts(events, LogLevel.warn)) == 1
+    assert metrics.counter("routing_rows_skipped", "port") == 1
+
+    write_db(db, [good_row("a"), good_row("b", port=0), good_row("c", deleted=7)], UNTYPED_SCHEMA)
+    yield repo.reload()
+    yield repo.reload()
+    warnings = texts(events, LogLevel.warn)
+    assert len(warnings) == 2 and "c" in warnings[1] and "deleted: 7" in warnings[1]
+    assert repo.skipped == (("b", "port: 0 is outside 1-65535"), ("c", "deleted: 7 is not 0 or 1"))
+    assert metrics.counter("routing_rows_skipped", "deleted") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_never_fails_on_unexpected_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: List[Dict[str, Any]]
+):
+    """
+    Even an unexpected exception in the loader leaves the last good table in
+    force and the Deferred firing with it (logged once with its traceback),
+    so a periodic job calling reload() cannot die; a failing listener does
+    not stop the swap either.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a")])
+    repo = repository(db)
+    good = repo.loadInitial()
+
+    def broken(path: str, busy_timeout: float):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(edgesqlite, "load_backends", broken)
+    assert (yield repo.reload()) is good
+    assert (yield repo.reload()) is good
+    assert repo.lastError == "RuntimeError: bug"
+    failures = [e for e in events if "log_failure" in e]
+    assert len(failures) == 1
+    monkeypatch.undo()
+
+    def badListener(old: RoutingSnapshot, new: RoutingSnapshot) -> None:
+        raise ValueError("listener bug")
+
+    seen: List[RoutingSnapshot] = []
+    repo.addListener(badListener)
+    repo.addListener(lambda old, new: seen.append(new))
+    write_db(db, [good_row("b")])
+    new = yield repo.reload()
+    assert [b.id for b in new.backends] == ["b"] and seen == [new]
+    # The expected failures were logged by us; don't leave them to pytest.
+    assert any("listener" in formatEvent(e) for e in events if "log_failure" in e)
