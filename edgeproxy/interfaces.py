@@ -158,9 +158,7 @@ class IRouter(Interface):
     load accounting in one synchronous call per connect attempt.
     """
 
-    def choose(
-        client_ip: str, app: Optional[str], exclude: FrozenSet[str]
-    ) -> Optional["Backend"]:
+    def choose(client_ip: str, app: Optional[str], exclude: FrozenSet[str]) -> Optional["Backend"]:
         """
         Pick the backend for a new connect attempt from C{client_ip} on a
         listener bound to C{app} (C{None}: every app), skipping the ids in
