@@ -1,0 +1,523 @@
+"""
+Listening endpoints from description strings, with a strict PROXY protocol
+wrapper.
+
+L{server_endpoint} understands two prefixes on top of Twisted's own
+descriptions (C{tcp:8080}, C{tcp6:8080:interface=\\:\\:1}, C{unix:...}):
+
+  - C{haproxy:REST}: connections must start with a PROXY v1 or v2 header
+    (see L{ProxyHeaderServerEndpoint}).
+  - C{txsni:CERTDIR:REST}: TLS with certificates chosen by SNI from CERTDIR
+    (L{edgeproxy.tls.sni_server_endpoint}).
+
+They nest: C{txsni:certs:haproxy:tcp:443} reads the PROXY header off the
+socket and then does the TLS handshake (what a load balancer in front
+sends); C{haproxy:txsni:certs:tcp:443} expects the header inside TLS.
+
+Unlike Twisted's own C{haproxy:} wrapper, this one accepts a header split
+across any number of segments, bounds the wait with a timeout, accepts
+headers only from trusted senders, never raises out of C{dataReceived} on
+malformed input, and creates the application's protocol only once the
+header is complete.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Iterable, Sequence, Tuple, Union
+
+import attrs
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamServerEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
+
+from edgeproxy.interfaces import IMetricsStore
+from edgeproxy.proxyprotocol import (
+    DEFAULT_V2_MAX_LENGTH,
+    ProxyHeader,
+    ProxyHeaderError,
+    parse,
+)
+
+__all__ = [
+    "LOOPBACK_NETWORKS",
+    "REJECTED_COUNTER",
+    "Network",
+    "ProxyHeaderProtocol",
+    "ProxyHeaderServerEndpoint",
+    "ProxyHeaderWrappingFactory",
+    "parse_cidrs",
+    "server_endpoint",
+]
+
+_log = Logger()
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: The senders trusted by default: the loopback networks.
+LOOPBACK_NETWORKS: Tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+#: Counter of connections refused before or while reading the PROXY header;
+#: the label is the reason (a L{ProxyHeaderError} reason, C{"untrusted"},
+#: C{"timeout"} or C{"incomplete"}).
+REJECTED_COUNTER = "proxy_header_rejected"
+
+
+def parse_cidrs(values: Iterable[str]) -> Tuple[Network, ...]:
+    """
+    Parse networks in CIDR notation (C{10.0.0.0/8}, C{fd00::/8}); a bare
+    address is a single-host network.  Host bits are ignored
+    (C{10.1.2.3/8} is C{10.0.0.0/8}).
+
+    @raise ValueError: A value is not a network; the message names it.
+    """
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"invalid network {value!r}: {e}") from None
+    return tuple(networks)
+
+
+class _TrustedSenders:
+    """
+    Membership test of a sender address in a list of networks.
+    """
+
+    def __init__(self, networks: Iterable[Network]) -> None:
+        self.v4 = tuple(n for n in networks if n.version == 4)
+        self.v6 = tuple(n for n in networks if n.version == 6)
+
+    def __contains__(self, address: object) -> bool:
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            try:
+                ip = ipaddress.ip_address(address.host)
+            except ValueError:
+                return False
+            if ip.version == 6:
+                mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+                if mapped is None:
+                    return any(ip in network for network in self.v6)
+                ip = mapped
+            return any(ip in network for network in self.v4)
+        # A UNIX socket's peer is on this machine, behind file permissions.
+        return isinstance(address, UNIXAddress)
+
+
+def _describe(address: IAddress | None) -> Tuple[str, str]:
+    """
+    (host, port) text of an address for log fields.
+    """
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, str(address.port)
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        return (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)), ""
+    return repr(address), ""
+
+
+@implementer(IProtocol, IHalfCloseableProtocol, ITransport, IPushProducer, IConsumer)
+class ProxyHeaderProtocol(Protocol):
+    """
+    Reads a PROXY header, then hands the connection to the application's
+    protocol, presenting itself as that protocol's transport.
+
+    Until the header is complete nothing of the application exists: its
+    protocol is built (with the header's source as address) and connected
+    only afterwards, so a refused connection never reaches a backend.  Then
+    C{getPeer}/C{getHost} answer the header's source and destination (the
+    real ones for LOCAL and UNKNOWN), bytes that followed the header are
+    delivered first, and the data path costs nothing more: the transport
+    calls the application's C{dataReceived} directly and the application's
+    C{write} goes straight to the transport.
+
+    Flow control passes through (C{pauseProducing}, C{resumeProducing},
+    C{registerProducer}...), and so does half-close: C{loseWriteConnection}
+    down, C{readConnectionLost}/C{writeConnectionLost} up to an application
+    protocol that provides L{IHalfCloseableProtocol}.  One that does not is
+    closed on the client's FIN, as Twisted would.
+    """
+
+    # The real transport: ITCPTransport, or a TLS or UNIX one.
+    transport: Any = None
+    wrappedProtocol: IProtocol | None = None
+    header: ProxyHeader | None = None
+
+    def __init__(self, factory: "ProxyHeaderWrappingFactory") -> None:
+        self.factory = factory
+        self._buffer = b""
+        self._timeoutCall: IDelayedCall | None = None
+        self._done = False  # refused, or handed over
+        self._peer: IAddress | None = None
+        self._host: IAddress | None = None
+        self._pending = b""
+        self._paused = False
+        self._halfCloseable: IHalfCloseableProtocol | None = None
+        self._closing = False
+
+    def logPrefix(self) -> str:
+        return "ProxyHeader"
+
+    # -- before the header -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        if self.transport.getPeer() not in factory.trusted:
+            self._refuse("untrusted")
+            return
+        if factory.headerTimeout is not None:
+            self._timeoutCall = factory.reactor.callLater(
+                factory.headerTimeout, self._refuse, "timeout"
+            )
+
+    def dataReceived(self, data: bytes) -> None:
+        # Only called while the header is incomplete (or after a refusal):
+        # once it is complete the transport calls the application directly.
+        if self._done:
+            return
+        buffer = self._buffer + data if self._buffer else data
+        try:
+            result = parse(buffer, max_v2_length=self.factory.maxV2Length)
+        except ProxyHeaderError as e:
+            self._refuse(e.reason)
+            return
+        if result is None:
+            self._buffer = buffer
+            return
+        self._buffer = b""
+        header, length = result
+        self._headerReceived(header, buffer[length:])
+
+    def _refuse(self, reason: str) -> None:
+        self._done = True
+        self._buffer = b""
+        call = self._timeoutCall
+        if call is not None:
+            self._timeoutCall = None
+            if call.active():
+                call.cancel()
+        self.factory.metrics.increment(REJECTED_COUNTER, reason)
+        host, port = _describe(self.transport.getPeer())
+        _log.warn(
+            "Refused connection from {peerHost} port {peerPort}: PROXY header {reason}",
+            peerHost=host,
+            peerPort=port,
+            reason=reason,
+        )
+        self.transport.loseConnection()
+
+    def _headerReceived(self, header: ProxyHeader, rest: bytes) -> None:
+        self._done = True
+        call = self._timeoutCall
+        if call is not None:
+            self._timeoutCall = None
+            call.cancel()
+        transport = self.transport
+        self.header = header
+        source = header.source
+        destination = header.destination
+        if source is not None and destination is not None:
+            if header.family == "TCP4":
+                self._peer = IPv4Address("TCP", *source)
+                self._host = IPv4Address("TCP", *destination)
+            else:
+                self._peer = IPv6Address("TCP", *source)
+                self._host = IPv6Address("TCP", *destination)
+        else:
+            self._peer = transport.getPeer()
+            self._host = transport.getHost()
+        protocol = self.factory.wrappedFactory.buildProtocol(self._peer)
+        if protocol is None:
+            # The application refused the connection; say nothing more.
+            transport.loseConnection()
+            return
+        self.wrappedProtocol = protocol
+        self._halfCloseable = IHalfCloseableProtocol(protocol, None)
+        self._pending = rest
+        # Look like the real transport (ITCPTransport...) to the application,
+        # as ProtocolWrapper does, and take ourselves off the data path.
+        directlyProvides(self, providedBy(transport))
+        self.dataReceived = protocol.dataReceived  # type: ignore[method-assign]
+        self.write = transport.write  # type: ignore[method-assign]
+        self.writeSequence = transport.writeSequence  # type: ignore[method-assign]
+        protocol.makeConnection(self)
+        pending = self._pending
+        if pending and not (self._paused or self._closing) and self.connected:
+            self._pending = b""
+            protocol.dataReceived(pending)
+
+    # -- protocol side -----------------------------------------------------
+
+    def readConnectionLost(self) -> None:
+        if self._halfCloseable is not None:
+            self._halfCloseable.readConnectionLost()
+        else:
+            # The client's FIN before a complete header, or an application
+            # protocol that cannot half-close: close, like Twisted.
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if self._halfCloseable is not None:
+            self._halfCloseable.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = 0
+        call = self._timeoutCall
+        if call is not None:
+            self._timeoutCall = None
+            if call.active():
+                call.cancel()
+        protocol = self.wrappedProtocol
+        if protocol is not None:
+            # Break the cycles through the bound methods.
+            self.wrappedProtocol = None
+            self._halfCloseable = None
+            self._pending = b""
+            del self.dataReceived, self.write, self.writeSequence
+            protocol.connectionLost(reason)
+        elif not self._done:
+            self._done = True
+            if self._buffer:
+                # Gone in the middle of a header.
+                self._buffer = b""
+                self.factory.metrics.increment(REJECTED_COUNTER, "incomplete")
+                host, port = _describe(self.transport.getPeer())
+                _log.info(
+                    "Connection from {peerHost} port {peerPort} closed before its PROXY "
+                    "header was complete",
+                    peerHost=host,
+                    peerPort=port,
+                )
+
+    # -- transport side (as seen by the application's protocol) ------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.transport.writeSequence(data)
+
+    def loseConnection(self) -> None:
+        self._closing = True
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._closing = True
+        self.transport.abortConnection()
+
+    def loseWriteConnection(self) -> None:
+        self.transport.loseWriteConnection()
+
+    def getPeer(self) -> IAddress:
+        peer = self._peer
+        return peer if peer is not None else self.transport.getPeer()
+
+    def getHost(self) -> IAddress:
+        host = self._host
+        return host if host is not None else self.transport.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        pending = self._pending
+        if pending and not self._closing:
+            # Bytes that came with the header, held while the application
+            # had the connection paused: they go first.
+            self._pending = b""
+            self.wrappedProtocol.dataReceived(pending)  # type: ignore[union-attr]
+            if self._paused or self._closing or not self.connected:
+                return
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else of the real transport (setTcpNoDelay, getHandle,
+        # disconnecting...).
+        return getattr(self.transport, name)
+
+
+class ProxyHeaderWrappingFactory(Factory[ProxyHeaderProtocol]):
+    """
+    Wraps an application factory so that its connections start with a
+    PROXY header; see L{ProxyHeaderProtocol}.
+
+    @ivar wrappedFactory: The application's factory.
+    @ivar trusted: Senders allowed to send a header (anything that supports
+        C{address in trusted}); others are closed at once.
+    @ivar headerTimeout: Seconds to wait for the whole header, or C{None}.
+    @ivar maxV2Length: Ceiling of the v2 length field.
+    """
+
+    protocol = ProxyHeaderProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        reactor: IReactorTime,
+        trusted: Sequence[Network],
+        headerTimeout: float | None,
+        metrics: IMetricsStore,
+        maxV2Length: int = DEFAULT_V2_MAX_LENGTH,
+    ) -> None:
+        self.wrappedFactory = wrappedFactory
+        self.reactor = reactor
+        self.trusted = _TrustedSenders(trusted)
+        self.headerTimeout = headerTimeout
+        self.metrics = metrics
+        self.maxV2Length = maxV2Length
+
+    def logPrefix(self) -> str:
+        wrapped = self.wrappedFactory
+        prefix = wrapped.logPrefix() if hasattr(wrapped, "logPrefix") else type(wrapped).__name__
+        return f"{prefix} (PROXY header)"
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+        super().doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+        super().doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxyHeaderProtocol:
+        return ProxyHeaderProtocol(self)
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.define
+class ProxyHeaderServerEndpoint:
+    """
+    An endpoint whose connections must start with a PROXY v1 or v2 header
+    from a trusted sender.
+
+    @ivar inner: The endpoint that really listens.
+    @ivar reactor: Clock for the header timeout.
+    @ivar trusted: Networks allowed to send headers.
+    @ivar header_timeout: Seconds for the whole header; C{None}: no limit.
+    @ivar metrics: Where refusals are counted (L{REJECTED_COUNTER}).
+    @ivar max_v2_length: Ceiling of the v2 length field.
+    """
+
+    inner: IStreamServerEndpoint
+    reactor: IReactorTime
+    trusted: Sequence[Network]
+    header_timeout: float | None
+    metrics: IMetricsStore
+    max_v2_length: int = DEFAULT_V2_MAX_LENGTH
+
+    def listen(self, protocolFactory: IProtocolFactory) -> "Deferred[IListeningPort]":
+        return self.inner.listen(
+            ProxyHeaderWrappingFactory(
+                protocolFactory,
+                self.reactor,
+                self.trusted,
+                self.header_timeout,
+                self.metrics,
+                self.max_v2_length,
+            )
+        )
+
+
+def _split_argument(text: str) -> Tuple[str, str]:
+    """
+    Split C{text} at its first unescaped colon; unescape the first part.
+    """
+    chars = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text):
+            chars.append(text[index + 1])
+            index += 2
+            continue
+        if char == ":":
+            return "".join(chars), text[index + 1 :]
+        chars.append(char)
+        index += 1
+    raise ValueError("expected txsni:CERTDIR:ENDPOINT")
+
+
+def server_endpoint(
+    reactor: Any,
+    description: str,
+    *,
+    metrics: IMetricsStore,
+    trusted: Sequence[Network] = LOOPBACK_NETWORKS,
+    header_timeout: float | None = 5.0,
+    tls_handshake_timeout: float = 10.0,
+) -> IStreamServerEndpoint:
+    """
+    The listening endpoint for C{description}.
+
+      - C{haproxy:REST}: a L{ProxyHeaderServerEndpoint} around
+        C{server_endpoint(REST)}.
+      - C{txsni:CERTDIR:REST}: L{edgeproxy.tls.sni_server_endpoint} around
+        C{server_endpoint(REST)} (a colon in CERTDIR is escaped as C{\\:}).
+      - anything else: L{twisted.internet.endpoints.serverFromString}.
+
+    @param trusted: Networks allowed to send PROXY headers (see
+        L{parse_cidrs}); loopback by default.
+    @param header_timeout: Seconds for a whole PROXY header.
+    @param tls_handshake_timeout: Seconds for a whole TLS handshake.
+    @raise ValueError: A malformed description.
+    """
+
+    def inner(rest: str) -> IStreamServerEndpoint:
+        return server_endpoint(
+            reactor,
+            rest,
+            metrics=metrics,
+            trusted=trusted,
+            header_timeout=header_timeout,
+            tls_handshake_timeout=tls_handshake_timeout,
+        )
+
+    if description.startswith("haproxy:"):
+        return ProxyHeaderServerEndpoint(
+            inner(description[8:]), reactor, tuple(trusted), header_timeout, metrics
+        )
+    if description.startswith("txsni:"):
+        from edgeproxy.tls import sni_server_endpoint
+
+        certdir, rest = _split_argument(description[6:])
+        return sni_server_endpoint(
+            reactor,
+            certdir,
+            inner(rest),
+            handshake_timeout=tls_handshake_timeout,
+            metrics=metrics,
+        )
+    return serverFromString(reactor, description)
