@@ -368,7 +368,7 @@ class ProxyHeaderProtocol(Protocol):
         return getattr(self.transport, name)
 
 
-class ProxyHeaderWrappingFactory(Factory[ProxyHeaderProtocol]):
+class ProxyHeaderWrappingFactory(Factory):  # type: ignore[type-arg]
     """
     Wraps an application factory so that its connections start with a
     PROXY header; see L{ProxyHeaderProtocol}.
