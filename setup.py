@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["edgeproxy", "edgeproxy.*"]) + ["twisted.plugins"],
+    packages=[*find_packages(include=["edgeproxy", "edgeproxy.*"]), "twisted.plugins"],
     package_data={"edgeproxy": ["py.typed", "data/*"], "twisted.plugins": []},
     include_package_data=True,
     install_requires=[

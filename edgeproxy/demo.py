@@ -1,0 +1,287 @@
+"""
+Sample backends for trying edgeproxy on one machine.
+
+C{python -m edgeproxy.demo} listens on loopback ports 9101-9104 with four
+backends that pretend to be in Brazil, France, Japan and the USA (the rows of
+C{conf/routing-sample.sql}).  Each answers a connection with one line that
+says who it is and which client address it was told about by the proxy's
+PROXY header, then echoes whatever it receives::
+
+    gru-1 (country BR, region sa) here; you are 2.2.2.2 port 40000 (PROXY v1 header from the proxy)
+
+C{conf/demo.sh} starts these and the proxy together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, List, Optional, Sequence
+
+import attrs
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IListeningPort,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from edgeproxy.proxyprotocol import ProxyHeaderError, parse
+
+_log = Logger()
+
+_V1 = b"PROXY "
+_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+@attrs.frozen
+class DemoBackend:
+    """
+    One sample backend: what it says about itself and where it listens.
+    """
+
+    id: str
+    country: str
+    region: str
+    port: int
+
+
+#: The backends of C{conf/routing-sample.sql}.
+DEMO_BACKENDS: tuple[DemoBackend, ...] = (
+    DemoBackend("gru-1", "BR", "sa", 9101),
+    DemoBackend("cdg-1", "FR", "eu", 9102),
+    DemoBackend("nrt-1", "JP", "ap", 9103),
+    DemoBackend("iad-1", "US", "us", 9104),
+)
+
+
+def _could_be_header(data: bytes) -> bool:
+    """
+    Whether C{data} is, or may still become, the start of a PROXY header.
+    """
+    n = min(len(data), len(_V1))
+    if data[:n] == _V1[:n]:
+        return True
+    n = min(len(data), len(_V2))
+    return data[:n] == _V2[:n]
+
+
+@implementer(IHalfCloseableProtocol)
+class IdentifyProtocol(Protocol):
+    """
+    Say who we are and who the client is, then echo.
+
+    The client address comes from a PROXY v1/v2 header if the connection
+    starts with one (edgeproxy sends it when the row's C{proxy_protocol} is 1
+    or 2), else from the socket peer.  Without any data the greeting goes
+    out after C{factory.greetDelay} seconds.  When the peer half-closes
+    (C{nc} does at the end of its input) the greeting and the echo are
+    still delivered, then the connection closes.
+    """
+
+    factory: "IdentifyFactory"
+    transport: Any
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._greeted = False
+        self._timer: Optional[IDelayedCall] = None
+
+    def connectionMade(self) -> None:
+        self._timer = self.factory.clock.callLater(self.factory.greetDelay, self._noHeader)
+
+    def _noHeader(self) -> None:
+        self._timer = None
+        self._greet(None, "the socket peer; no PROXY header came")
+        self._flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._greeted:
+            self.transport.write(data)
+            return
+        self._buffer += data
+        if not _could_be_header(self._buffer):
+            self._greet(None, "the socket peer; no PROXY header came")
+            self._flush()
+            return
+        try:
+            parsed = parse(self._buffer)
+        except ProxyHeaderError as e:
+            self._greet(None, f"the socket peer; the PROXY header was bad: {e.reason}")
+            self._flush()
+            return
+        if parsed is None:
+            return
+        header, length = parsed
+        self._buffer = self._buffer[length:]
+        if header.source is None:
+            self._greet(None, f"the socket peer; PROXY v{header.version} {header.command}")
+        else:
+            self._greet(header.source, f"PROXY v{header.version} header from the proxy")
+        self._flush()
+
+    def _flush(self) -> None:
+        data, self._buffer = self._buffer, b""
+        if data:
+            self.transport.write(data)
+
+    def _greet(self, source: Optional[tuple[str, int]], how: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._greeted = True
+        if source is None:
+            peer: Any = self.transport.getPeer()
+            source = (getattr(peer, "host", str(peer)), getattr(peer, "port", 0))
+        backend = self.factory.backend
+        line = (
+            f"{backend.id} (country {backend.country}, region {backend.region}) here; "
+            f"you are {source[0]} port {source[1]} ({how})\n"
+        )
+        self.transport.write(line.encode("ascii", "replace"))
+        self.factory.served.append(source)
+
+    def readConnectionLost(self) -> None:
+        if not self._greeted:
+            self._greet(None, "the socket peer; no PROXY header came")
+            self._flush()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class IdentifyFactory(Factory):
+    """
+    Builds L{IdentifyProtocol}s for one L{DemoBackend}.
+
+    @ivar served: The client address each greeted connection was given, in
+        order (for tests).
+    """
+
+    noisy = False
+
+    def __init__(self, backend: DemoBackend, clock: Any, greetDelay: float = 0.5) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.greetDelay = greetDelay
+        self.served: List[tuple[str, int]] = []
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
+        p = IdentifyProtocol()
+        p.factory = self
+        return p
+
+
+def start_backends(
+    reactor: Any, backends: Sequence[DemoBackend], interface: str = "127.0.0.1"
+) -> "Deferred[List[IListeningPort]]":
+    """
+    Listen with every backend in C{backends} on C{interface}.
+    """
+    listening = []
+    for backend in backends:
+        endpoint = TCP4ServerEndpoint(reactor, backend.port, interface=interface)
+        listening.append(endpoint.listen(IdentifyFactory(backend, reactor)))
+    return gatherResults(listening, consumeErrors=True)
+
+
+def explain(db: str, client_ip: str, region: str, app: Optional[str] = None) -> str:
+    """
+    Why a new client at C{client_ip} would get the backend it gets from the
+    routing table in C{db} (nothing is bound or counted): the client's geo,
+    then the candidates by score, best first.
+    """
+    from edgeproxy.geo import GeoIPResolver
+    from edgeproxy.metrics import MetricsStore
+    from edgeproxy.router import Router
+    from edgeproxy.sqlite import SqliteBackendRepository
+    from edgeproxy.testing import BindingTable
+
+    if not os.path.exists(db):
+        raise SystemExit(f"no routing table at {db!r} (run conf/demo.sh first, or pass --db)")
+    repository = SqliteBackendRepository(db)
+    repository.loadInitial()
+    geo = GeoIPResolver.fromPaths(None)
+    from twisted.internet.task import Clock
+
+    router = Router(repository, BindingTable(), geo, MetricsStore(), region, Clock())
+    why = router.explain(client_ip, app, limit=10)
+    geo.close()
+    where = why["geo"]
+    lines = [
+        f"client {client_ip}: "
+        + (
+            "no geo (loopback, private or unknown)"
+            if where is None
+            else f"country {where['country']}, region {where['region']}"
+        )
+        + f"; this POP's region is {region}",
+        "  score = tier * 100 + (connections / soft_limit) / weight; lowest wins",
+        "  tier 0 same country, 1 same region, 2 this POP's region, 3 anything else",
+    ]
+    for c in why["candidates"]:
+        lines.append(
+            f"  {c['id']:<8} tier {c['tier']}  score {c['score']:.3f}  "
+            f"(load {c['load']}, soft_limit {c['soft_limit']}, weight {c['weight']})"
+        )
+    return "\n".join(lines)
+
+
+def main(reactor: Any, *argv: str) -> "Deferred[Any]":
+    """
+    Run the demo backends until interrupted (or, with C{--explain}, print
+    why a client would get the backend it gets, and exit).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m edgeproxy.demo", description="Sample backends for the edgeproxy demo."
+    )
+    parser.add_argument(
+        "--explain",
+        metavar="CLIENT_IP",
+        help="do not start backends: show how the proxy would route CLIENT_IP",
+    )
+    parser.add_argument("--db", default="routing.db", help="routing table for --explain")
+    parser.add_argument("--region", default="sa", help="this POP's region for --explain")
+    parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=DEMO_BACKENDS[0].port,
+        help="port of the first backend; the others follow",
+    )
+    args = parser.parse_args(argv)
+    if args.explain is not None:
+        print(explain(args.db, args.explain, args.region))
+        return succeed(None)
+    backends = [attrs.evolve(b, port=args.base_port + i) for i, b in enumerate(DEMO_BACKENDS)]
+
+    def listening(ports: List[IListeningPort]) -> "Deferred[None]":
+        for backend in backends:
+            print(
+                f"demo backend {backend.id} (country {backend.country}, region "
+                f"{backend.region}) listening on {args.interface}:{backend.port}",
+                flush=True,
+            )
+        return Deferred()  # forever: until SIGINT/SIGTERM stops the reactor
+
+    d = start_backends(reactor, backends, args.interface)
+    d.addCallback(listening)
+    return d
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from twisted.internet.task import react
+
+    react(main, sys.argv[1:])

@@ -1,0 +1,280 @@
+"""
+The edgeproxy service tree, built from ready parts.
+
+L{build_service} is what C{twistd edgeproxy} runs (through
+L{edgeproxy.tap.makeService}), and what another Twisted application calls to
+embed the proxy with its own repository, geo resolver or metrics::
+
+    from twisted.application.service import Application
+    from edgeproxy.service import build_service
+
+    application = Application("my-edge")
+    build_service(reactor=reactor, ...).setServiceParent(application)
+
+The tree is one L{StreamServerEndpointService} per listener plus two
+L{TimerService}s (routing table reload, binding GC) whose callables never
+raise, so one failure never stops a periodic job.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, List, Optional, Sequence, Union
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import edgeproxy
+from edgeproxy.config import ListenerSpec, ProxySettings
+from edgeproxy.interfaces import (
+    IBackendRepository,
+    IBindingRepository,
+    IGeoResolver,
+    IMetricsStore,
+    IRouter,
+)
+from edgeproxy.model import RoutingSnapshot
+
+_log = Logger()
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: Names of the children of an L{EdgeProxyService}, for C{getServiceNamed}.
+RELOAD_SERVICE = "routing-reload"
+GC_SERVICE = "binding-gc"
+
+
+def listener_service_name(index: int) -> str:
+    """
+    The service name of the C{index}-th listener (0-based).
+    """
+    return f"listener-{index}"
+
+
+class EdgeProxyService(MultiService):
+    """
+    The running proxy: listeners plus the periodic jobs.
+
+    @ivar factories: One L{edgeproxy.proxy.ProxyFactory} per listener, in
+        listener order.
+    @ivar listeners: The L{ListenerSpec}s, in the same order.
+    @ivar metrics: The metrics store every factory counts into.
+    @ivar repository: The routing table.
+    @ivar bindings: The client bindings.
+    @ivar router: The router every factory asks.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        repository: IBackendRepository,
+        bindings: IBindingRepository,
+        geo: Optional[IGeoResolver],
+        metrics: IMetricsStore,
+        router: IRouter,
+        region: Optional[str] = None,
+        geo_description: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.clock = clock
+        self.repository = repository
+        self.bindings = bindings
+        self.geo = geo
+        self.metrics = metrics
+        self.router = router
+        self.region = region
+        self.geo_description = geo_description
+        self.factories: List[Any] = []
+        self.listeners: List[ListenerSpec] = []
+        self._summaryLogged = False
+
+    def privilegedStartService(self) -> None:
+        """
+        Log the startup summary, then bind the listeners.
+
+        @raise SystemExit: with a one-line reason if a listener cannot be
+            bound (the port is taken, the address is not local...).
+        """
+        self._logSummary()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"edgeproxy: {e}") from None
+
+    def startService(self) -> None:
+        self._logSummary()
+        super().startService()
+
+    def _logSummary(self) -> None:
+        if self._summaryLogged:
+            return
+        self._summaryLogged = True
+        snapshot = self.repository.current()
+        _log.info(
+            "edgeproxy {version} starting: region {region}, {backends} backends "
+            "({routable} routable) in the routing table, geo database {geo}, "
+            "listeners {listeners}",
+            version=edgeproxy.__version__,
+            region=self.region if self.region is not None else "(not given)",
+            backends=len(snapshot.backends),
+            routable=len(snapshot.routable),
+            geo=self.geo_description
+            if self.geo_description is not None
+            else ("none" if self.geo is None else "(not described)"),
+            listeners=", ".join(
+                s.description if s.app is None else f"{s.app}={s.description}"
+                for s in self.listeners
+            ),
+        )
+
+    def reloadRoutingTable(self) -> "Deferred[None]":
+        """
+        Reload the routing table; the periodic job.  Never fails: a failure
+        (which the repository should already absorb) is logged and the last
+        good table stays in force.
+        """
+        d: Deferred[Any] = maybeDeferred(self.repository.reload)
+
+        def failed(failure: Failure) -> None:
+            _log.failure("routing table reload failed; keeping the last good table", failure)
+
+        d.addCallbacks(lambda _: None, failed)
+        return d
+
+    def collectBindings(self) -> None:
+        """
+        Free expired bindings; the periodic job.  Never raises.
+        """
+        try:
+            freed = self.bindings.collect(self.clock.seconds())
+        except Exception:
+            _log.failure("binding GC failed; will try again")
+            return
+        if freed:
+            _log.debug(
+                "binding GC freed {freed} expired bindings, {left} left",
+                freed=freed,
+                left=len(self.bindings),
+            )
+
+    def routingTableChanged(self, old: RoutingSnapshot, new: RoutingSnapshot) -> None:
+        """
+        Repository listener: forget the bindings of every backend that was
+        routable and no longer is (removed, deleted, unhealthy, draining).
+        Open connections to it are not touched.  Never raises.
+        """
+        try:
+            gone = [bid for bid in old.routable if bid not in new.routable]
+            for backend_id in gone:
+                freed = self.bindings.removeBackend(backend_id)
+                _log.info(
+                    "backend {backend} no longer routable: {freed} bindings cleared",
+                    backend=backend_id,
+                    freed=freed,
+                )
+        except Exception:
+            _log.failure("clearing bindings after a routing table change failed")
+
+
+def build_service(
+    *,
+    reactor: Any,
+    repository: IBackendRepository,
+    bindings: IBindingRepository,
+    geo: Optional[IGeoResolver],
+    metrics: IMetricsStore,
+    router: IRouter,
+    listeners: Sequence[ListenerSpec],
+    settings: ProxySettings,
+    trusted: Sequence[Network],
+    header_timeout: float,
+    tls_handshake_timeout: float,
+    db_reload: float,
+    binding_gc: float,
+    region: Optional[str] = None,
+    geo_description: Optional[str] = None,
+) -> EdgeProxyService:
+    """
+    Assemble the proxy from ready parts.  Nothing starts until the returned
+    service does; the repository should already hold its first table
+    (C{loadInitial} for SQLite).
+
+    @param reactor: Used for listening, connecting and as the clock of the
+        periodic jobs.
+    @param listeners: One listener per spec, each with its own
+        L{edgeproxy.proxy.ProxyFactory} (so C{settings.max_connections}
+        applies per listener).
+    @param trusted: Senders allowed to send PROXY headers on C{haproxy:}
+        listeners.
+    @param db_reload: Seconds between routing table reloads.
+    @param binding_gc: Seconds between sweeps of expired bindings.
+    @param region: This POP's region, for the startup log line only
+        (default: the router's C{local_region}, if it has one).
+    @param geo_description: What geo database is in use, for the startup
+        log line only (default: C{geo.describe()}, if it has that).
+    """
+    from edgeproxy.endpoints import server_endpoint
+    from edgeproxy.proxy import ProxyFactory
+
+    if region is None:
+        region = getattr(router, "local_region", None)
+    if geo_description is None and geo is not None:
+        describe = getattr(geo, "describe", None)
+        geo_description = describe() if callable(describe) else None
+    top = EdgeProxyService(
+        clock=reactor,
+        repository=repository,
+        bindings=bindings,
+        geo=geo,
+        metrics=metrics,
+        router=router,
+        region=region,
+        geo_description=geo_description,
+    )
+    for index, spec in enumerate(listeners):
+        endpoint = server_endpoint(
+            reactor,
+            spec.description,
+            metrics=metrics,
+            trusted=trusted,
+            header_timeout=header_timeout,
+            tls_handshake_timeout=tls_handshake_timeout,
+        )
+        factory = ProxyFactory(router, reactor, settings, metrics, app=spec.app)
+        listener = StreamServerEndpointService(endpoint, factory)
+        # As twisted.application.strports.service does: a port that cannot
+        # be bound fails startup instead of leaving a proxy that listens on
+        # nothing.
+        listener._raiseSynchronously = True
+        listener.setName(listener_service_name(index))
+        listener.setServiceParent(top)
+        top.factories.append(factory)
+        top.listeners.append(spec)
+
+    reload = TimerService(db_reload, top.reloadRoutingTable)
+    reload.clock = reactor
+    reload.setName(RELOAD_SERVICE)
+    reload.setServiceParent(top)
+
+    gc = TimerService(binding_gc, top.collectBindings)
+    gc.clock = reactor
+    gc.setName(GC_SERVICE)
+    gc.setServiceParent(top)
+
+    repository.addListener(top.routingTableChanged)
+    return top
+
+
+__all__ = [
+    "GC_SERVICE",
+    "RELOAD_SERVICE",
+    "EdgeProxyService",
+    "build_service",
+    "listener_service_name",
+]

@@ -1,0 +1,594 @@
+"""
+The twistd plugin's options and service maker: C{twistd edgeproxy ...}.
+
+This is the only module that reads the process environment or the global
+reactor, and only in L{makeService}.  Everything it builds comes from
+L{edgeproxy.service.build_service}, which another Twisted application can
+call directly with parts of its own.
+
+Every option has an C{EDGEPROXY_*} environment variable; the command line
+wins over the environment, the environment over the defaults.  Invalid values
+stop startup with a message that names the option.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import attrs
+from twisted.application.service import IService
+from twisted.internet.defer import setDebugging
+from twisted.logger import Logger
+from twisted.python import usage
+
+from edgeproxy.config import ListenerSpec, ProxySettings
+
+_log = Logger()
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: What C{--proxy-protocol-trusted} means when it is not given.
+DEFAULT_TRUSTED = ("127.0.0.0/8", "::1/128")
+
+#: C{--geoip-db} value that turns geo routing off.
+NO_GEOIP = "none"
+
+#: Marker for "use the GeoLite2 database that ships with the install".
+SHIPPED_GEOIP = "shipped"
+
+LONGDESC = """\
+edgeproxy accepts TCP connections on one or more listeners and relays each one
+to the best backend of a SQLite routing table: the client's country first,
+then its region, then this POP's region, then anything, and within a tier the
+least loaded backend relative to its soft limit and weight.  A client sticks
+to the backend it got for --binding-ttl seconds.  The routing table is
+re-read every --db-reload seconds without a restart.
+
+Listeners are Twisted endpoint descriptions: tcp:8080, tcp:8080:interface=
+127.0.0.1, haproxy:tcp:8081 (requires a PROXY v1/v2 header from a sender in
+--proxy-protocol-trusted).  APP=DESC routes that listener to APP's backends
+only.  host:port (0.0.0.0:8080, [::]:8080) is accepted too.
+
+Every option can also be set with an EDGEPROXY_* environment variable (shown
+with each option); the command line wins.
+"""
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {value!r}")
+    return number
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"not an integer: {value!r}") from None
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _region(value: str) -> str:
+    region = value.strip()
+    if not region or any(c.isspace() for c in region):
+        raise ValueError(f"must be a non-empty region code without spaces, got {value!r}")
+    return region
+
+
+def _db_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a file name, got an empty value")
+    if os.path.isdir(value):
+        raise ValueError(f"{value!r} is a directory")
+    return value
+
+
+def _readable_file(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a file name, got an empty value")
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {value!r}: {e.strerror or e}") from None
+    return value
+
+
+def _overrides_file(value: str) -> str:
+    from edgeproxy.geo import load_overrides
+
+    load_overrides(_readable_file(value))
+    return value
+
+
+def _regions_file(value: str) -> str:
+    from edgeproxy.geo import load_regions
+
+    load_regions(_readable_file(value))
+    return value
+
+
+def _geoip_path(value: str) -> str:
+    if value.strip() in ("", NO_GEOIP):
+        return NO_GEOIP
+    return value
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be one of 1/0, true/false, yes/no, on/off, got {value!r}")
+
+
+def parse_network(value: str) -> Network:
+    """
+    Parse one C{--proxy-protocol-trusted} value: a CIDR or a single address.
+    """
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not a CIDR network or address: {value!r}") from None
+
+
+_APP_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)$", re.DOTALL)
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]+)$")
+
+
+def _host_port_description(value: str) -> Optional[str]:
+    """
+    Turn the original's C{host:port} form (C{0.0.0.0:8080}, C{[::]:8080})
+    into an endpoint description, or return C{None} if C{value} is not in
+    that form.
+    """
+    match = _HOST_PORT.match(value)
+    if match is None:
+        return None
+    port = int(match.group("port"))
+    if port > 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    v6 = match.group("v6")
+    if v6 is not None:
+        try:
+            address = ipaddress.IPv6Address(v6)
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in {value!r}") from None
+        return "tcp6:{}:interface={}".format(port, str(address).replace(":", "\\:"))
+    try:
+        address4 = ipaddress.IPv4Address(match.group("v4"))
+    except ValueError:
+        raise ValueError(f"not an IPv4 address in {value!r}") from None
+    return f"tcp:{port}:interface={address4}"
+
+
+def _check_description(description: str) -> None:
+    """
+    Build (but do not start) the endpoint for C{description} against a fake
+    reactor, so that a typo stops startup instead of surfacing later.
+    """
+    from twisted.internet.testing import MemoryReactor
+
+    from edgeproxy.endpoints import server_endpoint
+    from edgeproxy.metrics import MetricsStore
+
+    try:
+        server_endpoint(MemoryReactor(), description, metrics=MetricsStore())
+    except Exception as e:
+        raise ValueError(f"unusable endpoint description {description!r}: {e}") from None
+
+
+def parse_listener(value: str) -> ListenerSpec:
+    """
+    Parse one C{--listen} value: C{[APP=]DESCRIPTION} or C{[APP=]HOST:PORT}.
+    """
+    text = value.strip()
+    if not text:
+        raise ValueError("empty listen description")
+    app: Optional[str] = None
+    match = _APP_PREFIX.match(text)
+    if match is not None:
+        app, text = match.group(1), match.group(2).strip()
+    description = _host_port_description(text) or text
+    _check_description(description)
+    return ListenerSpec(description=description, app=app)
+
+
+@attrs.frozen
+class _Option:
+    """
+    One option: its name, its environment variable, its default and parser.
+
+    C{repeat} options take several values (repeated on the command line,
+    comma-separated in the environment) and hold a tuple.
+    """
+
+    name: str
+    env: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    repeat: bool = False
+    flag: bool = False
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option(
+        "listen",
+        "EDGEPROXY_LISTEN_ADDR",
+        (ListenerSpec("tcp:8080"),),
+        parse_listener,
+        "",  # the docstring of Options.opt_listen
+        repeat=True,
+    ),
+    _Option("db", "EDGEPROXY_DB_PATH", "routing.db", _db_path, "SQLite routing database"),
+    _Option("region", "EDGEPROXY_REGION", "sa", _region, "Region of this POP"),
+    _Option(
+        "db-reload",
+        "EDGEPROXY_DB_RELOAD_SECS",
+        5.0,
+        _positive_float,
+        "Seconds between routing table reloads",
+    ),
+    _Option(
+        "binding-ttl",
+        "EDGEPROXY_BINDING_TTL_SECS",
+        600.0,
+        _positive_float,
+        "Sliding lifetime of a client binding, seconds",
+    ),
+    _Option(
+        "binding-gc-interval",
+        "EDGEPROXY_BINDING_GC_INTERVAL_SECS",
+        60.0,
+        _positive_float,
+        "Seconds between sweeps of expired bindings",
+    ),
+    _Option(
+        "binding-max",
+        "EDGEPROXY_BINDING_MAX",
+        1_000_000,
+        _int_at_least(1),
+        "Most bindings held; least recently used go first",
+    ),
+    _Option(
+        "geoip-db",
+        "EDGEPROXY_GEOIP_PATH",
+        SHIPPED_GEOIP,
+        _geoip_path,
+        "MaxMind database (default: the GeoLite2 City database shipped with "
+        "maxminddb-geolite2; 'none' turns geo off)",
+    ),
+    _Option(
+        "geo-overrides",
+        "EDGEPROXY_GEO_OVERRIDES",
+        None,
+        _overrides_file,
+        "File of 'CIDR COUNTRY' lines consulted before the GeoIP database",
+    ),
+    _Option(
+        "regions",
+        "EDGEPROXY_REGIONS",
+        None,
+        _regions_file,
+        "File of 'REGION: CC CC ...' lines replacing the built-in country->region table",
+    ),
+    _Option(
+        "connect-timeout",
+        "EDGEPROXY_CONNECT_TIMEOUT",
+        5.0,
+        _positive_float,
+        "Seconds for one backend connect attempt",
+    ),
+    _Option(
+        "connect-attempts",
+        "EDGEPROXY_CONNECT_ATTEMPTS",
+        3,
+        _int_at_least(1),
+        "Backend connect attempts per client (1 = no failover)",
+    ),
+    _Option(
+        "connect-budget",
+        "EDGEPROXY_CONNECT_BUDGET",
+        10.0,
+        _positive_float,
+        "Seconds for all connect attempts of one client together",
+    ),
+    _Option(
+        "idle-timeout",
+        "EDGEPROXY_IDLE_TIMEOUT",
+        600.0,
+        _positive_float,
+        "Seconds without a byte either way before a connection is closed",
+    ),
+    _Option(
+        "half-closed-timeout",
+        "EDGEPROXY_HALF_CLOSED_TIMEOUT",
+        30.0,
+        _positive_float,
+        "Seconds a connection may stay half-closed",
+    ),
+    _Option(
+        "proxy-header-timeout",
+        "EDGEPROXY_PROXY_HEADER_TIMEOUT",
+        5.0,
+        _positive_float,
+        "Seconds for a PROXY header to arrive on haproxy: listeners",
+    ),
+    _Option(
+        "max-connections",
+        "EDGEPROXY_MAX_CONNECTIONS",
+        10000,
+        _int_at_least(0),
+        "Concurrent client connections per listener (0 = unlimited)",
+    ),
+    _Option(
+        "proxy-protocol-trusted",
+        "EDGEPROXY_PROXY_PROTOCOL_TRUSTED",
+        tuple(ipaddress.ip_network(n) for n in DEFAULT_TRUSTED),
+        parse_network,
+        "",  # the docstring of Options.opt_proxy_protocol_trusted
+        repeat=True,
+    ),
+    _Option(
+        "tls-handshake-timeout",
+        "EDGEPROXY_TLS_HANDSHAKE_TIMEOUT",
+        10.0,
+        _positive_float,
+        "Seconds for a TLS handshake on txsni: listeners",
+    ),
+    _Option(
+        "debug",
+        "EDGEPROXY_DEBUG",
+        False,
+        _flag,
+        "Debug mode: Deferred debugging on, full configuration logged at startup",
+        flag=True,
+    ),
+)
+
+_BY_NAME = {o.name: o for o in _OPTIONS}
+
+
+def _describe_default(option: _Option) -> str:
+    if option.name == "listen":
+        return "tcp:8080"
+    if option.name == "proxy-protocol-trusted":
+        return ", ".join(DEFAULT_TRUSTED)
+    if option.name == "geoip-db":
+        return "shipped GeoLite2"
+    if option.default is None:
+        return "none"
+    if isinstance(option.default, float) and option.default.is_integer():
+        return str(int(option.default))
+    return str(option.default)
+
+
+def _help(option: _Option) -> str:
+    return f"{option.help} [default: {_describe_default(option)}; env {option.env}]"
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd edgeproxy}.
+
+    After L{parseOptions}, every option name (C{"listen"}, C{"db"},
+    C{"db-reload"}...) maps to its parsed value: command-line values where
+    given, defaults elsewhere.  L{applyEnvironment} then fills the options
+    the command line did not give from C{EDGEPROXY_*} variables.
+    C{sources[name]} says where each value came from.
+    """
+
+    synopsis = "[options]"
+    longdesc = LONGDESC
+
+    optFlags = [["debug", None, _help(_BY_NAME["debug"])]]
+    optParameters = [[o.name, None, None, _help(o)] for o in _OPTIONS if not (o.repeat or o.flag)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._repeated: dict[str, list[str]] = {"listen": [], "proxy-protocol-trusted": []}
+        self.sources: dict[str, str] = {}
+        self.given: set[str] = set()
+
+    def opt_listen(self, value: str) -> None:
+        """
+        Listen on this endpoint; repeat for several.  APP=DESC routes only to
+        APP's backends; host:port is accepted. [default: tcp:8080; env
+        EDGEPROXY_LISTEN_ADDR, comma-separated]
+        """
+        self._repeated["listen"].append(value)
+
+    def opt_proxy_protocol_trusted(self, value: str) -> None:
+        """
+        Accept PROXY headers only from this CIDR; repeat for several.
+        [default: 127.0.0.0/8, ::1/128; env EDGEPROXY_PROXY_PROTOCOL_TRUSTED,
+        comma-separated]
+        """
+        self._repeated["proxy-protocol-trusted"].append(value)
+
+    def postOptions(self) -> None:
+        """
+        Parse and check every command-line value; fill in the defaults.
+        """
+        for option in _OPTIONS:
+            if option.repeat:
+                raw: Any = self._repeated[option.name] or None
+            elif option.flag:
+                raw = True if self[option.name] else None
+            else:
+                raw = self[option.name]
+            if raw is None:
+                self[option.name] = option.default
+                self.sources[option.name] = "default"
+                continue
+            self.given.add(option.name)
+            self.sources[option.name] = "command line"
+            if option.flag:
+                self[option.name] = True
+            elif option.repeat:
+                self[option.name] = tuple(_convert(option, v, f"--{option.name}") for v in raw)
+            else:
+                self[option.name] = _convert(option, raw, f"--{option.name}")
+
+    def applyEnvironment(self, environ: Mapping[str, str]) -> None:
+        """
+        Take each option the command line did not give from its C{EDGEPROXY_*}
+        variable in C{environ}, if set and not empty.
+
+        @raise usage.UsageError: naming the option and the variable, if a
+            value is invalid.
+        """
+        for option in _OPTIONS:
+            if option.name in self.given:
+                continue
+            value = environ.get(option.env)
+            if value is None or (value.strip() == "" and not option.flag):
+                continue
+            where = f"--{option.name} (from {option.env})"
+            if option.repeat:
+                parts = [p for p in (s.strip() for s in value.split(",")) if p]
+                if not parts:
+                    continue
+                self[option.name] = tuple(_convert(option, p, where) for p in parts)
+            else:
+                self[option.name] = _convert(option, value, where)
+            self.sources[option.name] = option.env
+
+    def settings(self) -> ProxySettings:
+        """
+        The per-connection settings these options describe.
+        """
+        return ProxySettings(
+            connect_timeout=self["connect-timeout"],
+            connect_budget=self["connect-budget"],
+            max_attempts=self["connect-attempts"],
+            idle_timeout=self["idle-timeout"],
+            half_closed_timeout=self["half-closed-timeout"],
+            max_connections=self["max-connections"],
+        )
+
+
+def _convert(option: _Option, value: str, where: str) -> Any:
+    try:
+        return option.parse(value)
+    except ValueError as e:
+        raise usage.UsageError(f"{where}: {e}") from None
+
+
+def _fatal(message: str) -> SystemExit:
+    """
+    An exit that twistd reports as one line on stderr, status 1, no traceback.
+    """
+    return SystemExit(f"edgeproxy: {message}")
+
+
+def _listener_names(listeners: Iterable[ListenerSpec]) -> list[str]:
+    return [s.description if s.app is None else f"{s.app}={s.description}" for s in listeners]
+
+
+def makeService(
+    options: Options,
+    reactor: Any = None,
+    environ: Optional[Mapping[str, str]] = None,
+) -> IService:
+    """
+    Build the edgeproxy service tree from C{options}.
+
+    Reads C{os.environ} and the global reactor unless C{environ} and
+    C{reactor} are given (tests give both).  Loads the routing table
+    synchronously, so the listeners never accept before it is in force.
+
+    @raise SystemExit: with a one-line reason when an environment value is
+        invalid, the routing database is unusable (corrupt, not a database,
+        unreadable) or a geo file cannot be used.
+    """
+    from edgeproxy.bindings import BindingTable
+    from edgeproxy.geo import GeoIPResolver
+    from edgeproxy.metrics import MetricsStore
+    from edgeproxy.router import Router
+    from edgeproxy.service import build_service
+    from edgeproxy.sqlite import RoutingDatabaseError, SqliteBackendRepository
+
+    if environ is None:
+        environ = os.environ
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+
+    try:
+        options.applyEnvironment(environ)
+    except usage.UsageError as e:
+        raise _fatal(str(e)) from None
+
+    if options["debug"]:
+        setDebugging(True)
+        for option in _OPTIONS:
+            _log.debug(
+                "option --{name} = {value!r} (from {source})",
+                name=option.name,
+                value=options[option.name],
+                source=options.sources.get(option.name, "default"),
+            )
+
+    metrics = MetricsStore()
+    repository = SqliteBackendRepository(options["db"], reactor=reactor, metrics=metrics)
+    try:
+        repository.loadInitial()
+    except RoutingDatabaseError as e:
+        raise _fatal(f"cannot load the routing database {options['db']!r} (--db): {e}") from None
+
+    geoip: Optional[str] = options["geoip-db"]
+    if geoip == NO_GEOIP:
+        geoip = ""  # fromPaths: no database
+    elif geoip == SHIPPED_GEOIP:
+        geoip = None  # fromPaths: the shipped default
+    try:
+        geo = GeoIPResolver.fromPaths(geoip, options["geo-overrides"], options["regions"])
+    except (OSError, ValueError) as e:
+        raise _fatal(f"cannot use --geo-overrides/--regions: {e}") from None
+
+    bindings = BindingTable(ttl=options["binding-ttl"], max_size=options["binding-max"])
+    router = Router(repository, bindings, geo, metrics, options["region"], reactor)
+
+    return build_service(
+        reactor=reactor,
+        repository=repository,
+        bindings=bindings,
+        geo=geo,
+        metrics=metrics,
+        router=router,
+        listeners=options["listen"],
+        settings=options.settings(),
+        trusted=options["proxy-protocol-trusted"],
+        header_timeout=options["proxy-header-timeout"],
+        tls_handshake_timeout=options["tls-handshake-timeout"],
+        db_reload=options["db-reload"],
+        binding_gc=options["binding-gc-interval"],
+        region=options["region"],
+        geo_description=geo.describe(),
+    )
+
+
+__all__: Sequence[str] = [
+    "DEFAULT_TRUSTED",
+    "Options",
+    "makeService",
+    "parse_listener",
+    "parse_network",
+]

@@ -1,0 +1,482 @@
+"""
+Tests for L{edgeproxy.tap}: the options of C{twistd edgeproxy}, their
+environment variables and their validation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from edgeproxy.config import ListenerSpec, ProxySettings
+from edgeproxy.tap import Options, parse_listener
+from twisted import version as twisted_version
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: twistd exits with status 1 on a usage error only since Twisted 26.10.
+TWISTD_EXITS_1_ON_USAGE_ERROR = (twisted_version.major, twisted_version.minor) >= (26, 10)
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+#: Every option name with its environment variable.
+ENV_NAMES = {
+    "listen": "EDGEPROXY_LISTEN_ADDR",
+    "db": "EDGEPROXY_DB_PATH",
+    "region": "EDGEPROXY_REGION",
+    "db-reload": "EDGEPROXY_DB_RELOAD_SECS",
+    "binding-ttl": "EDGEPROXY_BINDING_TTL_SECS",
+    "binding-gc-interval": "EDGEPROXY_BINDING_GC_INTERVAL_SECS",
+    "binding-max": "EDGEPROXY_BINDING_MAX",
+    "geoip-db": "EDGEPROXY_GEOIP_PATH",
+    "geo-overrides": "EDGEPROXY_GEO_OVERRIDES",
+    "regions": "EDGEPROXY_REGIONS",
+    "connect-timeout": "EDGEPROXY_CONNECT_TIMEOUT",
+    "connect-attempts": "EDGEPROXY_CONNECT_ATTEMPTS",
+    "connect-budget": "EDGEPROXY_CONNECT_BUDGET",
+    "idle-timeout": "EDGEPROXY_IDLE_TIMEOUT",
+    "half-closed-timeout": "EDGEPROXY_HALF_CLOSED_TIMEOUT",
+    "proxy-header-timeout": "EDGEPROXY_PROXY_HEADER_TIMEOUT",
+    "max-connections": "EDGEPROXY_MAX_CONNECTIONS",
+    "proxy-protocol-trusted": "EDGEPROXY_PROXY_PROTOCOL_TRUSTED",
+    "tls-handshake-timeout": "EDGEPROXY_TLS_HANDSHAKE_TIMEOUT",
+    "debug": "EDGEPROXY_DEBUG",
+}
+
+
+def parsed(*argv: str, environ: dict[str, str] | None = None) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    options.applyEnvironment(environ or {})
+    return options
+
+
+@pytest.fixture
+def overrides(tmp_path: Path) -> str:
+    path = tmp_path / "overrides.txt"
+    path.write_text("# the WireGuard overlay\n10.50.1.0/24 BR\n")
+    return str(path)
+
+
+@pytest.fixture
+def regions(tmp_path: Path) -> str:
+    path = tmp_path / "regions.txt"
+    path.write_text("sa: BR AR\neu: FR DE\n")
+    return str(path)
+
+
+def test_defaults() -> None:
+    """
+    Without command line or environment every option has the documented
+    default, and says so in C{sources}.
+    """
+    options = parsed()
+    assert options["listen"] == (ListenerSpec("tcp:8080"),)
+    assert options["db"] == "routing.db"
+    assert options["region"] == "sa"
+    assert options["db-reload"] == 5.0
+    assert options["binding-ttl"] == 600.0
+    assert options["binding-gc-interval"] == 60.0
+    assert options["binding-max"] == 1_000_000
+    assert options["geoip-db"] == "shipped"
+    assert options["geo-overrides"] is None
+    assert options["regions"] is None
+    assert options["connect-timeout"] == 5.0
+    assert options["connect-attempts"] == 3
+    assert options["connect-budget"] == 10.0
+    assert options["idle-timeout"] == 600.0
+    assert options["half-closed-timeout"] == 30.0
+    assert options["proxy-header-timeout"] == 5.0
+    assert options["max-connections"] == 10000
+    assert options["proxy-protocol-trusted"] == LOOPBACK
+    assert options["tls-handshake-timeout"] == 10.0
+    assert options["debug"] is False
+    assert set(options.sources) == set(ENV_NAMES)
+    assert set(options.sources.values()) == {"default"}
+
+
+def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regions: str) -> None:
+    """
+    Every option is parsed from the command line into its typed value.
+    """
+    db = str(tmp_path / "r.db")
+    options = parsed(
+        "--listen=tcp:9000",
+        "--listen",
+        "api=haproxy:tcp:9001",
+        f"--db={db}",
+        "--region=eu",
+        "--db-reload=0.5",
+        "--binding-ttl=30",
+        "--binding-gc-interval=7",
+        "--binding-max=10",
+        "--geoip-db=/nonexistent.mmdb",
+        f"--geo-overrides={overrides}",
+        f"--regions={regions}",
+        "--connect-timeout=1.5",
+        "--connect-attempts=2",
+        "--connect-budget=4",
+        "--idle-timeout=99",
+        "--half-closed-timeout=3",
+        "--proxy-header-timeout=2",
+        "--max-connections=0",
+        "--proxy-protocol-trusted=10.0.0.0/8",
+        "--proxy-protocol-trusted=192.0.2.7",
+        "--tls-handshake-timeout=6",
+        "--debug",
+    )
+    assert options["listen"] == (
+        ListenerSpec("tcp:9000"),
+        ListenerSpec("haproxy:tcp:9001", app="api"),
+    )
+    assert options["db"] == db
+    assert options["region"] == "eu"
+    assert options["db-reload"] == 0.5
+    assert options["binding-ttl"] == 30.0
+    assert options["binding-gc-interval"] == 7.0
+    assert options["binding-max"] == 10
+    assert options["geoip-db"] == "/nonexistent.mmdb"
+    assert options["geo-overrides"] == overrides
+    assert options["regions"] == regions
+    assert options["connect-timeout"] == 1.5
+    assert options["connect-attempts"] == 2
+    assert options["connect-budget"] == 4.0
+    assert options["idle-timeout"] == 99.0
+    assert options["half-closed-timeout"] == 3.0
+    assert options["proxy-header-timeout"] == 2.0
+    assert options["max-connections"] == 0
+    assert options["proxy-protocol-trusted"] == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.0.2.7/32"),
+    )
+    assert options["tls-handshake-timeout"] == 6.0
+    assert options["debug"] is True
+    assert set(options.sources.values()) == {"command line"}
+
+
+def test_settings() -> None:
+    """
+    L{Options.settings} carries the per-connection options into
+    L{ProxySettings}.
+    """
+    options = parsed(
+        "--connect-timeout=1",
+        "--connect-budget=2",
+        "--connect-attempts=4",
+        "--idle-timeout=5",
+        "--half-closed-timeout=6",
+        "--max-connections=7",
+    )
+    assert options.settings() == ProxySettings(
+        connect_timeout=1.0,
+        connect_budget=2.0,
+        max_attempts=4,
+        idle_timeout=5.0,
+        half_closed_timeout=6.0,
+        max_connections=7,
+    )
+
+
+def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regions: str) -> None:
+    """
+    Every option is taken from its C{EDGEPROXY_*} variable (the original's
+    names where it had them) when the command line does not give it.
+    """
+    environ = {
+        "EDGEPROXY_LISTEN_ADDR": "tcp:7000, api=tcp:7001",
+        "EDGEPROXY_DB_PATH": str(tmp_path / "env.db"),
+        "EDGEPROXY_REGION": "ap",
+        "EDGEPROXY_DB_RELOAD_SECS": "2",
+        "EDGEPROXY_BINDING_TTL_SECS": "20",
+        "EDGEPROXY_BINDING_GC_INTERVAL_SECS": "3",
+        "EDGEPROXY_BINDING_MAX": "50",
+        "EDGEPROXY_GEOIP_PATH": "none",
+        "EDGEPROXY_GEO_OVERRIDES": overrides,
+        "EDGEPROXY_REGIONS": regions,
+        "EDGEPROXY_CONNECT_TIMEOUT": "0.25",
+        "EDGEPROXY_CONNECT_ATTEMPTS": "5",
+        "EDGEPROXY_CONNECT_BUDGET": "8",
+        "EDGEPROXY_IDLE_TIMEOUT": "11",
+        "EDGEPROXY_HALF_CLOSED_TIMEOUT": "12",
+        "EDGEPROXY_PROXY_HEADER_TIMEOUT": "1",
+        "EDGEPROXY_MAX_CONNECTIONS": "123",
+        "EDGEPROXY_PROXY_PROTOCOL_TRUSTED": "10.1.0.0/16,fd00::/8",
+        "EDGEPROXY_TLS_HANDSHAKE_TIMEOUT": "4",
+        "EDGEPROXY_DEBUG": "true",
+    }
+    assert set(environ) == set(ENV_NAMES.values())
+    options = parsed(environ=environ)
+    assert options["listen"] == (ListenerSpec("tcp:7000"), ListenerSpec("tcp:7001", app="api"))
+    assert options["db"] == str(tmp_path / "env.db")
+    assert options["region"] == "ap"
+    assert options["db-reload"] == 2.0
+    assert options["binding-ttl"] == 20.0
+    assert options["binding-gc-interval"] == 3.0
+    assert options["binding-max"] == 50
+    assert options["geoip-db"] == "none"
+    assert options["geo-overrides"] == overrides
+    assert options["regions"] == regions
+    assert options["connect-timeout"] == 0.25
+    assert options["connect-attempts"] == 5
+    assert options["connect-budget"] == 8.0
+    assert options["idle-timeout"] == 11.0
+    assert options["half-closed-timeout"] == 12.0
+    assert options["proxy-header-timeout"] == 1.0
+    assert options["max-connections"] == 123
+    assert options["proxy-protocol-trusted"] == (
+        ipaddress.ip_network("10.1.0.0/16"),
+        ipaddress.ip_network("fd00::/8"),
+    )
+    assert options["tls-handshake-timeout"] == 4.0
+    assert options["debug"] is True
+    assert options.sources == ENV_NAMES
+
+
+def test_command_line_wins_over_environment() -> None:
+    """
+    An option given on the command line ignores its environment variable;
+    the others still come from the environment.
+    """
+    options = parsed(
+        "--region=eu",
+        "--listen=tcp:9000",
+        "--idle-timeout=50",
+        environ={
+            "EDGEPROXY_REGION": "ap",
+            "EDGEPROXY_LISTEN_ADDR": "tcp:7000",
+            "EDGEPROXY_IDLE_TIMEOUT": "not-even-a-number",
+            "EDGEPROXY_DB_RELOAD_SECS": "9",
+        },
+    )
+    assert options["region"] == "eu"
+    assert options["listen"] == (ListenerSpec("tcp:9000"),)
+    assert options["idle-timeout"] == 50.0
+    assert options["db-reload"] == 9.0
+    assert options.sources["region"] == "command line"
+    assert options.sources["db-reload"] == "EDGEPROXY_DB_RELOAD_SECS"
+
+
+def test_empty_environment_values_are_unset() -> None:
+    """
+    A variable set to the empty string (as a systemd EnvironmentFile line
+    C{EDGEPROXY_REGION=} does) leaves the default in force.
+    """
+    options = parsed(environ={"EDGEPROXY_REGION": "", "EDGEPROXY_LISTEN_ADDR": " , "})
+    assert options["region"] == "sa"
+    assert options["listen"] == (ListenerSpec("tcp:8080"),)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("1", True),
+        ("YES", True),
+        ("on", True),
+    ],
+)
+def test_debug_from_environment(value: str, expected: bool) -> None:
+    """
+    C{EDGEPROXY_DEBUG} accepts the usual spellings of true and false.
+    """
+    assert parsed(environ={"EDGEPROXY_DEBUG": value})["debug"] is expected
+
+
+BAD_VALUES = [
+    ("idle-timeout", "-1"),
+    ("idle-timeout", "0"),
+    ("idle-timeout", "ten"),
+    ("db-reload", "0"),
+    ("db-reload", "nan"),
+    ("db-reload", "inf"),
+    ("binding-ttl", "-5"),
+    ("binding-gc-interval", "0"),
+    ("binding-max", "0"),
+    ("binding-max", "1.5"),
+    ("connect-timeout", "0"),
+    ("connect-attempts", "0"),
+    ("connect-attempts", "two"),
+    ("connect-budget", "-1"),
+    ("half-closed-timeout", "x"),
+    ("proxy-header-timeout", "0"),
+    ("max-connections", "-1"),
+    ("tls-handshake-timeout", "0"),
+    ("region", ""),
+    ("region", "s a"),
+    ("db", ""),
+    ("proxy-protocol-trusted", "10.0.0.0/33"),
+    ("proxy-protocol-trusted", "not-a-network"),
+    ("listen", "nonsense:8080"),
+    ("listen", "tcp:notaport"),
+    ("listen", "1.2.3.4:99999"),
+    ("listen", "999.1.1.1:8080"),
+    ("listen", ""),
+    ("geo-overrides", "/nonexistent/overrides.txt"),
+    ("regions", "/nonexistent/regions.txt"),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD_VALUES)
+def test_invalid_command_line_value_names_the_option(name: str, value: str) -> None:
+    """
+    An invalid command-line value raises L{usage.UsageError} whose message
+    names the option.
+    """
+    with pytest.raises(usage.UsageError) as caught:
+        parsed(f"--{name}={value}")
+    assert f"--{name}" in str(caught.value)
+
+
+@pytest.mark.parametrize("name, value", [bv for bv in BAD_VALUES if bv[1].strip()])
+def test_invalid_environment_value_names_option_and_variable(name: str, value: str) -> None:
+    """
+    An invalid environment value raises L{usage.UsageError} naming both the
+    option and the variable.
+    """
+    with pytest.raises(usage.UsageError) as caught:
+        parsed(environ={ENV_NAMES[name]: value})
+    assert f"--{name}" in str(caught.value)
+    assert ENV_NAMES[name] in str(caught.value)
+
+
+def test_invalid_debug_environment_value() -> None:
+    """
+    C{EDGEPROXY_DEBUG} with a value that is neither true nor false is
+    rejected, naming the variable.
+    """
+    with pytest.raises(usage.UsageError, match="EDGEPROXY_DEBUG"):
+        parsed(environ={"EDGEPROXY_DEBUG": "maybe"})
+
+
+def test_malformed_geo_files_name_the_option(tmp_path: Path) -> None:
+    """
+    A readable but malformed overrides or regions file is rejected at
+    option time, naming the option and the line.
+    """
+    bad = tmp_path / "bad.txt"
+    bad.write_text("10.0.0.0/8\n")
+    with pytest.raises(usage.UsageError, match=r"--geo-overrides.*bad\.txt:1"):
+        parsed(f"--geo-overrides={bad}")
+    with pytest.raises(usage.UsageError, match=r"--regions.*bad\.txt:1"):
+        parsed(f"--regions={bad}")
+
+
+def test_geoip_none() -> None:
+    """
+    C{--geoip-db=none} and an empty C{--geoip-db=} both turn geo off.
+    """
+    assert parsed("--geoip-db=none")["geoip-db"] == "none"
+    assert parsed("--geoip-db=")["geoip-db"] == "none"
+
+
+def test_db_directory_rejected(tmp_path: Path) -> None:
+    """
+    A directory is not a routing database.
+    """
+    with pytest.raises(usage.UsageError, match="--db"):
+        parsed(f"--db={tmp_path}")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("tcp:8080", ListenerSpec("tcp:8080")),
+        ("tcp:8080:interface=127.0.0.1", ListenerSpec("tcp:8080:interface=127.0.0.1")),
+        ("api=tcp:8080", ListenerSpec("tcp:8080", app="api")),
+        (
+            "my-app.v2=haproxy:tcp:8081:interface=127.0.0.1",
+            ListenerSpec("haproxy:tcp:8081:interface=127.0.0.1", app="my-app.v2"),
+        ),
+        ("0.0.0.0:8080", ListenerSpec("tcp:8080:interface=0.0.0.0")),
+        ("127.0.0.1:9", ListenerSpec("tcp:9:interface=127.0.0.1")),
+        ("[::]:8080", ListenerSpec("tcp6:8080:interface=\\:\\:")),
+        ("[::1]:8080", ListenerSpec("tcp6:8080:interface=\\:\\:1")),
+        ("web=0.0.0.0:80", ListenerSpec("tcp:80:interface=0.0.0.0", app="web")),
+    ],
+)
+def test_listen_forms(value: str, expected: ListenerSpec) -> None:
+    """
+    C{--listen} takes endpoint descriptions (an C{=} inside one is not an
+    app prefix), C{APP=DESC}, and the original's C{host:port} form.
+    """
+    assert parse_listener(value) == expected
+
+
+def test_listen_addr_host_port_from_environment() -> None:
+    """
+    C{EDGEPROXY_LISTEN_ADDR} in the original's C{host:port} form, several
+    comma-separated, becomes TCP endpoint descriptions.
+    """
+    options = parsed(environ={"EDGEPROXY_LISTEN_ADDR": "0.0.0.0:8080,[::]:8443"})
+    assert options["listen"] == (
+        ListenerSpec("tcp:8080:interface=0.0.0.0"),
+        ListenerSpec("tcp6:8443:interface=\\:\\:"),
+    )
+
+
+def test_help_lists_environment_variables() -> None:
+    """
+    C{--help} shows each option's environment variable and default.
+    """
+    text = str(Options())
+    for name, env in ENV_NAMES.items():
+        assert f"--{name}" in text
+        assert env in text
+    assert "[default: 600; env EDGEPROXY_IDLE_TIMEOUT]" in " ".join(text.split())
+
+
+def twistd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [environment.get("PYTHONPATH")])]
+    )
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=str(ROOT),
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_twistd_rejects_invalid_option() -> None:
+    """
+    C{twistd edgeproxy --idle-timeout=-1} stops with a message naming
+    C{--idle-timeout}, before anything starts (with status 1 from Twisted
+    26.10 on; older twistd exits 0 after printing a usage error).
+    """
+    result = twistd("-n", "--pidfile=", "edgeproxy", "--idle-timeout=-1")
+    if TWISTD_EXITS_1_ON_USAGE_ERROR:
+        assert result.returncode == 1
+    assert "--idle-timeout" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_twistd_rejects_invalid_environment(tmp_path: Path) -> None:
+    """
+    An invalid C{EDGEPROXY_*} value stops C{twistd edgeproxy} with one line
+    naming the option and the variable, and no traceback.
+    """
+    result = twistd(
+        "-n",
+        "--pidfile=",
+        "edgeproxy",
+        f"--db={tmp_path / 'r.db'}",
+        env={"EDGEPROXY_CONNECT_ATTEMPTS": "lots"},
+    )
+    assert result.returncode != 0
+    assert "--connect-attempts (from EDGEPROXY_CONNECT_ATTEMPTS)" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "r.db").exists()
