@@ -1,0 +1,628 @@
+# -*- test-case-name: tests.test_proxy_unit,tests.test_proxy_sockets,tests.test_faults -*-
+"""
+The per-connection TCP proxy.
+
+A L{ProxyFactory} listens for clients.  Each accepted client gets a
+L{ProxyClientProtocol}, which holds the whole state of the proxied
+connection (the "session"): it pauses the client, asks the L{IRouter} for a
+backend, connects to it through a fresh L{BackendConnectFactory} per attempt
+(failing over to the next candidate while no byte was sent), then relays
+bytes both ways with each transport registered as the streaming producer of
+the other, carries half-closes, enforces the idle and half-closed timeouts,
+and writes exactly one log line when both legs are gone.
+
+The relay path (C{dataReceived}) does nothing but the write and a byte
+counter add; the byte counters double as the activity mark that the idle
+timer samples a few times per idle period.
+
+Only L{ITransport}/L{ITCPTransport} methods are used on the client
+transport, looked up at connect time where optional, so that the client leg
+may be a TLS or PROXY-header wrapper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone, NotConnectingError
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from edgeproxy.config import ProxySettings
+from edgeproxy.interfaces import IMetricsStore, IRouter
+from edgeproxy.model import Backend
+from edgeproxy.proxyprotocol import header_for
+
+__all__ = [
+    "CAUSES",
+    "BackendConnectFactory",
+    "ProxyBackendProtocol",
+    "ProxyClientProtocol",
+    "ProxyFactory",
+]
+
+_log = Logger()
+
+#: Every value the C{cause} field of the end-of-connection log line (and the
+#: label of the C{connections_closed} counter) can take.
+CAUSES = (
+    "client-closed",
+    "backend-closed",
+    "idle-timeout",
+    "half-closed-timeout",
+    "connect-failed",
+    "no-backend",
+    "limit",
+    "client-error",
+    "backend-error",
+)
+
+#: The idle timer looks at the byte counters this many times per idle
+#: period, and closes after this many looks in a row saw no change: the
+#: connection closes between 1 and 1.25 idle periods after its last byte.
+_IDLE_TICKS = 4
+
+# Transports are duck-typed: a TCP transport, or a TLS / PROXY-header
+# wrapper around one.  They are Any so that optional methods can be probed.
+_Transport = Any
+
+
+def _abort(transport: _Transport) -> None:
+    """
+    Close C{transport} at once, dropping whatever it still buffers.
+    """
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
+
+
+def _halfClose(transport: _Transport) -> None:
+    """
+    Send FIN on C{transport} once its buffer is written, keep reading.
+
+    Falls back to a full (graceful) close on transports without half-close.
+    """
+    lose_write = getattr(transport, "loseWriteConnection", None)
+    if lose_write is not None:
+        lose_write()
+    else:
+        transport.loseConnection()
+
+
+def _tuneSocket(transport: _Transport, keepalive: bool) -> None:
+    """
+    TCP_NODELAY (always) and SO_KEEPALIVE (if asked) on the socket under
+    C{transport}, when the transport exposes them.
+    """
+    no_delay = getattr(transport, "setTcpNoDelay", None)
+    if no_delay is not None:
+        no_delay(True)
+    if keepalive:
+        keep_alive = getattr(transport, "setTcpKeepAlive", None)
+        if keep_alive is not None:
+            keep_alive(True)
+
+
+def _address(addr: IAddress) -> tuple[str, int]:
+    """
+    (host, port) of an IPv4/IPv6 address; ("", 0) for anything else.
+    """
+    return (getattr(addr, "host", ""), getattr(addr, "port", 0))
+
+
+class ProxyFactory(Factory):
+    """
+    Accepts clients and proxies each to a backend chosen by C{router}.
+
+    @ivar router: Picks (and accounts for) backends.
+    @ivar reactor: Used to connect to backends and for every timer.
+    @ivar settings: Timeouts, attempts, connection cap, keepalive.
+    @ivar metrics: Counters C{connections_accepted},
+        C{connections_rejected} (label C{limit}), C{connections_closed}
+        (label: the cause, one of L{CAUSES}) and
+        C{backend_connect_failures} (label: the backend id).
+    @ivar app: The app this listener is bound to, or C{None} for every app.
+    @ivar connections: The live client protocols admitted under the cap
+        (for a later graceful drain).
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        router: IRouter,
+        reactor: Any,
+        settings: ProxySettings,
+        metrics: IMetricsStore,
+        app: str | None = None,
+    ) -> None:
+        self.router = router
+        self.reactor = reactor
+        self.tcp: IReactorTCP = reactor
+        self.clock: IReactorTime = reactor
+        self.settings = settings
+        self.metrics = metrics
+        self.app = app
+        self.connections: set[ProxyClientProtocol] = set()
+
+    @property
+    def openConnections(self) -> int:
+        """
+        Client connections currently admitted and not yet lost.
+        """
+        return len(self.connections)
+
+    def buildProtocol(self, addr: IAddress | None) -> "ProxyClientProtocol":
+        return ProxyClientProtocol(self)
+
+
+class BackendConnectFactory(ClientFactory):
+    """
+    One connect attempt to one backend, and the release of its load count.
+
+    The router counts the backend from the moment it was chosen; L{release}
+    gives that count back exactly once, whichever way the attempt ends
+    (failed, cancelled, or connected and later closed).
+    """
+
+    noisy = False
+
+    def __init__(self, session: "ProxyClientProtocol", backend: Backend) -> None:
+        self.session = session
+        self.backend = backend
+        self.connector: Any = None
+        self.cancelled = False
+        self.released = False
+
+    def release(self) -> bool:
+        """
+        Give the backend's load count back; C{False} if it already was.
+        """
+        if self.released:
+            return False
+        self.released = True
+        self.session.factory.router.release(self.backend.id)
+        return True
+
+    def cancel(self) -> None:
+        """
+        The client went away while connecting: release and stop connecting.
+        """
+        self.cancelled = True
+        self.release()
+        connector = self.connector
+        if connector is not None:
+            try:
+                connector.stopConnecting()
+            except NotConnectingError:
+                pass
+
+    def buildProtocol(self, addr: IAddress | None) -> "ProxyBackendProtocol":
+        return ProxyBackendProtocol(self.session, self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.session._connectFailed(self, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        """
+        Handled by L{ProxyBackendProtocol.connectionLost}.
+        """
+
+
+@implementer(IHalfCloseableProtocol)
+class ProxyBackendProtocol(Protocol):
+    """
+    The backend leg: relays to the client, reports its events to the session.
+
+    @ivar bytesToClient: Bytes received from the backend (and written to
+        the client).
+    """
+
+    def __init__(self, session: "ProxyClientProtocol", attempt: BackendConnectFactory) -> None:
+        self.session = session
+        self.attempt = attempt
+        self.factory = attempt
+        self.bytesToClient = 0
+        self.out: _Transport = None
+
+    def connectionMade(self) -> None:
+        self.session._backendConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.out.write(data)
+        self.bytesToClient += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.session._backendReadLost()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN to the backend went out; nothing to do.
+        """
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.session._backendLost(self, reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class ProxyClientProtocol(Protocol):
+    """
+    The client leg and the state of the whole proxied connection.
+
+    @ivar bytesToBackend: Bytes received from the client (buffered or
+        written to the backend).
+    @ivar backend: The backend of the current (or last) attempt, or C{None}.
+    @ivar attempts: Connect attempts made so far.
+    @ivar clientHost: The client's address (from C{transport.getPeer()},
+        which a PROXY-header wrapper overrides).
+    @ivar clientPort: The client's port.
+    """
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory  # type: ignore[assignment]
+        self.bytesToBackend = 0
+        self.backend: Backend | None = None
+        self.attempts = 0
+        self.clientHost = ""
+        self.clientPort = 0
+        self._out: _Transport = None
+        self._pending: list[bytes] = []
+        self._exclude: frozenset[str] = frozenset()
+        self._connecting: BackendConnectFactory | None = None
+        self._backendSide: ProxyBackendProtocol | None = None
+        self._started = 0.0
+        self._admitted = False
+        self._clientOpen = False
+        self._backendOpen = False
+        self._clientReadDone = False
+        self._backendReadDone = False
+        self._clientHasProducer = False
+        self._backendHasProducer = False
+        self._cause: str | None = None
+        self._finCause: str | None = None
+        self._done = False
+        self._idleCall: IDelayedCall | None = None
+        self._idleTicks = 0
+        self._lastTotal = 0
+        self._halfCall: IDelayedCall | None = None
+
+    # -- the client leg ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self._clientOpen = True
+        self._started = factory.clock.seconds()
+        self.clientHost, self.clientPort = _address(self.transport.getPeer())  # type: ignore[union-attr]
+        cap = factory.settings.max_connections
+        if cap and len(factory.connections) >= cap:
+            self._cause = "limit"
+            factory.metrics.increment("connections_rejected", "limit")
+            _abort(self.transport)
+            return
+        self._admitted = True
+        factory.connections.add(self)
+        factory.metrics.increment("connections_accepted")
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._attempt()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesToBackend += len(data)
+        out = self._out
+        if out is None:
+            self._pending.append(data)
+            return
+        out.write(data)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent FIN: carry it to the backend, keep relaying back.
+        """
+        self._clientReadDone = True
+        if self._finCause is None:
+            self._finCause = "client-closed"
+        if self._out is None:
+            # Still connecting (only a wrapper can tell us this early):
+            # _backendConnected carries the FIN after the buffered bytes.
+            return
+        self._carryClientFin()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN to the client went out; nothing to do.
+        """
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._clientOpen = False
+        if self._admitted:
+            self.factory.connections.discard(self)
+        clean = reason.check(ConnectionDone) is not None
+        if self._cause is None and not (clean and self._finCause is not None):
+            self._cause = "client-closed" if clean else "client-error"
+        connecting = self._connecting
+        if connecting is not None:
+            self._connecting = None
+            self._backendOpen = False
+            connecting.cancel()
+        elif self._backendOpen and self._backendSide is not None:
+            backend_transport = self._backendSide.transport
+            self._unregisterBackendProducer()
+            if clean:
+                backend_transport.loseConnection()  # type: ignore[union-attr]
+            else:
+                _abort(backend_transport)
+            self._startHalfClosedTimer()
+        self._maybeFinish()
+
+    # -- connecting ---------------------------------------------------------
+
+    def _attempt(self) -> None:
+        """
+        Choose a backend (skipping failed ones) and connect to it, or give up.
+        """
+        factory = self.factory
+        settings = factory.settings
+        remaining = settings.connect_budget - (factory.clock.seconds() - self._started)
+        if self.attempts >= settings.max_attempts or remaining <= 0:
+            self._giveUp("connect-failed")
+            return
+        backend = factory.router.choose(self.clientHost, factory.app, self._exclude)
+        if backend is None:
+            self._giveUp("no-backend" if self.attempts == 0 else "connect-failed")
+            return
+        self.attempts += 1
+        self.backend = backend
+        attempt = BackendConnectFactory(self, backend)
+        self._connecting = attempt
+        self._backendOpen = True
+        timeout = min(settings.connect_timeout, remaining)
+        try:
+            attempt.connector = factory.tcp.connectTCP(
+                backend.host, backend.port, attempt, timeout=timeout
+            )
+        except Exception:
+            self._connectFailed(attempt, Failure())
+
+    def _connectFailed(self, attempt: BackendConnectFactory, reason: Failure) -> None:
+        """
+        A connect attempt failed or timed out before any byte was sent.
+        """
+        if attempt.cancelled or not attempt.release():
+            return
+        if self._connecting is attempt:
+            self._connecting = None
+        self._backendOpen = False
+        factory = self.factory
+        backend_id = attempt.backend.id
+        factory.router.connectFailed(self.clientHost, factory.app, backend_id)
+        factory.metrics.increment("backend_connect_failures", backend_id)
+        _log.debug(
+            "connect to backend {backend} failed for {client}: {error}",
+            backend=backend_id,
+            client=self.clientHost,
+            error=reason.value,
+        )
+        self._exclude = self._exclude | {backend_id}
+        if self._clientOpen:
+            self._attempt()
+        else:
+            self._maybeFinish()
+
+    def _giveUp(self, cause: str) -> None:
+        """
+        No backend will serve this client: close it.
+        """
+        if self._cause is None:
+            self._cause = cause
+        self._backendOpen = False
+        if self._clientOpen:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        self._maybeFinish()
+
+    # -- the backend leg ----------------------------------------------------
+
+    def _backendConnected(self, side: ProxyBackendProtocol) -> None:
+        """
+        Wire the two legs together and let the client's bytes flow.
+        """
+        attempt = side.attempt
+        backend_transport: _Transport = side.transport
+        if attempt.cancelled or not self._clientOpen:
+            _abort(backend_transport)
+            return
+        self._connecting = None
+        self._backendSide = side
+        client_transport: _Transport = self.transport
+        backend = attempt.backend
+        if backend.proxy_protocol:
+            try:
+                header = header_for(
+                    backend.proxy_protocol,
+                    (self.clientHost, self.clientPort),
+                    _address(client_transport.getHost()),
+                )
+            except ValueError as e:
+                _log.warn(
+                    "cannot send a PROXY header to {backend} for {client}: {error}",
+                    backend=backend.id,
+                    client=self.clientHost,
+                    error=e,
+                )
+                self._cause = "backend-error"
+                _abort(backend_transport)
+                _abort(client_transport)
+                return
+            backend_transport.write(header)
+        side.out = client_transport
+        self._out = backend_transport
+        if self._pending:
+            backend_transport.write(b"".join(self._pending))
+        self._pending = []
+        keepalive = self.factory.settings.keepalive
+        _tuneSocket(client_transport, keepalive)
+        _tuneSocket(backend_transport, keepalive)
+        backend_transport.registerProducer(client_transport, True)
+        self._backendHasProducer = True
+        client_transport.registerProducer(backend_transport, True)
+        self._clientHasProducer = True
+        client_transport.resumeProducing()
+        self._startIdleTimer()
+        if self._clientReadDone:
+            self._carryClientFin()
+
+    def _backendReadLost(self) -> None:
+        """
+        The backend sent FIN: carry it to the client, keep relaying up.
+        """
+        self._backendReadDone = True
+        if self._finCause is None:
+            self._finCause = "backend-closed"
+        if self._clientReadDone:
+            self._closeBoth()
+            return
+        if self._clientOpen:
+            self._unregisterClientProducer()
+            _halfClose(self.transport)
+        self._startHalfClosedTimer()
+
+    def _backendLost(self, side: ProxyBackendProtocol, reason: Failure) -> None:
+        side.attempt.release()
+        if side is not self._backendSide:
+            # Connected after the client had gone; already accounted for.
+            return
+        self._backendOpen = False
+        clean = reason.check(ConnectionDone) is not None
+        if self._cause is None and not (clean and self._finCause is not None):
+            self._cause = "backend-closed" if clean else "backend-error"
+        if self._clientOpen:
+            # Whatever the backend sent is already queued on the client
+            # transport: a graceful close delivers it, then closes (F2).
+            self._unregisterClientProducer()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._startHalfClosedTimer()
+        self._maybeFinish()
+
+    # -- both legs ----------------------------------------------------------
+
+    def _carryClientFin(self) -> None:
+        if self._backendReadDone:
+            self._closeBoth()
+            return
+        if self._backendOpen and self._out is not None:
+            self._unregisterBackendProducer()
+            _halfClose(self._out)
+        self._startHalfClosedTimer()
+
+    def _unregisterClientProducer(self) -> None:
+        # A paused producer left registered would make a later
+        # loseConnection() resume it instead of closing (and a read-closed
+        # transport must not be resumed): unregister before closing.
+        if self._clientHasProducer:
+            self._clientHasProducer = False
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def _unregisterBackendProducer(self) -> None:
+        if self._backendHasProducer:
+            self._backendHasProducer = False
+            self._out.unregisterProducer()
+
+    def _closeBoth(self) -> None:
+        """
+        Both directions are done: close both legs gracefully.
+        """
+        self._unregisterClientProducer()
+        self._unregisterBackendProducer()
+        if self._clientOpen:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        if self._backendOpen and self._out is not None:
+            self._out.loseConnection()
+
+    def _abortBoth(self, cause: str) -> None:
+        """
+        A timeout: drop both legs at once, queued data included (F4).
+        """
+        if self._cause is None:
+            self._cause = cause
+        if self._clientOpen:
+            _abort(self.transport)
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            self._backendOpen = False
+            connecting.cancel()
+        elif self._backendOpen and self._out is not None:
+            _abort(self._out)
+        self._maybeFinish()
+
+    # -- timers -------------------------------------------------------------
+
+    def _startIdleTimer(self) -> None:
+        idle = self.factory.settings.idle_timeout
+        if idle > 0:
+            self._lastTotal = self.bytesToBackend
+            self._idleCall = self.factory.clock.callLater(idle / _IDLE_TICKS, self._idleTick)
+
+    def _idleTick(self) -> None:
+        self._idleCall = None
+        side = self._backendSide
+        total = self.bytesToBackend + (side.bytesToClient if side is not None else 0)
+        if total != self._lastTotal:
+            self._lastTotal = total
+            self._idleTicks = 0
+        else:
+            self._idleTicks += 1
+            if self._idleTicks >= _IDLE_TICKS:
+                self._abortBoth("idle-timeout")
+                return
+        self._idleCall = self.factory.clock.callLater(
+            self.factory.settings.idle_timeout / _IDLE_TICKS, self._idleTick
+        )
+
+    def _startHalfClosedTimer(self) -> None:
+        timeout = self.factory.settings.half_closed_timeout
+        if self._halfCall is None and not self._done and timeout > 0:
+            self._halfCall = self.factory.clock.callLater(timeout, self._halfClosedTimeout)
+
+    def _halfClosedTimeout(self) -> None:
+        self._abortBoth("half-closed-timeout")
+
+    # -- the end ------------------------------------------------------------
+
+    def _maybeFinish(self) -> None:
+        """
+        Once both legs are gone: stop the timers, count, log one line.
+        """
+        if self._done or self._clientOpen or self._backendOpen:
+            return
+        self._done = True
+        for call in (self._idleCall, self._halfCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._idleCall = self._halfCall = None
+        cause = self._cause or self._finCause or "client-closed"
+        factory = self.factory
+        factory.metrics.increment("connections_closed", cause)
+        side = self._backendSide
+        backend = self.backend
+        _log.info(
+            "{client}:{client_port} via {backend}: {cause} after {duration:.3f}s,"
+            " {bytes_to_backend} bytes up, {bytes_to_client} bytes down,"
+            " {attempts} attempts",
+            client=self.clientHost,
+            client_port=self.clientPort,
+            backend=backend.id if backend is not None else None,
+            bytes_to_backend=self.bytesToBackend,
+            bytes_to_client=side.bytesToClient if side is not None else 0,
+            duration=factory.clock.seconds() - self._started,
+            attempts=self.attempts,
+            cause=cause,
+        )

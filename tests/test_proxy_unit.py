@@ -1,0 +1,793 @@
+"""
+Unit tests for L{edgeproxy.proxy}, synchronous on L{MemoryReactorClock} and
+L{StringTransport}, with the real router, binding table and metrics store.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any, Iterable
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+    UserError,
+)
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from edgeproxy.config import ProxySettings
+from edgeproxy.interfaces import IRouter
+from edgeproxy.metrics import UNDERFLOW
+from edgeproxy.model import Backend, GeoInfo
+from edgeproxy.proxy import (
+    CAUSES,
+    BackendConnectFactory,
+    ProxyBackendProtocol,
+    ProxyClientProtocol,
+    ProxyFactory,
+)
+from edgeproxy.router import Router
+from edgeproxy.testing import (
+    BindingTable,
+    InMemoryBackendRepository,
+    MetricsStore,
+    StaticGeoResolver,
+    backend,
+)
+from faultkit import LogCapture
+
+CLIENT = IPv4Address("TCP", "203.0.113.5", 40000)
+LOCAL = IPv4Address("TCP", "198.51.100.1", 443)
+GEO = StaticGeoResolver({"203.0.113.5": GeoInfo("BR", "sa")})
+
+# With the client in BR/sa and the POP in "us", these four are tried in
+# this order (geo tiers 0, 1, 2, 3).
+A = backend("a", country="BR", region="sa", host="10.0.0.1", port=7001)
+B = backend("b", country="AR", region="sa", host="10.0.0.2", port=7002)
+C = backend("c", country="US", region="us", host="10.0.0.3", port=7003)
+D = backend("d", country="FR", region="eu", host="10.0.0.4", port=7004)
+
+
+class FakeTCPTransport(StringTransport):
+    """
+    A StringTransport with the ITCPTransport methods the proxy uses.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keepalive: bool | None = None
+        self.nodelay: bool | None = None
+        self.write_closed = False
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keepalive = enabled
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+@implementer(IRouter)
+class SpyRouter:
+    """
+    Delegates to a real L{Router} and records every call in order.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.calls: list[tuple[Any, ...]] = []
+
+    def choose(self, client_ip: str, app: str | None, exclude: frozenset[str]) -> Backend | None:
+        chosen = self.router.choose(client_ip, app, exclude)
+        self.calls.append(("choose", client_ip, app, exclude, chosen.id if chosen else None))
+        return chosen
+
+    def release(self, backend_id: str) -> None:
+        self.calls.append(("release", backend_id))
+        self.router.release(backend_id)
+
+    def connectFailed(self, client_ip: str, app: str | None, backend_id: str) -> None:
+        self.calls.append(("connectFailed", client_ip, app, backend_id))
+        self.router.connectFailed(client_ip, app, backend_id)
+
+    def count(self, name: str, backend_id: str) -> int:
+        if name == "choose":
+            return sum(1 for c in self.calls if c[0] == "choose" and c[4] == backend_id)
+        return sum(1 for c in self.calls if c[0] == name and c[-1] == backend_id)
+
+
+class World:
+    """
+    A L{ProxyFactory} on a memory reactor, and handles on its parts.
+    """
+
+    def __init__(self, backends: Iterable[Backend] = (A, B, C, D), **settings: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.repository = InMemoryBackendRepository(backends)
+        self.bindings = BindingTable()
+        self.metrics = MetricsStore()
+        self.router = SpyRouter(
+            Router(
+                self.repository,
+                self.bindings,
+                GEO,
+                self.metrics,
+                "us",
+                self.reactor,
+                random.Random(1),
+            )
+        )
+        self.settings = ProxySettings(**settings)
+        self.factory = ProxyFactory(
+            self.router, self.reactor, self.settings, self.metrics, app="app"
+        )
+        self.logs = LogCapture().start()
+
+    def accept(
+        self, peer: Any = CLIENT, transport_class: type = FakeTCPTransport
+    ) -> tuple[ProxyClientProtocol, Any]:
+        proto = self.factory.buildProtocol(peer)
+        transport = transport_class(hostAddress=LOCAL, peerAddress=peer)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def attempt(self, index: int = -1) -> BackendConnectFactory:
+        attempt = self.reactor.tcpClients[index][2]
+        assert isinstance(attempt, BackendConnectFactory)
+        return attempt
+
+    def connected(self, attempt: BackendConnectFactory | None = None) -> tuple[Any, Any]:
+        attempt = attempt or self.attempt()
+        side = attempt.buildProtocol(IPv4Address("TCP", attempt.backend.host, attempt.backend.port))
+        transport = FakeTCPTransport()
+        side.makeConnection(transport)
+        return side, transport
+
+    def fail(self, exc: Exception | None = None, attempt: Any = None) -> None:
+        exc = exc if exc is not None else ConnectionRefusedError()
+        attempt = attempt or self.attempt()
+        attempt.clientConnectionFailed(self.reactor.connectors[-1], Failure(exc))
+
+    def lines(self) -> list[dict[str, Any]]:
+        return self.logs.connection_lines()
+
+    def assert_accounted(self) -> None:
+        """
+        Every chosen backend was released exactly once; no count left.
+        """
+        chosen = [c[4] for c in self.router.calls if c[0] == "choose" and c[4]]
+        for backend_id in set(chosen):
+            assert self.router.count("release", backend_id) == chosen.count(backend_id)
+        released = [c[1] for c in self.router.calls if c[0] == "release"]
+        assert sorted(released) == sorted(chosen)
+        assert self.metrics.connections == {}
+        assert self.metrics.counter(UNDERFLOW, "a") == 0
+        assert all(name != UNDERFLOW for name, _ in self.metrics.counters())
+
+    def close(self) -> None:
+        self.logs.stop()
+
+
+@pytest.fixture
+def world_factory():
+    worlds: list[World] = []
+
+    def make(*args: Any, **kwargs: Any) -> World:
+        w = World(*args, **kwargs)
+        worlds.append(w)
+        return w
+
+    yield make
+    for w in worlds:
+        w.close()
+        assert w.logs.failures() == []
+
+
+def lost(proto: Any, exc: Exception | None = None) -> None:
+    proto.connectionLost(Failure(exc if exc is not None else ConnectionDone()))
+
+
+def step(w: World, seconds: float, tick: float = 0.125) -> None:
+    """
+    Advance the clock in small exact steps, as time passes for real.
+    """
+    for _ in range(round(seconds / tick)):
+        w.reactor.advance(tick)
+
+
+def test_protocols_provide_half_close_interface(world_factory):
+    """
+    Both legs provide IHalfCloseableProtocol (so TCP reports FIN instead of
+    closing), and the factory is a plain Twisted Factory.
+    """
+    w = world_factory()
+    proto, _ = w.accept()
+    side, _ = w.connected()
+    assert isinstance(w.factory, Factory)
+    assert verifyObject(IHalfCloseableProtocol, proto)
+    assert verifyObject(IHalfCloseableProtocol, side)
+    assert isinstance(side, ProxyBackendProtocol)
+
+
+def test_client_paused_until_backend_connected(world_factory):
+    """
+    The client transport is paused on accept, the best backend is dialled
+    with the connect timeout, and only once it is connected is the client
+    resumed, with each transport the streaming producer of the other.
+    """
+    w = world_factory(connect_timeout=2.0, connect_budget=10.0)
+    proto, client = w.accept()
+    assert client.producerState == "paused"
+    host, port, _, timeout, _ = w.reactor.tcpClients[0]
+    assert (host, port, timeout) == ("10.0.0.1", 7001, 2.0)
+    assert w.factory.openConnections == 1
+    _, server = w.connected()
+    assert client.producerState == "producing"
+    assert client.producer is server and client.streaming is True
+    assert server.producer is client and server.streaming is True
+    assert proto.backend == A
+
+
+def test_buffered_data_flushed_then_relayed(world_factory):
+    """
+    Bytes that arrive while connecting (a PROXY wrapper may pass some on)
+    are buffered and written first; then bytes are relayed both ways and
+    counted.
+    """
+    w = world_factory()
+    proto, client = w.accept()
+    proto.dataReceived(b"early ")
+    proto.dataReceived(b"bird ")
+    side, server = w.connected()
+    assert server.value() == b"early bird "
+    proto.dataReceived(b"more")
+    side.dataReceived(b"reply")
+    assert server.value() == b"early bird more"
+    assert client.value() == b"reply"
+    assert proto.bytesToBackend == 15
+    assert side.bytesToClient == 5
+
+
+def test_proxy_v1_header_exact(world_factory):
+    """
+    A backend with proxy_protocol=1 first gets the v1 line with the client
+    as source and the address the client connected to as destination.
+    """
+    w = world_factory([backend("pp1", proxy_protocol=1, host="10.0.0.9", port=80)])
+    proto, _ = w.accept()
+    proto.dataReceived(b"GET /")
+    _, server = w.connected()
+    assert server.value() == b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 443\r\nGET /"
+
+
+def test_proxy_v2_header_exact(world_factory):
+    """
+    A backend with proxy_protocol=2 first gets the binary v2 header: the
+    12-byte signature, PROXY/TCP4, length 12, addresses, ports.
+    """
+    w = world_factory([backend("pp2", proxy_protocol=2, host="10.0.0.9", port=80)])
+    proto, _ = w.accept()
+    proto.dataReceived(b"x")
+    _, server = w.connected()
+    expected = (
+        b"\r\n\r\n\x00\r\nQUIT\n"
+        + b"\x21\x11"
+        + struct.pack("!H", 12)
+        + bytes([203, 0, 113, 5])
+        + bytes([198, 51, 100, 1])
+        + struct.pack("!HH", 40000, 443)
+    )
+    assert server.value() == expected + b"x"
+
+
+def test_proxy_v1_header_ipv6(world_factory):
+    """
+    An IPv6 client gets a TCP6 v1 line.
+    """
+    w = world_factory([backend("pp1", proxy_protocol=1, host="10.0.0.9", port=80)])
+    peer = IPv6Address("TCP", "2001:db8::5", 40000)
+    proto = w.factory.buildProtocol(peer)
+    transport = FakeTCPTransport(
+        hostAddress=IPv6Address("TCP", "2001:db8::1", 443), peerAddress=peer
+    )
+    proto.makeConnection(transport)
+    _, server = w.connected()
+    assert server.value() == b"PROXY TCP6 2001:db8::5 2001:db8::1 40000 443\r\n"
+
+
+def test_proxy_header_impossible_closes_both(world_factory):
+    """
+    A client address no PROXY header can carry (a UNIX socket) closes
+    both legs with a warning, not a traceback, and releases the backend.
+    """
+    w = world_factory([backend("pp1", proxy_protocol=1, host="10.0.0.9", port=80)])
+    proto, client = w.accept(peer=UNIXAddress(None))
+    side, server = w.connected()
+    assert client.disconnected and server.disconnected
+    lost(side, ConnectionLost())
+    lost(proto, ConnectionLost())
+    assert w.logs.causes() == ["backend-error"]
+    w.assert_accounted()
+
+
+def test_failover_sequence_and_exclude(world_factory):
+    """
+    A refused connect and a timed-out connect each release the backend,
+    clear the binding to it, count a failure, and the next attempt
+    excludes every failed backend; the third backend then serves, and the
+    client ends up bound to it.
+    """
+    w = world_factory(connect_timeout=1.0, connect_budget=10.0, max_attempts=3)
+    proto, client = w.accept()
+    w.fail(ConnectionRefusedError())
+    w.reactor.advance(1.0)
+    w.fail(TimeoutError())
+    side, _ = w.connected()
+    ip = "203.0.113.5"
+    assert w.router.calls == [
+        ("choose", ip, "app", frozenset(), "a"),
+        ("release", "a"),
+        ("connectFailed", ip, "app", "a"),
+        ("choose", ip, "app", frozenset({"a"}), "b"),
+        ("release", "b"),
+        ("connectFailed", ip, "app", "b"),
+        ("choose", ip, "app", frozenset({"a", "b"}), "c"),
+    ]
+    assert [(h, p) for h, p, *_ in w.reactor.tcpClients] == [
+        ("10.0.0.1", 7001),
+        ("10.0.0.2", 7002),
+        ("10.0.0.3", 7003),
+    ]
+    assert w.metrics.counter("backend_connect_failures", "a") == 1
+    assert w.metrics.counter("backend_connect_failures", "b") == 1
+    binding = w.bindings.lookup((ip, "app"), w.reactor.seconds())
+    assert binding is not None and binding.backend_id == "c"
+    assert proto.attempts == 3
+    assert client.producerState == "producing"
+    proto.readConnectionLost()
+    side.readConnectionLost()
+    lost(side)
+    lost(proto)
+    [line] = w.lines()
+    assert (line["cause"], line["attempts"], line["backend"]) == ("client-closed", 3, "c")
+    w.assert_accounted()
+
+
+def test_connect_budget_bounds_attempt_timeouts(world_factory):
+    """
+    Each attempt's timeout is the smaller of the connect timeout and what
+    is left of the budget; when the budget is spent the client is closed
+    as connect-failed even though attempts remain.
+    """
+    w = world_factory(connect_timeout=4.0, connect_budget=6.0, max_attempts=5)
+    proto, client = w.accept()
+    assert w.reactor.tcpClients[0][3] == 4.0
+    w.reactor.advance(4.0)
+    w.fail(TimeoutError())
+    assert w.reactor.tcpClients[1][3] == pytest.approx(2.0)
+    w.reactor.advance(2.0)
+    w.fail(TimeoutError())
+    assert len(w.reactor.tcpClients) == 2
+    assert client.disconnecting
+    lost(proto)
+    [line] = w.lines()
+    assert (line["cause"], line["attempts"]) == ("connect-failed", 2)
+    assert line["duration"] == pytest.approx(6.0)
+    w.assert_accounted()
+
+
+def test_max_attempts(world_factory):
+    """
+    No more than max_attempts backends are tried.
+    """
+    w = world_factory(max_attempts=2)
+    proto, client = w.accept()
+    w.fail()
+    w.fail()
+    assert len(w.reactor.tcpClients) == 2
+    assert client.disconnecting
+    lost(proto)
+    assert w.logs.causes() == ["connect-failed"]
+    assert w.metrics.counter("connections_closed", "connect-failed") == 1
+    w.assert_accounted()
+
+
+def test_candidates_exhausted_is_connect_failed(world_factory):
+    """
+    When every candidate failed, the cause is connect-failed, not
+    no-backend.
+    """
+    w = world_factory([A, B], max_attempts=5)
+    proto, client = w.accept()
+    w.fail()
+    w.fail()
+    assert client.disconnecting
+    lost(proto)
+    assert w.logs.causes() == ["connect-failed"]
+    w.assert_accounted()
+
+
+def test_no_backend(world_factory):
+    """
+    F20: with no candidate the client is closed at once without any
+    connect, counted and logged as no-backend.
+    """
+    w = world_factory([backend("sick", healthy=False)])
+    proto, client = w.accept()
+    assert client.disconnecting
+    assert w.reactor.tcpClients == []
+    lost(proto)
+    [line] = w.lines()
+    assert (line["cause"], line["backend"], line["attempts"]) == ("no-backend", None, 0)
+    assert w.metrics.counter("connections_closed", "no-backend") == 1
+    assert w.factory.openConnections == 0
+    w.assert_accounted()
+
+
+def test_connection_cap(world_factory):
+    """
+    Beyond max_connections a client is aborted at once, with no routing
+    and no connect, counted as rejected and logged with cause limit; the
+    admitted ones are unaffected and a slot frees when one leaves.
+    """
+    w = world_factory(max_connections=2)
+    p1, _ = w.accept()
+    p2, _ = w.accept()
+    p3, t3 = w.accept()
+    assert t3.disconnected
+    assert len(w.reactor.tcpClients) == 2
+    assert w.factory.openConnections == 2
+    assert w.metrics.counter("connections_rejected", "limit") == 1
+    assert w.metrics.counter("connections_accepted") == 2
+    lost(p3, ConnectionLost())
+    assert w.logs.causes() == ["limit"]
+    lost(p1, ConnectionLost())
+    assert w.factory.openConnections == 1
+    p4, t4 = w.accept()
+    assert not t4.disconnected
+    assert w.factory.openConnections == 2
+    lost(p2, ConnectionLost())
+    lost(p4, ConnectionLost())
+    w.assert_accounted()
+
+
+def test_client_gone_while_connecting(world_factory):
+    """
+    A client that leaves while the backend connect is in flight stops the
+    connect and releases the backend once, even when the stopped connector
+    then reports a failure; a late connection is aborted.
+    """
+    w = world_factory()
+    proto, _ = w.accept()
+    attempt = w.attempt()
+    lost(proto, ConnectionLost())
+    assert w.reactor.connectors[-1].stoppedConnecting
+    assert w.router.count("release", "a") == 1
+    w.fail(UserError(), attempt)  # what stopConnecting reports
+    side, server = w.connected(attempt)  # a connect that raced the cancel
+    assert server.disconnected
+    lost(side, ConnectionLost())
+    assert len(w.reactor.tcpClients) == 1
+    assert [c for c in w.router.calls if c[0] == "connectFailed"] == []
+    [line] = w.lines()
+    assert (line["cause"], line["attempts"]) == ("client-error", 1)
+    w.assert_accounted()
+
+
+def test_connectTCP_raising_is_a_failed_attempt(world_factory):
+    """
+    A connectTCP that raises counts as a failed attempt and fails over.
+    """
+    w = world_factory([A, B])
+    real = w.reactor.connectTCP
+    calls = []
+
+    def flaky(host, port, factory, timeout=30, bindAddress=None):
+        calls.append(host)
+        if len(calls) == 1:
+            raise OSError("no route")
+        return real(host, port, factory, timeout, bindAddress)
+
+    w.reactor.connectTCP = flaky
+    proto, _ = w.accept()
+    side, _ = w.connected()
+    assert calls == ["10.0.0.1", "10.0.0.2"]
+    assert proto.backend == B
+    lost(proto, ConnectionLost())
+    lost(side, ConnectionLost())
+    w.assert_accounted()
+
+
+def test_backend_closes_first(world_factory):
+    """
+    A backend that drops the connection (here: a reset) makes the proxy
+    close the client gracefully, so what was already relayed still
+    arrives; there is no new connect attempt once bytes flowed.
+    """
+    w = world_factory()
+    proto, client = w.accept()
+    side, _ = w.connected()
+    proto.dataReceived(b"req")
+    side.dataReceived(b"partial")
+    lost(side, ConnectionLost())
+    assert client.value() == b"partial"
+    assert client.disconnecting and not client.disconnected
+    assert client.producer is None
+    assert len(w.reactor.tcpClients) == 1
+    lost(proto)
+    [line] = w.lines()
+    assert line["cause"] == "backend-error"
+    assert (line["bytes_to_backend"], line["bytes_to_client"]) == (3, 7)
+    w.assert_accounted()
+    assert w.reactor.getDelayedCalls() == []
+
+
+def test_client_closes_first(world_factory):
+    """
+    A client that goes away makes the proxy close the backend and log
+    client-closed (clean) once both legs are gone.
+    """
+    w = world_factory()
+    proto, _ = w.accept()
+    side, server = w.connected()
+    lost(proto)
+    assert server.disconnecting
+    assert w.lines() == []
+    lost(side)
+    [line] = w.lines()
+    assert line["cause"] == "client-closed"
+    assert line["client"] == "203.0.113.5" and line["client_port"] == 40000
+    w.assert_accounted()
+    assert w.reactor.getDelayedCalls() == []
+
+
+def test_keepalive_and_nodelay(world_factory):
+    """
+    Keepalive is turned on on both legs when configured, TCP_NODELAY
+    always.
+    """
+    w = world_factory(keepalive=True)
+    _, client = w.accept()
+    _, server = w.connected()
+    assert (client.keepalive, client.nodelay, server.keepalive, server.nodelay) == (
+        True,
+        True,
+        True,
+        True,
+    )
+    w2 = world_factory(keepalive=False)
+    _, client2 = w2.accept()
+    _, server2 = w2.connected()
+    assert (client2.keepalive, server2.keepalive) == (None, None)
+    assert (client2.nodelay, server2.nodelay) == (True, True)
+
+
+def test_plain_transport_without_tcp_methods(world_factory):
+    """
+    A client transport without the TCP extras (a wrapper) still works: no
+    keepalive call, and a half-close falls back to a graceful close.
+    """
+    w = world_factory()
+    _, client = w.accept(transport_class=StringTransport)
+    side, _ = w.connected()
+    side.dataReceived(b"data")
+    side.readConnectionLost()
+    assert client.value() == b"data"
+    assert client.disconnecting
+
+
+def test_idle_timer_samples_counters(world_factory):
+    """
+    The idle timer samples the byte counters every idle/4 seconds and
+    closes after four samples in a row without a byte: between 1 and 1.25
+    idle periods after the last byte.  No timer is rescheduled per chunk.
+    """
+    w = world_factory(idle_timeout=8.0)
+    proto, client = w.accept()
+    side, server = w.connected()
+    assert len(w.reactor.getDelayedCalls()) == 1
+    step(w, 5.0)
+    for _ in range(100):
+        proto.dataReceived(b"x")
+        side.dataReceived(b"y")
+    assert len(w.reactor.getDelayedCalls()) == 1
+    step(w, 8.875)  # t = 13.875: last byte at 5, ticks at 6 (busy), 8, 10, 12
+    assert not client.disconnected
+    step(w, 0.125)  # t = 14: fourth quiet tick
+    assert client.disconnected and server.disconnected
+    lost(proto, ConnectionLost())
+    lost(side, ConnectionLost())
+    [line] = w.lines()
+    assert line["cause"] == "idle-timeout"
+    assert line["duration"] == pytest.approx(14.0)
+    w.assert_accounted()
+    assert w.reactor.getDelayedCalls() == []
+
+
+def test_idle_timeout_with_data_queued(world_factory):
+    """
+    F4: the idle timeout aborts both legs (dropping queued data), not a
+    graceful close that would wait for a peer that never reads.
+    """
+    w = world_factory(idle_timeout=4.0)
+    proto, client = w.accept()
+    side, server = w.connected()
+    proto.dataReceived(b"q" * 100_000)
+    step(w, 5.0)
+    assert client.disconnected and server.disconnected
+    lost(proto, ConnectionLost())
+    lost(side, ConnectionLost())
+    assert w.logs.causes() == ["idle-timeout"]
+    assert w.metrics.counter("connections_closed", "idle-timeout") == 1
+
+
+def test_half_close_client_first(world_factory):
+    """
+    A FIN from the client is carried to the backend (after its pending
+    bytes), the other direction keeps flowing, and when the backend's FIN
+    comes both legs are closed; the cause is client-closed.
+    """
+    w = world_factory()
+    proto, client = w.accept()
+    side, server = w.connected()
+    proto.dataReceived(b"request")
+    proto.readConnectionLost()
+    assert server.write_closed and not server.disconnecting
+    assert server.producer is None
+    side.dataReceived(b"response")
+    assert client.value() == b"response"
+    assert not client.disconnecting
+    side.readConnectionLost()
+    assert client.disconnecting and server.disconnecting
+    lost(proto)
+    lost(side)
+    [line] = w.lines()
+    assert line["cause"] == "client-closed"
+    w.assert_accounted()
+    assert w.reactor.getDelayedCalls() == []
+
+
+def test_half_close_backend_first(world_factory):
+    """
+    A FIN from the backend is carried to the client, the client can still
+    send, and the client's FIN then closes both; the cause is
+    backend-closed.
+    """
+    w = world_factory()
+    proto, client = w.accept()
+    side, server = w.connected()
+    side.dataReceived(b"banner")
+    side.readConnectionLost()
+    assert client.write_closed and not client.disconnecting
+    assert client.producer is None
+    proto.dataReceived(b"late")
+    assert server.value() == b"late"
+    proto.readConnectionLost()
+    assert client.disconnecting and server.disconnecting
+    lost(side)
+    lost(proto)
+    assert w.logs.causes() == ["backend-closed"]
+    w.assert_accounted()
+
+
+def test_half_closed_timeout(world_factory):
+    """
+    A connection left half-closed is aborted after half_closed_timeout,
+    counted from the first FIN, even while bytes still flow.
+    """
+    w = world_factory(half_closed_timeout=3.0, idle_timeout=100.0)
+    proto, client = w.accept()
+    side, server = w.connected()
+    w.reactor.advance(1.0)
+    proto.readConnectionLost()
+    w.reactor.advance(2.9)
+    side.dataReceived(b"still talking")
+    assert not client.disconnected
+    w.reactor.advance(0.1)
+    assert client.disconnected and server.disconnected
+    lost(proto, ConnectionLost())
+    lost(side, ConnectionLost())
+    [line] = w.lines()
+    assert line["cause"] == "half-closed-timeout"
+    w.assert_accounted()
+    assert w.reactor.getDelayedCalls() == []
+
+
+def test_client_fin_while_connecting(world_factory):
+    """
+    A FIN reported while connecting (only a wrapper can) is carried to the
+    backend after the buffered bytes.
+    """
+    w = world_factory()
+    proto, _ = w.accept()
+    proto.dataReceived(b"all of it")
+    proto.readConnectionLost()
+    _, server = w.connected()
+    assert server.value() == b"all of it"
+    assert server.write_closed
+
+
+def test_one_log_line_fields(world_factory):
+    """
+    The end-of-connection line is a lazy format string with named fields
+    (client, backend, bytes each way, duration, attempts, cause), emitted
+    exactly once even if legs report twice.
+    """
+    w = world_factory()
+    proto, _ = w.accept()
+    w.reactor.advance(0.5)
+    side, _ = w.connected()
+    proto.dataReceived(b"abc")
+    side.dataReceived(b"defgh")
+    w.reactor.advance(1.5)
+    lost(proto)
+    lost(side)
+    proto._maybeFinish()
+    [line] = w.lines()
+    assert "{" in line["log_format"]
+    assert {
+        "client": "203.0.113.5",
+        "client_port": 40000,
+        "backend": "a",
+        "bytes_to_backend": 3,
+        "bytes_to_client": 5,
+        "attempts": 1,
+        "cause": "client-closed",
+    }.items() <= line.items()
+    assert line["duration"] == pytest.approx(2.0)
+    assert line["cause"] in CAUSES
+    assert w.metrics.counter("connections_closed", "client-closed") == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["refused", "cancelled", "backend-closed", "client-closed", "idle", "half-timeout"],
+)
+def test_release_exactly_once(world_factory, path):
+    """
+    Whatever way a connection ends, every backend the router chose is
+    released exactly once and no load count is left behind.
+    """
+    w = world_factory([A, B], idle_timeout=4.0, half_closed_timeout=2.0, max_attempts=2)
+    proto, _ = w.accept()
+    if path == "refused":
+        w.fail()
+        w.fail()
+        lost(proto)
+    elif path == "cancelled":
+        attempt = w.attempt()
+        lost(proto, ConnectionLost())
+        w.fail(UserError(), attempt)
+    else:
+        side, _ = w.connected()
+        if path == "backend-closed":
+            lost(side)
+            lost(proto)
+        elif path == "client-closed":
+            lost(proto)
+            lost(side)
+        elif path == "idle":
+            step(w, 10.0)
+            lost(side, ConnectionLost())
+            lost(proto, ConnectionLost())
+        else:
+            side.readConnectionLost()
+            w.reactor.advance(2.0)
+            lost(side, ConnectionLost())
+            lost(proto, ConnectionLost())
+    assert len(w.lines()) == 1
+    w.assert_accounted()
+    assert w.factory.openConnections == 0
+    assert w.reactor.getDelayedCalls() == []
