@@ -13,10 +13,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-
-from edgeproxy.config import ProxySettings
-from edgeproxy.testing import backend
 from faultkit import (
     CHUNK,
     BlackHole,
@@ -42,6 +38,10 @@ from faultkit import (
     transport_buffered,
     wait_until,
 )
+from twisted.internet import defer, reactor
+
+from edgeproxy.config import ProxySettings
+from edgeproxy.testing import backend
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 

@@ -9,10 +9,6 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-
-from edgeproxy.config import ProxySettings
-from edgeproxy.testing import backend
 from faultkit import (
     PATTERN,
     Client,
@@ -31,6 +27,10 @@ from faultkit import (
     tcp_sockets,
     wait_until,
 )
+from twisted.internet import defer, reactor
+
+from edgeproxy.config import ProxySettings
+from edgeproxy.testing import backend
 
 pytestmark = pytest.mark.slow
 

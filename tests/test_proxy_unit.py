@@ -10,6 +10,7 @@ import struct
 from typing import Any, Iterable
 
 import pytest
+from faultkit import LogCapture
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import (
     ConnectionDone,
@@ -44,7 +45,6 @@ from edgeproxy.testing import (
     StaticGeoResolver,
     backend,
 )
-from faultkit import LogCapture
 
 CLIENT = IPv4Address("TCP", "203.0.113.5", 40000)
 LOCAL = IPv4Address("TCP", "198.51.100.1", 443)
