@@ -134,7 +134,9 @@ class ProxyFactory(Factory):
         C{backend_connect_failures} (label: the backend id).
     @ivar app: The app this listener is bound to, or C{None} for every app.
     @ivar connections: The live client protocols admitted under the cap
-        (for a later graceful drain).
+        (for a later graceful drain).  Factories given the same set share
+        one cap: C{settings.max_connections} bounds them together, which is
+        how L{edgeproxy.service} makes the cap global across listeners.
     """
 
     noisy = False
@@ -146,6 +148,7 @@ class ProxyFactory(Factory):
         settings: ProxySettings,
         metrics: IMetricsStore,
         app: str | None = None,
+        connections: set["ProxyClientProtocol"] | None = None,
     ) -> None:
         self.router = router
         self.reactor = reactor
@@ -154,7 +157,9 @@ class ProxyFactory(Factory):
         self.settings = settings
         self.metrics = metrics
         self.app = app
-        self.connections: set[ProxyClientProtocol] = set()
+        self.connections: set[ProxyClientProtocol] = (
+            connections if connections is not None else set()
+        )
 
     @property
     def openConnections(self) -> int:

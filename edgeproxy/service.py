@@ -208,8 +208,9 @@ def build_service(
     @param reactor: Used for listening, connecting and as the clock of the
         periodic jobs.
     @param listeners: One listener per spec, each with its own
-        L{edgeproxy.proxy.ProxyFactory} (so C{settings.max_connections}
-        applies per listener).
+        L{edgeproxy.proxy.ProxyFactory}; the factories share one set of
+        live connections, so C{settings.max_connections} is a global cap
+        across every listener.
     @param trusted: Senders allowed to send PROXY headers on C{haproxy:}
         listeners.
     @param db_reload: Seconds between routing table reloads.
@@ -237,6 +238,7 @@ def build_service(
         region=region,
         geo_description=geo_description,
     )
+    live: set[Any] = set()
     for index, spec in enumerate(listeners):
         endpoint = server_endpoint(
             reactor,
@@ -246,7 +248,7 @@ def build_service(
             header_timeout=header_timeout,
             tls_handshake_timeout=tls_handshake_timeout,
         )
-        factory = ProxyFactory(router, reactor, settings, metrics, app=spec.app)
+        factory = ProxyFactory(router, reactor, settings, metrics, app=spec.app, connections=live)
         listener = StreamServerEndpointService(endpoint, factory)
         # As twisted.application.strports.service does: a port that cannot
         # be bound fails startup instead of leaving a proxy that listens on

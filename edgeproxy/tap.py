@@ -334,7 +334,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "EDGEPROXY_MAX_CONNECTIONS",
         10000,
         _int_at_least(0),
-        "Concurrent client connections per listener (0 = unlimited)",
+        "Concurrent client connections across all listeners (0 = unlimited)",
     ),
     _Option(
         "proxy-protocol-trusted",

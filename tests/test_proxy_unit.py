@@ -463,6 +463,35 @@ def test_connection_cap(world_factory):
     w.assert_accounted()
 
 
+def test_connection_cap_shared_across_factories(world_factory):
+    """
+    Factories given one set of live connections share one cap: with
+    max_connections=2, a third client on a second listener (another
+    factory) is refused at once, and admitted once a slot frees up.
+    """
+    w = world_factory(max_connections=2)
+    other = ProxyFactory(
+        w.router, w.reactor, w.settings, w.metrics, app="app", connections=w.factory.connections
+    )
+    p1, _ = w.accept()
+    p2, _ = w.accept()
+    proto = other.buildProtocol(CLIENT)
+    t3 = FakeTCPTransport(hostAddress=LOCAL, peerAddress=CLIENT)
+    proto.makeConnection(t3)
+    assert t3.disconnected
+    assert w.metrics.counter("connections_rejected", "limit") == 1
+    lost(proto, ConnectionLost())
+    lost(p1, ConnectionLost())
+    proto = other.buildProtocol(CLIENT)
+    t4 = FakeTCPTransport(hostAddress=LOCAL, peerAddress=CLIENT)
+    proto.makeConnection(t4)
+    assert not t4.disconnected
+    assert other.openConnections == w.factory.openConnections == 2
+    lost(p2, ConnectionLost())
+    lost(proto, ConnectionLost())
+    w.assert_accounted()
+
+
 def test_client_gone_while_connecting(world_factory):
     """
     A client that leaves while the backend connect is in flight stops the
