@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.error import ConnectionDone, NotConnectingError
+from twisted.internet.error import ConnectBindError, ConnectionDone, NotConnectingError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -409,6 +409,22 @@ class ProxyClientProtocol(Protocol):
         self._backendOpen = False
         factory = self.factory
         backend_id = attempt.backend.id
+        if reason.check(ConnectBindError) is not None:
+            # No local socket (out of file descriptors, ...): not the
+            # backend's fault, and every other backend would fail alike.
+            # Keep the binding, blame nobody, give up on this client.
+            factory.metrics.increment("connect_local_errors")
+            _log.warn(
+                "cannot open a socket to reach {backend} for {client}: {error}",
+                backend=backend_id,
+                client=self.clientHost,
+                error=reason.value,
+            )
+            if self._clientOpen:
+                self._giveUp("connect-failed")
+            else:
+                self._maybeFinish()
+            return
         factory.router.connectFailed(self.clientHost, factory.app, backend_id)
         factory.metrics.increment("backend_connect_failures", backend_id)
         _log.debug(

@@ -501,6 +501,34 @@ def _listener_names(listeners: Iterable[ListenerSpec]) -> list[str]:
     return [s.description if s.app is None else f"{s.app}={s.description}" for s in listeners]
 
 
+def raise_nofile_limit(max_connections: int) -> int:
+    """
+    Raise this process's soft file descriptor limit to what
+    C{max_connections} proxied connections need (two descriptors each, plus
+    headroom), within the hard limit; warn when the hard limit is too low.
+
+    @return: The soft limit now in force.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinity = resource.RLIM_INFINITY
+    needed = 2 * max_connections + 64 if max_connections else hard
+    want = needed if hard == infinity else min(needed, hard)
+    if soft != infinity and want != infinity and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    if max_connections and hard != infinity and hard < needed:
+        _log.warn(
+            "file descriptor hard limit {hard} is below the {needed} that"
+            " --max-connections {cap} needs; raise LimitNOFILE / ulimit -Hn",
+            hard=hard,
+            needed=needed,
+            cap=max_connections,
+        )
+    return soft
+
+
 def makeService(
     options: Options,
     reactor: Any = None,
@@ -545,6 +573,8 @@ def makeService(
                 value=options[option.name],
                 source=options.sources.get(option.name, "default"),
             )
+
+    raise_nofile_limit(options["max-connections"])
 
     metrics = MetricsStore()
     repository = SqliteBackendRepository(options["db"], reactor=reactor, metrics=metrics)

@@ -13,6 +13,7 @@ import pytest
 from faultkit import LogCapture
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import (
+    ConnectBindError,
     ConnectionDone,
     ConnectionLost,
     ConnectionRefusedError,
@@ -362,6 +363,29 @@ def test_failover_sequence_and_exclude(world_factory):
     lost(proto)
     [line] = w.lines()
     assert (line["cause"], line["attempts"], line["backend"]) == ("client-closed", 3, "c")
+    w.assert_accounted()
+
+
+def test_local_socket_failure_blames_no_backend(world_factory):
+    """
+    When the proxy cannot even open a socket (ConnectBindError, e.g. out of
+    file descriptors) the client is closed without failing over, the
+    backend is not counted as failed and the client's binding is kept.
+    """
+    w = world_factory(max_attempts=3)
+    proto, client = w.accept()
+    ip = "203.0.113.5"
+    w.fail(ConnectBindError(24, "Too many open files"))
+    assert client.disconnecting or client.disconnected
+    assert len(w.reactor.tcpClients) == 1
+    assert not [c for c in w.router.calls if c[0] == "connectFailed"]
+    assert w.metrics.counter("backend_connect_failures", "a") == 0
+    assert w.metrics.counter("connect_local_errors") == 1
+    binding = w.bindings.lookup((ip, "app"), w.reactor.seconds())
+    assert binding is not None and binding.backend_id == "a"
+    lost(proto)
+    [line] = w.lines()
+    assert line["cause"] == "connect-failed"
     w.assert_accounted()
 
 

@@ -480,3 +480,29 @@ def test_twistd_rejects_invalid_environment(tmp_path: Path) -> None:
     assert "--connect-attempts (from EDGEPROXY_CONNECT_ATTEMPTS)" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "r.db").exists()
+
+
+def test_nofile_limit_raised_for_the_connection_cap() -> None:
+    """
+    raise_nofile_limit lifts the soft file descriptor limit to two
+    descriptors per allowed connection plus headroom (within the hard limit),
+    so --max-connections is not silently capped by a default ulimit of 1024.
+    """
+    import resource
+
+    from edgeproxy.tap import raise_nofile_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        cap = 900
+        needed = 2 * cap + 64
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"hard limit {hard} below {needed}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        now = raise_nofile_limit(cap)
+        assert now == needed
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == needed
+        # Never lowered: a smaller cap leaves a higher limit alone.
+        assert raise_nofile_limit(10) == needed
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
