@@ -44,7 +44,10 @@ from edgeproxy.metrics import MetricsStore
 from edgeproxy.tls import (
     CertificateDirectoryError,
     CertificateStore,
+    _connection_maker,
     _HandshakeGate,
+    _TLSServerFactory,
+    _TLSServerProtocol,
     load_pem,
     sni_server_endpoint,
 )
@@ -526,6 +529,127 @@ def test_interfaces(certdir: Path) -> None:
     endpoint = sni_server_endpoint(Clock(), str(certdir), TCP4ServerEndpoint(reactor, 0))
     assert verifyObject(IStreamServerEndpoint, endpoint)
     assert IHandshakeListener.implementedBy(_HandshakeGate)
+
+
+def test_private_hooks_exist_in_this_twisted() -> None:
+    """
+    Every private hook of TLSMemoryBIOProtocol that _TLSServerProtocol
+    overrides or uses exists in the installed Twisted, so a Twisted that
+    renames one fails here with its name rather than mid-handshake.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    hooks = [
+        "_flushReceiveBIO",
+        "_flushSendBIO",
+        "_shutdownTLS",
+        "_tlsShutdownFinished",
+        "_checkHandshakeStatus",
+        "_handshakeDone",
+        "_lostTLSConnection",
+        "_aborted",
+        "_producer",
+    ]
+    missing = [name for name in hooks if not hasattr(TLSMemoryBIOProtocol, name)]
+    assert missing == []
+    for name in ["_flushReceiveBIO", "_shutdownTLS"]:
+        assert getattr(_TLSServerProtocol, name) is not getattr(TLSMemoryBIOProtocol, name)
+
+
+def test_factory_makes_accepting_connections(certdir: Path) -> None:
+    """
+    The TLS factory finds this Twisted's connection maker, and it makes a
+    server-side (accept state) OpenSSL connection with the default
+    certificate's context.
+    """
+    from OpenSSL.SSL import Connection, WantReadError
+
+    store = CertificateStore(str(certdir), Clock(), rescan_interval=0)
+    factory = _TLSServerFactory(store.sniMap, False, Factory.forProtocol(Protocol), Clock())
+    protocol = factory.buildProtocol(None)
+    assert isinstance(protocol, _TLSServerProtocol)
+    connection = factory._newTLSConnection(protocol)
+    assert isinstance(connection, Connection)
+    assert connection.get_context() is store.sniMap.context
+    # A server connection waits for the client's hello and has nothing to
+    # send (a client connection would have written its hello to the BIO; one
+    # in neither state would fail outright).
+    with pytest.raises(WantReadError):
+        connection.do_handshake()
+    with pytest.raises(WantReadError):
+        connection.bio_read(65536)
+
+
+@pytest.mark.parametrize("during_handshake", [True, False])
+def test_empty_openssl_error_queue_is_an_eof(certdir: Path, during_handshake: bool) -> None:
+    """
+    An OpenSSL error with an empty error queue (how OpenSSL 4 reports some
+    EOFs), during the handshake or after it, ends the connection as
+    ConnectionLost on every supported Twisted, instead of an IndexError
+    inside Twisted's EOF check on older ones.
+    """
+    from OpenSSL.SSL import Error, WantReadError
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    reasons: list[Failure] = []
+
+    class Recorder(Protocol):
+        def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+            reasons.append(reason)
+
+    class EmptyQueue:
+        def bio_write(self, data: bytes) -> int:
+            return len(data)
+
+        def bio_read(self, size: int) -> bytes:
+            raise WantReadError()
+
+        def do_handshake(self) -> None:
+            if during_handshake:
+                raise Error([])
+
+        def recv(self, size: int) -> bytes:
+            raise Error([])
+
+    store = CertificateStore(str(certdir), Clock(), rescan_interval=0)
+    factory = _TLSServerFactory(store.sniMap, False, Factory.forProtocol(Recorder), Clock())
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol._tlsConnection = EmptyQueue()  # type: ignore[assignment]
+    protocol.dataReceived(b"\x16")
+    assert transport.disconnecting
+    protocol.connectionLost(Failure(ConnectionLost("closed below")))
+    assert len(reasons) == 1
+    assert reasons[0].check(ConnectionLost)
+    assert "closed below" not in str(reasons[0].value)
+
+
+def test_connection_maker_feature_detection() -> None:
+    """
+    The connection maker is C{_creatorCallable} when the factory has one,
+    else C{_createConnection}; with neither, a clear error names both.
+    """
+
+    def newer(protocol: Any) -> Any:
+        return "newer"
+
+    def older(protocol: Any) -> Any:
+        return "older"
+
+    class Newer:
+        _creatorCallable = staticmethod(newer)
+        _createConnection = staticmethod(older)
+
+    class Older:
+        _createConnection = staticmethod(older)
+
+    assert _connection_maker(Newer()) is newer  # type: ignore[arg-type]
+    assert _connection_maker(Older()) is older  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"_creatorCallable.*_createConnection"):
+        _connection_maker(object())  # type: ignore[arg-type]
 
 
 def test_script_makes_a_usable_pair(tmp_path: Path) -> None:
