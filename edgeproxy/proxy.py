@@ -18,12 +18,25 @@ timer samples a few times per idle period.
 Only L{ITransport}/L{ITCPTransport} methods are used on the client
 transport, looked up at connect time where optional, so that the client leg
 may be a TLS or PROXY-header wrapper.
+
+When both legs are plain Twisted TCP transports (L{tcp.Server} /
+L{tcp.Client}, checked once when the legs are joined), the relay writes
+"eagerly": if the target transport has nothing queued it hands the bytes
+straight to C{socket.send} and gives only an unsent remainder to
+C{transport.write}, which saves the epoll round trip Twisted otherwise takes
+for every write.  Anything queued, a partial send, C{EAGAIN} or an error all
+go through C{transport.write}, so ordering, backpressure (the producer is
+paused when the transport's buffer exceeds its C{bufferSize}) and error
+reporting stay Twisted's.  Both plain legs also read up to L{READ_SIZE}
+bytes at a time.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectBindError, ConnectionDone, NotConnectingError
 from twisted.internet.interfaces import (
     IAddress,
@@ -44,6 +57,7 @@ from edgeproxy.proxyprotocol import header_for
 
 __all__ = [
     "CAUSES",
+    "READ_SIZE",
     "BackendConnectFactory",
     "ProxyBackendProtocol",
     "ProxyClientProtocol",
@@ -70,6 +84,26 @@ CAUSES = (
 #: period, and closes after this many looks in a row saw no change: the
 #: connection closes between 1 and 1.25 idle periods after its last byte.
 _IDLE_TICKS = 4
+
+#: Read size (and, as Twisted uses the same attribute, the write-buffer
+#: size above which the other leg is paused) of the plain TCP legs.
+READ_SIZE = 256 * 1024
+
+#: The transport classes eager writes are made for, and the Twisted
+#: attributes they rely on (private ones, hence checked on each transport
+#: when the legs are joined; a Twisted without them gets plain writes).
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+_EAGER_ATTRS = (
+    "socket",
+    "dataBuffer",
+    "offset",
+    "_tempDataBuffer",
+    "_tempDataLen",
+    "connected",
+    "disconnecting",
+    "_writeDisconnecting",
+    "_writeDisconnected",
+)
 
 # Transports are duck-typed: a TCP transport, or a TLS / PROXY-header
 # wrapper around one.  They are Any so that optional methods can be probed.
@@ -112,6 +146,47 @@ def _tuneSocket(transport: _Transport, keepalive: bool) -> None:
         keep_alive = getattr(transport, "setTcpKeepAlive", None)
         if keep_alive is not None:
             keep_alive(True)
+
+
+def _eagerSocket(transport: _Transport) -> socket.socket | None:
+    """
+    The socket to write to directly, if C{transport} is a plain TCP
+    transport whose buffering this module knows; else C{None}.
+    """
+    if type(transport) not in _PLAIN_TCP or getattr(transport, "TLS", False):
+        return None
+    for name in _EAGER_ATTRS:
+        if not hasattr(transport, name):
+            return None
+    sock = transport.socket
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _relay(out: _Transport, sock: socket.socket | None, data: bytes) -> None:
+    """
+    Write C{data} to C{out}; straight to C{sock} first when C{out} has
+    nothing queued (see the module docstring).
+    """
+    if (
+        sock is not None
+        and not out._tempDataLen
+        and out.offset == len(out.dataBuffer)
+        and out.connected
+        and not out.disconnecting
+        and not out._writeDisconnecting
+        and not out._writeDisconnected
+    ):
+        try:
+            sent = sock.send(data)
+        except OSError:
+            # EAGAIN: queue it all; anything else: Twisted's write queues
+            # it and its doWrite meets and reports the error.
+            sent = 0
+        if sent:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    out.write(data)
 
 
 def _address(addr: IAddress) -> tuple[str, int]:
@@ -217,6 +292,7 @@ class BackendConnectFactory(ClientFactory):
         return ProxyBackendProtocol(self.session, self)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.connector = None
         self.session._connectFailed(self, reason)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
@@ -240,13 +316,18 @@ class ProxyBackendProtocol(Protocol):
         self.factory = attempt
         self.bytesToClient = 0
         self.out: _Transport = None
+        self.outSocket: socket.socket | None = None
 
     def connectionMade(self) -> None:
         self.session._backendConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.out.write(data)
         self.bytesToClient += len(data)
+        sock = self.outSocket
+        if sock is None:
+            self.out.write(data)
+        else:
+            _relay(self.out, sock, data)
 
     def readConnectionLost(self) -> None:
         self.session._backendReadLost()
@@ -282,7 +363,8 @@ class ProxyClientProtocol(Protocol):
         self.clientHost = ""
         self.clientPort = 0
         self._out: _Transport = None
-        self._pending: list[bytes] = []
+        self._outSocket: socket.socket | None = None
+        self._pending: list[bytes] | None = None
         self._exclude: frozenset[str] = frozenset()
         self._connecting: BackendConnectFactory | None = None
         self._backendSide: ProxyBackendProtocol | None = None
@@ -325,9 +407,16 @@ class ProxyClientProtocol(Protocol):
         self.bytesToBackend += len(data)
         out = self._out
         if out is None:
-            self._pending.append(data)
+            if self._pending is None:
+                self._pending = [data]
+            else:
+                self._pending.append(data)
             return
-        out.write(data)
+        sock = self._outSocket
+        if sock is None:
+            out.write(data)
+        else:
+            _relay(out, sock, data)
 
     def readConnectionLost(self) -> None:
         """
@@ -351,7 +440,7 @@ class ProxyClientProtocol(Protocol):
         self._clientOpen = False
         if self._admitted:
             self.factory.connections.discard(self)
-        clean = reason.check(ConnectionDone) is not None
+        clean = isinstance(reason.value, ConnectionDone)
         if self._cause is None and not (clean and self._finCause is not None):
             self._cause = "client-closed" if clean else "client-error"
         connecting = self._connecting
@@ -409,7 +498,7 @@ class ProxyClientProtocol(Protocol):
         self._backendOpen = False
         factory = self.factory
         backend_id = attempt.backend.id
-        if reason.check(ConnectBindError) is not None:
+        if isinstance(reason.value, ConnectBindError):
             # No local socket (out of file descriptors, ...): not the
             # backend's fault, and every other backend would fail alike.
             # Keep the binding, blame nobody, give up on this client.
@@ -462,6 +551,7 @@ class ProxyClientProtocol(Protocol):
             _abort(backend_transport)
             return
         self._connecting = None
+        attempt.connector = None
         self._backendSide = side
         client_transport: _Transport = self.transport
         backend = attempt.backend
@@ -486,9 +576,18 @@ class ProxyClientProtocol(Protocol):
             backend_transport.write(header)
         side.out = client_transport
         self._out = backend_transport
-        if self._pending:
-            backend_transport.write(b"".join(self._pending))
-        self._pending = []
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            backend_transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        client_socket = _eagerSocket(client_transport)
+        backend_socket = _eagerSocket(backend_transport)
+        if client_socket is not None:
+            client_transport.bufferSize = READ_SIZE
+            side.outSocket = client_socket
+        if backend_socket is not None:
+            backend_transport.bufferSize = READ_SIZE
+            self._outSocket = backend_socket
         keepalive = self.factory.settings.keepalive
         _tuneSocket(client_transport, keepalive)
         _tuneSocket(backend_transport, keepalive)
@@ -522,7 +621,7 @@ class ProxyClientProtocol(Protocol):
             # Connected after the client had gone; already accounted for.
             return
         self._backendOpen = False
-        clean = reason.check(ConnectionDone) is not None
+        clean = isinstance(reason.value, ConnectionDone)
         if self._cause is None and not (clean and self._finCause is not None):
             self._cause = "backend-closed" if clean else "backend-error"
         if self._clientOpen:
@@ -635,7 +734,7 @@ class ProxyClientProtocol(Protocol):
         side = self._backendSide
         backend = self.backend
         _log.info(
-            "{client}:{client_port} via {backend}: {cause} after {duration:.3f}s,"
+            "{client}:{client_port} via {backend}: {cause} after {duration}s,"
             " {bytes_to_backend} bytes up, {bytes_to_client} bytes down,"
             " {attempts} attempts",
             client=self.clientHost,
@@ -643,7 +742,7 @@ class ProxyClientProtocol(Protocol):
             backend=backend.id if backend is not None else None,
             bytes_to_backend=self.bytesToBackend,
             bytes_to_client=side.bytesToClient if side is not None else 0,
-            duration=factory.clock.seconds() - self._started,
+            duration=round(factory.clock.seconds() - self._started, 3),
             attempts=self.attempts,
             cause=cause,
         )

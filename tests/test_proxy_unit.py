@@ -844,3 +844,137 @@ def test_release_exactly_once(world_factory, path):
     w.assert_accounted()
     assert w.factory.openConnections == 0
     assert w.reactor.getDelayedCalls() == []
+
+
+# -- eager writes -------------------------------------------------------------
+
+
+class _FakeSocket:
+    """
+    Records C{send} calls; accepts up to C{accept} bytes each, or raises.
+    """
+
+    def __init__(self, accept: int | None = None, error: OSError | None = None) -> None:
+        self.accept = accept
+        self.error = error
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        n = len(data) if self.accept is None else min(self.accept, len(data))
+        self.sent.append(data[:n])
+        return n
+
+
+class _FakeTCPBuffers:
+    """
+    The buffering attributes of a Twisted TCP transport, and a C{write}
+    that records what it is given.
+    """
+
+    def __init__(self) -> None:
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataBuffer: list[bytes] = []
+        self._tempDataLen = 0
+        self.connected = True
+        self.disconnecting = False
+        self._writeDisconnecting = False
+        self._writeDisconnected = False
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_relay_sends_at_once_when_nothing_is_queued():
+    """
+    With nothing queued on the target transport, the relay hands the
+    bytes straight to the socket and the transport's write is not used.
+    """
+    from edgeproxy.proxy import _relay
+
+    out, sock = _FakeTCPBuffers(), _FakeSocket()
+    _relay(out, sock, b"hello")  # type: ignore[arg-type]
+    assert sock.sent == [b"hello"]
+    assert out.written == []
+
+
+def test_relay_queues_the_remainder_of_a_partial_send():
+    """
+    A partial send gives exactly the unsent tail to transport.write, so the
+    bytes stay in order and Twisted's buffer (and backpressure) sees it.
+    """
+    from edgeproxy.proxy import _relay
+
+    out, sock = _FakeTCPBuffers(), _FakeSocket(accept=3)
+    _relay(out, sock, b"abcdefgh")  # type: ignore[arg-type]
+    assert sock.sent == [b"abc"]
+    assert out.written == [b"defgh"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        BlockingIOError(11, "EAGAIN"),
+        ConnectionResetError(104, "reset"),
+        BrokenPipeError(32, "pipe"),
+    ],
+)
+def test_relay_write_all_on_socket_error(error):
+    """
+    EAGAIN or any other socket error on the eager send gives all of the
+    bytes to transport.write, which queues them (EAGAIN) or lets Twisted's
+    doWrite meet and report the error.
+    """
+    from edgeproxy.proxy import _relay
+
+    out, sock = _FakeTCPBuffers(), _FakeSocket(error=error)
+    _relay(out, sock, b"abc")  # type: ignore[arg-type]
+    assert out.written == [b"abc"]
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"_tempDataLen": 1, "_tempDataBuffer": [b"x"]},
+        {"dataBuffer": b"xyz", "offset": 1},
+        {"connected": False},
+        {"disconnecting": True},
+        {"_writeDisconnecting": True},
+        {"_writeDisconnected": True},
+    ],
+)
+def test_relay_queues_behind_buffered_bytes_and_when_closing(state):
+    """
+    Bytes already queued on the transport (or a transport that is closing)
+    make the relay use transport.write, never the socket: nothing overtakes
+    queued bytes and a closing transport keeps Twisted's semantics.
+    """
+    from edgeproxy.proxy import _relay
+
+    out, sock = _FakeTCPBuffers(), _FakeSocket()
+    for k, v in state.items():
+        setattr(out, k, v)
+    _relay(out, sock, b"abc")  # type: ignore[arg-type]
+    assert sock.sent == []
+    assert out.written == [b"abc"]
+
+
+def test_no_eager_writes_on_non_tcp_transports(world_factory):
+    """
+    Legs that are not plain Twisted TCP transports (fakes here; TLS or
+    PROXY-header wrappers in production) keep transport.write and their
+    read size.
+    """
+    from edgeproxy.proxy import _eagerSocket
+
+    w = world_factory()
+    proto, client = w.accept()
+    side, server = w.connected()
+    assert _eagerSocket(client) is None and _eagerSocket(server) is None
+    assert proto._outSocket is None and side.outSocket is None
+    proto.dataReceived(b"up")
+    side.dataReceived(b"down")
+    assert server.value().endswith(b"up") and client.value() == b"down"
