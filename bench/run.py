@@ -587,7 +587,8 @@ class Edgeproxy(Peer):
     The full edgeproxy via its twistd plugin (C{python -m twisted edgeproxy}).
 
     C{knobs}: experiment settings for variants -- C{reactor} (twist
-    --reactor), C{loglevel} (twist --log-level), C{bufsize}, C{sockbuf},
+    --reactor; C{edgeepoll} unless given, C{default} for Twisted's
+    default), C{loglevel} (twist --log-level), C{bufsize}, C{sockbuf},
     C{noconnlog}, C{eagerwrite}, C{fastctx} (see C{bench/twist_knobs.py}), C{python} (interpreter),
     C{args} (extra plugin options, C{+}-separated, e.g.
     C{args=--binding-ttl=0.001}).
@@ -639,8 +640,12 @@ class Edgeproxy(Peer):
         argv = [python]
         argv += [os.path.join(HERE, "twist_knobs.py")] if wrapped else ["-m", "twisted"]
         argv += [f"--log-file={logfile}", "--log-format=text"]
-        if "reactor" in self.knobs:
-            argv.append(f"--reactor={self.knobs['reactor']}")
+        # edgeproxy's own reactor plugin (epoll without the legacy per-event
+        # log context) unless a variant asks for another; "default" means
+        # Twisted's default reactor (no --reactor).
+        reactor_name = self.knobs.get("reactor", "edgeepoll")
+        if reactor_name != "default":
+            argv.append(f"--reactor={reactor_name}")
         if "logformat" in self.knobs:
             argv[argv.index("--log-format=text")] = f"--log-format={self.knobs['logformat']}"
         if "loglevel" in self.knobs:

@@ -43,7 +43,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "==> starting edgeproxy (Ctrl-C to stop)"
-.venv/bin/twistd -n --pidfile= edgeproxy \
+.venv/bin/twistd -n --pidfile= --reactor=edgeepoll edgeproxy \
     --db routing.db --region sa --db-reload 2 \
     --listen tcp:8080:interface=127.0.0.1 \
     --listen haproxy:tcp:8081:interface=127.0.0.1 \
