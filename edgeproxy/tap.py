@@ -140,10 +140,10 @@ def parse_network(value: str) -> Network:
     """
     Parse one C{--proxy-protocol-trusted} value: a CIDR or a single address.
     """
-    try:
-        return ipaddress.ip_network(value.strip(), strict=False)
-    except ValueError:
-        raise ValueError(f"not a CIDR network or address: {value!r}") from None
+    from edgeproxy.endpoints import parse_cidrs
+
+    (network,) = parse_cidrs([value])
+    return network
 
 
 _APP_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)$", re.DOTALL)
