@@ -7,13 +7,16 @@ L{ProxyClientProtocol}, which holds the whole state of the proxied
 connection (the "session"): it pauses the client, asks the L{IRouter} for a
 backend, connects to it through a fresh L{BackendConnectFactory} per attempt
 (failing over to the next candidate while no byte was sent), then relays
-bytes both ways with each transport registered as the streaming producer of
-the other, carries half-closes, enforces the idle and half-closed timeouts,
+bytes both ways with each transport the streaming producer of the other,
+carries half-closes, enforces the idle and half-closed timeouts,
 and writes exactly one log line when both legs are gone.
 
 The relay path (C{dataReceived}) does nothing but the write and a byte
 counter add; the byte counters double as the activity mark that the idle
-timer samples a few times per idle period.
+sweep samples a few times per idle period.  There is one idle sweep per
+L{ConnectionTable} (the live sessions of one or more factories), not one
+timer per connection, and the per-connection classes use C{__slots__}: an
+idle proxied connection costs as little memory as possible.
 
 Only L{ITransport}/L{ITCPTransport} methods are used on the client
 transport, looked up at connect time where optional, so that the client leg
@@ -27,8 +30,12 @@ C{transport.write}, which saves the epoll round trip Twisted otherwise takes
 for every write.  Anything queued, a partial send, C{EAGAIN} or an error all
 go through C{transport.write}, so ordering, backpressure (the producer is
 paused when the transport's buffer exceeds its C{bufferSize}) and error
-reporting stay Twisted's.  Both plain legs also read up to L{READ_SIZE}
-bytes at a time.
+reporting stay Twisted's.  On such a leg the other transport is registered
+as its producer only before the first write that has to queue (nothing can
+need pausing before that): an idle connection never registers one, which
+keeps Twisted's two transports from growing an attribute dict each (about
+700 bytes per idle connection).  Both plain legs also read up to
+L{READ_SIZE} bytes at a time.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ __all__ = [
     "CAUSES",
     "READ_SIZE",
     "BackendConnectFactory",
+    "ConnectionTable",
     "ProxyBackendProtocol",
     "ProxyClientProtocol",
     "ProxyFactory",
@@ -80,7 +88,7 @@ CAUSES = (
     "backend-error",
 )
 
-#: The idle timer looks at the byte counters this many times per idle
+#: The idle sweep looks at the byte counters this many times per idle
 #: period, and closes after this many looks in a row saw no change: the
 #: connection closes between 1 and 1.25 idle periods after its last byte.
 _IDLE_TICKS = 4
@@ -104,6 +112,10 @@ _EAGER_ATTRS = (
     "_writeDisconnecting",
     "_writeDisconnected",
 )
+
+#: The initial exclusion set (one shared object: an empty frozenset is not
+#: a singleton, and would cost ~200 bytes per connection).
+_NO_EXCLUDE: frozenset[str] = frozenset()
 
 # Transports are duck-typed: a TCP transport, or a TLS / PROXY-header
 # wrapper around one.  They are Any so that optional methods can be probed.
@@ -162,14 +174,16 @@ def _eagerSocket(transport: _Transport) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
-def _relay(out: _Transport, sock: socket.socket | None, data: bytes) -> None:
+def _sendNow(out: _Transport, sock: socket.socket, data: bytes) -> bytes | None:
     """
-    Write C{data} to C{out}; straight to C{sock} first when C{out} has
-    nothing queued (see the module docstring).
+    Send C{data} straight to C{sock} when C{out} (the transport owning it)
+    has nothing queued (see the module docstring).
+
+    @return: C{None} if it was all sent, else what is left to give to
+        C{out.write} (the caller registers its producer first).
     """
     if (
-        sock is not None
-        and not out._tempDataLen
+        not out._tempDataLen
         and out.offset == len(out.dataBuffer)
         and out.connected
         and not out.disconnecting
@@ -184,9 +198,20 @@ def _relay(out: _Transport, sock: socket.socket | None, data: bytes) -> None:
             sent = 0
         if sent:
             if sent == len(data):
-                return
+                return None
             data = data[sent:]
-    out.write(data)
+    return data
+
+
+def _lazyProducer(out: _Transport, producer: _Transport) -> bool:
+    """
+    Register C{producer} on C{out} before the first write that queues on
+    it, if C{out} is still open for writing; C{True} if registered.
+    """
+    if out.connected and not out.disconnecting and not out._writeDisconnecting:
+        out.registerProducer(producer, True)
+        return True
+    return False
 
 
 def _address(addr: IAddress) -> tuple[str, int]:
@@ -194,6 +219,64 @@ def _address(addr: IAddress) -> tuple[str, int]:
     (host, port) of an IPv4/IPv6 address; ("", 0) for anything else.
     """
     return (getattr(addr, "host", ""), getattr(addr, "port", 0))
+
+
+class ConnectionTable(set["ProxyClientProtocol"]):
+    """
+    The live sessions admitted under one connection cap, and their idle
+    sweep.
+
+    A set of L{ProxyClientProtocol}s (so C{len}, iteration and membership
+    work as on any set) that also runs the single coarse timer enforcing
+    C{settings.idle_timeout} on all of them: every C{idle_timeout / 4}
+    seconds it samples each relaying session's byte counters and aborts
+    those that saw no change four sweeps in a row.  The sweep starts with
+    the first relaying session and stops as soon as the table is empty, so
+    an idle proxy has no pending call.
+
+    Factories sharing a table share the cap and the sweep; they must share
+    C{idle_timeout} too (the sweep period is taken from the factory whose
+    session started it).
+    """
+
+    __slots__ = ("_sweepCall",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sweepCall: IDelayedCall | None = None
+
+    @property
+    def sweeping(self) -> bool:
+        """
+        Whether the idle sweep is scheduled.
+        """
+        return self._sweepCall is not None
+
+    def _watch(self, clock: IReactorTime, interval: float) -> None:
+        """
+        Make sure the sweep runs (every C{interval} seconds on C{clock}).
+        """
+        if self._sweepCall is None:
+            self._sweepCall = clock.callLater(interval, self._sweep, clock, interval)
+
+    def _forget(self, session: "ProxyClientProtocol") -> None:
+        """
+        Remove C{session}; stop the sweep once nothing is left.
+        """
+        self.discard(session)
+        if not self:
+            call = self._sweepCall
+            if call is not None:
+                self._sweepCall = None
+                call.cancel()
+
+    def _sweep(self, clock: IReactorTime, interval: float) -> None:
+        self._sweepCall = None
+        idle = [session for session in self if session._idleTick()]
+        for session in idle:
+            session._abortBoth("idle-timeout")
+        if self and self._sweepCall is None:
+            self._sweepCall = clock.callLater(interval, self._sweep, clock, interval)
 
 
 class ProxyFactory(Factory):
@@ -209,9 +292,10 @@ class ProxyFactory(Factory):
         C{backend_connect_failures} (label: the backend id).
     @ivar app: The app this listener is bound to, or C{None} for every app.
     @ivar connections: The live client protocols admitted under the cap
-        (for a later graceful drain).  Factories given the same set share
-        one cap: C{settings.max_connections} bounds them together, which is
-        how L{edgeproxy.service} makes the cap global across listeners.
+        (for a later graceful drain), a L{ConnectionTable}.  Factories given
+        the same table share one cap and one idle sweep:
+        C{settings.max_connections} bounds them together, which is how
+        L{edgeproxy.service} makes the cap global across listeners.
     """
 
     noisy = False
@@ -223,8 +307,13 @@ class ProxyFactory(Factory):
         settings: ProxySettings,
         metrics: IMetricsStore,
         app: str | None = None,
-        connections: set["ProxyClientProtocol"] | None = None,
+        connections: ConnectionTable | None = None,
     ) -> None:
+        if connections is not None and not isinstance(connections, ConnectionTable):
+            raise TypeError(
+                "connections must be a ConnectionTable (its idle sweep is shared"
+                f" by the factories sharing it), not {type(connections).__name__}"
+            )
         self.router = router
         self.reactor = reactor
         self.tcp: IReactorTCP = reactor
@@ -232,8 +321,8 @@ class ProxyFactory(Factory):
         self.settings = settings
         self.metrics = metrics
         self.app = app
-        self.connections: set[ProxyClientProtocol] = (
-            connections if connections is not None else set()
+        self.connections: ConnectionTable = (
+            connections if connections is not None else ConnectionTable()
         )
 
     @property
@@ -257,8 +346,10 @@ class BackendConnectFactory(ClientFactory):
     """
 
     noisy = False
+    __slots__ = ("backend", "cancelled", "connector", "numPorts", "released", "session")
 
     def __init__(self, session: "ProxyClientProtocol", backend: Backend) -> None:
+        self.numPorts = 0
         self.session = session
         self.backend = backend
         self.connector: Any = None
@@ -308,11 +399,24 @@ class ProxyBackendProtocol(Protocol):
 
     @ivar bytesToClient: Bytes received from the backend (and written to
         the client).
+    @ivar factory: The L{BackendConnectFactory} of the attempt that made
+        this leg.
     """
 
+    __slots__ = (
+        "bytesToClient",
+        "connected",
+        "factory",
+        "out",
+        "outSocket",
+        "session",
+        "transport",
+    )
+
     def __init__(self, session: "ProxyClientProtocol", attempt: BackendConnectFactory) -> None:
+        self.transport = None
+        self.connected = 0
         self.session = session
-        self.attempt = attempt
         self.factory = attempt
         self.bytesToClient = 0
         self.out: _Transport = None
@@ -326,8 +430,13 @@ class ProxyBackendProtocol(Protocol):
         sock = self.outSocket
         if sock is None:
             self.out.write(data)
-        else:
-            _relay(self.out, sock, data)
+            return
+        rest = _sendNow(self.out, sock, data)
+        if rest is not None:
+            session = self.session
+            if not session._clientHasProducer:
+                session._clientHasProducer = _lazyProducer(self.out, self.transport)
+            self.out.write(rest)
 
     def readConnectionLost(self) -> None:
         self.session._backendReadLost()
@@ -355,8 +464,41 @@ class ProxyClientProtocol(Protocol):
     @ivar clientPort: The client's port.
     """
 
+    __slots__ = (
+        "_admitted",
+        "_backendHasProducer",
+        "_backendOpen",
+        "_backendReadDone",
+        "_backendSide",
+        "_cause",
+        "_clientHasProducer",
+        "_clientOpen",
+        "_clientReadDone",
+        "_connecting",
+        "_done",
+        "_exclude",
+        "_finCause",
+        "_halfCall",
+        "_idleTicks",
+        "_lastTotal",
+        "_out",
+        "_outSocket",
+        "_pending",
+        "_started",
+        "attempts",
+        "backend",
+        "bytesToBackend",
+        "clientHost",
+        "clientPort",
+        "connected",
+        "factory",
+        "transport",
+    )
+
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory  # type: ignore[assignment]
+        self.transport: _Transport = None
+        self.connected = 0
         self.bytesToBackend = 0
         self.backend: Backend | None = None
         self.attempts = 0
@@ -365,7 +507,7 @@ class ProxyClientProtocol(Protocol):
         self._out: _Transport = None
         self._outSocket: socket.socket | None = None
         self._pending: list[bytes] | None = None
-        self._exclude: frozenset[str] = frozenset()
+        self._exclude = _NO_EXCLUDE
         self._connecting: BackendConnectFactory | None = None
         self._backendSide: ProxyBackendProtocol | None = None
         self._started = 0.0
@@ -379,8 +521,9 @@ class ProxyClientProtocol(Protocol):
         self._cause: str | None = None
         self._finCause: str | None = None
         self._done = False
-        self._idleCall: IDelayedCall | None = None
-        self._idleTicks = 0
+        # Idle sweeps in a row that saw no byte; -1 until the legs are
+        # joined (and the first sweep after that counts as activity).
+        self._idleTicks = -1
         self._lastTotal = 0
         self._halfCall: IDelayedCall | None = None
 
@@ -415,8 +558,12 @@ class ProxyClientProtocol(Protocol):
         sock = self._outSocket
         if sock is None:
             out.write(data)
-        else:
-            _relay(out, sock, data)
+            return
+        rest = _sendNow(out, sock, data)
+        if rest is not None:
+            if not self._backendHasProducer:
+                self._backendHasProducer = _lazyProducer(out, self.transport)
+            out.write(rest)
 
     def readConnectionLost(self) -> None:
         """
@@ -439,7 +586,7 @@ class ProxyClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._clientOpen = False
         if self._admitted:
-            self.factory.connections.discard(self)
+            self.factory.connections._forget(self)
         clean = isinstance(reason.value, ConnectionDone)
         if self._cause is None and not (clean and self._finCause is not None):
             self._cause = "client-closed" if clean else "client-error"
@@ -545,7 +692,7 @@ class ProxyClientProtocol(Protocol):
         """
         Wire the two legs together and let the client's bytes flow.
         """
-        attempt = side.attempt
+        attempt = side.factory
         backend_transport: _Transport = side.transport
         if attempt.cancelled or not self._clientOpen:
             _abort(backend_transport)
@@ -591,10 +738,15 @@ class ProxyClientProtocol(Protocol):
         keepalive = self.factory.settings.keepalive
         _tuneSocket(client_transport, keepalive)
         _tuneSocket(backend_transport, keepalive)
-        backend_transport.registerProducer(client_transport, True)
-        self._backendHasProducer = True
-        client_transport.registerProducer(backend_transport, True)
-        self._clientHasProducer = True
+        # Each transport becomes the streaming producer of the other; on an
+        # eager leg only at the first write that queues (see the module
+        # docstring and dataReceived).
+        if backend_socket is None:
+            backend_transport.registerProducer(client_transport, True)
+            self._backendHasProducer = True
+        if client_socket is None:
+            client_transport.registerProducer(backend_transport, True)
+            self._clientHasProducer = True
         client_transport.resumeProducing()
         self._startIdleTimer()
         if self._clientReadDone:
@@ -616,7 +768,7 @@ class ProxyClientProtocol(Protocol):
         self._startHalfClosedTimer()
 
     def _backendLost(self, side: ProxyBackendProtocol, reason: Failure) -> None:
-        side.attempt.release()
+        side.factory.release()
         if side is not self._backendSide:
             # Connected after the client had gone; already accounted for.
             return
@@ -647,11 +799,16 @@ class ProxyClientProtocol(Protocol):
         # A paused producer left registered would make a later
         # loseConnection() resume it instead of closing (and a read-closed
         # transport must not be resumed): unregister before closing.
+        # (Also no more eager writes, hence no late lazy registration.)
+        side = self._backendSide
+        if side is not None:
+            side.outSocket = None
         if self._clientHasProducer:
             self._clientHasProducer = False
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.transport.unregisterProducer()
 
     def _unregisterBackendProducer(self) -> None:
+        self._outSocket = None
         if self._backendHasProducer:
             self._backendHasProducer = False
             self._out.unregisterProducer()
@@ -686,26 +843,34 @@ class ProxyClientProtocol(Protocol):
     # -- timers -------------------------------------------------------------
 
     def _startIdleTimer(self) -> None:
-        idle = self.factory.settings.idle_timeout
-        if idle > 0:
-            self._lastTotal = self.bytesToBackend
-            self._idleCall = self.factory.clock.callLater(idle / _IDLE_TICKS, self._idleTick)
+        """
+        Put this session under its table's idle sweep (legs just joined).
+        """
+        factory = self.factory
+        idle = factory.settings.idle_timeout
+        if idle > 0 and self._admitted and self._clientOpen:
+            self._idleTicks = 0
+            # Never equal to a byte total: the first sweep counts as
+            # activity, so the close comes 1 to 1.25 idle periods after
+            # the legs were joined too.
+            self._lastTotal = -1
+            factory.connections._watch(factory.clock, idle / _IDLE_TICKS)
 
-    def _idleTick(self) -> None:
-        self._idleCall = None
+    def _idleTick(self) -> bool:
+        """
+        One look of the idle sweep: C{True} if this session has now been
+        quiet for L{_IDLE_TICKS} looks in a row (and must be aborted).
+        """
+        if self._idleTicks < 0 or self._done:
+            return False
         side = self._backendSide
         total = self.bytesToBackend + (side.bytesToClient if side is not None else 0)
         if total != self._lastTotal:
             self._lastTotal = total
             self._idleTicks = 0
-        else:
-            self._idleTicks += 1
-            if self._idleTicks >= _IDLE_TICKS:
-                self._abortBoth("idle-timeout")
-                return
-        self._idleCall = self.factory.clock.callLater(
-            self.factory.settings.idle_timeout / _IDLE_TICKS, self._idleTick
-        )
+            return False
+        self._idleTicks += 1
+        return self._idleTicks >= _IDLE_TICKS
 
     def _startHalfClosedTimer(self) -> None:
         timeout = self.factory.settings.half_closed_timeout
@@ -724,10 +889,11 @@ class ProxyClientProtocol(Protocol):
         if self._done or self._clientOpen or self._backendOpen:
             return
         self._done = True
-        for call in (self._idleCall, self._halfCall):
-            if call is not None and call.active():
+        call = self._halfCall
+        if call is not None:
+            self._halfCall = None
+            if call.active():
                 call.cancel()
-        self._idleCall = self._halfCall = None
         cause = self._cause or self._finCause or "client-closed"
         factory = self.factory
         factory.metrics.increment("connections_closed", cause)

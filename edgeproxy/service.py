@@ -208,9 +208,10 @@ def build_service(
     @param reactor: Used for listening, connecting and as the clock of the
         periodic jobs.
     @param listeners: One listener per spec, each with its own
-        L{edgeproxy.proxy.ProxyFactory}; the factories share one set of
-        live connections, so C{settings.max_connections} is a global cap
-        across every listener.
+        L{edgeproxy.proxy.ProxyFactory}; the factories share one
+        L{edgeproxy.proxy.ConnectionTable} of live connections, so
+        C{settings.max_connections} is a global cap across every listener
+        and one idle sweep covers them all.
     @param trusted: Senders allowed to send PROXY headers on C{haproxy:}
         listeners.
     @param db_reload: Seconds between routing table reloads.
@@ -221,7 +222,7 @@ def build_service(
         log line only (default: C{geo.describe()}, if it has that).
     """
     from edgeproxy.endpoints import server_endpoint
-    from edgeproxy.proxy import ProxyFactory
+    from edgeproxy.proxy import ConnectionTable, ProxyFactory
 
     if region is None:
         region = getattr(router, "local_region", None)
@@ -238,7 +239,7 @@ def build_service(
         region=region,
         geo_description=geo_description,
     )
-    live: set[Any] = set()
+    live = ConnectionTable()
     for index, spec in enumerate(listeners):
         endpoint = server_endpoint(
             reactor,

@@ -325,3 +325,33 @@ def test_eager_and_queued_writes_keep_order():
         yield wait_until(reactor, h.idle)
     finally:
         yield _finish(h, [echo], fds)
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_connection_registers_no_producer_and_one_sweep():
+    """
+    A joined, idle connection over plain TCP legs has no producer
+    registered on either transport (they are registered lazily, at the
+    first write that queues), the idle sweep of the connection table is
+    scheduled once for it, and it is gone when the connection ends.
+    """
+    fds = open_sockets()
+    echo = listen(reactor, Echo)
+    h = ProxyHarness(reactor, [backend("echo", port=echo.port)], SETTINGS)
+    try:
+        client = yield h.connect(Client(reactor, keep=False))
+        client.send(b"ping")
+        yield wait_until(reactor, lambda: client.count >= 4)
+        [session] = h.sessions()
+        assert session.transport.producer is None
+        assert session._out.producer is None
+        assert h.factory.connections.sweeping
+        assert len(proxy_delayed_calls(reactor)) == 1
+        client.transport.loseConnection()
+        yield client.wait_closed()
+        yield wait_until(reactor, h.idle)
+        assert not h.factory.connections.sweeping
+        [line] = h.logs.connection_lines()
+        assert (line["bytes_to_backend"], line["bytes_to_client"]) == (4, 4)
+    finally:
+        yield _finish(h, [echo], fds)

@@ -34,6 +34,7 @@ from edgeproxy.model import Backend, GeoInfo
 from edgeproxy.proxy import (
     CAUSES,
     BackendConnectFactory,
+    ConnectionTable,
     ProxyBackendProtocol,
     ProxyClientProtocol,
     ProxyFactory,
@@ -516,6 +517,48 @@ def test_connection_cap_shared_across_factories(world_factory):
     w.assert_accounted()
 
 
+def test_one_idle_sweep_for_factories_sharing_a_table(world_factory):
+    """
+    Two factories sharing a ConnectionTable run a single idle sweep (one
+    pending call for both connections), close each idle connection 1 to
+    1.25 idle periods after its last byte, and leave no call behind.
+    """
+    w = world_factory(idle_timeout=4.0)
+    other = ProxyFactory(
+        w.router, w.reactor, w.settings, w.metrics, app="app", connections=w.factory.connections
+    )
+    p1, c1 = w.accept()
+    s1, _ = w.connected()
+    step(w, 0.5)
+    p2 = other.buildProtocol(CLIENT)
+    c2 = FakeTCPTransport(hostAddress=LOCAL, peerAddress=CLIENT)
+    p2.makeConnection(c2)
+    s2, _ = w.connected()
+    assert len(w.reactor.getDelayedCalls()) == 1
+    step(w, 4.0)  # t = 4.5: sweeps at 1 (busy: just joined), 2, 3, 4
+    assert not c1.disconnected and not c2.disconnected
+    step(w, 0.5)  # t = 5: fourth quiet sweep for both
+    assert c1.disconnected and c2.disconnected
+    lost(p1, ConnectionLost())
+    lost(p2, ConnectionLost())
+    lost(s1, ConnectionLost())
+    lost(s2, ConnectionLost())
+    assert w.logs.causes() == ["idle-timeout", "idle-timeout"]
+    assert not w.factory.connections.sweeping
+    assert w.reactor.getDelayedCalls() == []
+
+
+def test_connections_must_be_a_table(world_factory):
+    """
+    A plain set is refused as C{connections} with a reason: the idle sweep
+    lives on the shared L{ConnectionTable}.
+    """
+    w = world_factory()
+    with pytest.raises(TypeError, match="ConnectionTable"):
+        ProxyFactory(w.router, w.reactor, w.settings, w.metrics, connections=set())  # type: ignore[arg-type]
+    assert isinstance(w.factory.connections, ConnectionTable)
+
+
 def test_client_gone_while_connecting(world_factory):
     """
     A client that leaves while the backend connect is in flight stops the
@@ -893,25 +936,25 @@ def test_relay_sends_at_once_when_nothing_is_queued():
     With nothing queued on the target transport, the relay hands the
     bytes straight to the socket and the transport's write is not used.
     """
-    from edgeproxy.proxy import _relay
+    from edgeproxy.proxy import _sendNow
 
     out, sock = _FakeTCPBuffers(), _FakeSocket()
-    _relay(out, sock, b"hello")  # type: ignore[arg-type]
+    rest = _sendNow(out, sock, b"hello")  # type: ignore[arg-type]
     assert sock.sent == [b"hello"]
-    assert out.written == []
+    assert rest is None
 
 
 def test_relay_queues_the_remainder_of_a_partial_send():
     """
-    A partial send gives exactly the unsent tail to transport.write, so the
-    bytes stay in order and Twisted's buffer (and backpressure) sees it.
+    A partial send leaves exactly the unsent tail for transport.write, so
+    the bytes stay in order and Twisted's buffer (and backpressure) sees it.
     """
-    from edgeproxy.proxy import _relay
+    from edgeproxy.proxy import _sendNow
 
     out, sock = _FakeTCPBuffers(), _FakeSocket(accept=3)
-    _relay(out, sock, b"abcdefgh")  # type: ignore[arg-type]
+    rest = _sendNow(out, sock, b"abcdefgh")  # type: ignore[arg-type]
     assert sock.sent == [b"abc"]
-    assert out.written == [b"defgh"]
+    assert rest == b"defgh"
 
 
 @pytest.mark.parametrize(
@@ -924,15 +967,14 @@ def test_relay_queues_the_remainder_of_a_partial_send():
 )
 def test_relay_write_all_on_socket_error(error):
     """
-    EAGAIN or any other socket error on the eager send gives all of the
-    bytes to transport.write, which queues them (EAGAIN) or lets Twisted's
+    EAGAIN or any other socket error on the eager send leaves all of the
+    bytes for transport.write, which queues them (EAGAIN) or lets Twisted's
     doWrite meet and report the error.
     """
-    from edgeproxy.proxy import _relay
+    from edgeproxy.proxy import _sendNow
 
     out, sock = _FakeTCPBuffers(), _FakeSocket(error=error)
-    _relay(out, sock, b"abc")  # type: ignore[arg-type]
-    assert out.written == [b"abc"]
+    assert _sendNow(out, sock, b"abc") == b"abc"  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -949,17 +991,17 @@ def test_relay_write_all_on_socket_error(error):
 def test_relay_queues_behind_buffered_bytes_and_when_closing(state):
     """
     Bytes already queued on the transport (or a transport that is closing)
-    make the relay use transport.write, never the socket: nothing overtakes
+    leave the bytes for transport.write, never the socket: nothing overtakes
     queued bytes and a closing transport keeps Twisted's semantics.
     """
-    from edgeproxy.proxy import _relay
+    from edgeproxy.proxy import _sendNow
 
     out, sock = _FakeTCPBuffers(), _FakeSocket()
     for k, v in state.items():
         setattr(out, k, v)
-    _relay(out, sock, b"abc")  # type: ignore[arg-type]
+    rest = _sendNow(out, sock, b"abc")  # type: ignore[arg-type]
     assert sock.sent == []
-    assert out.written == [b"abc"]
+    assert rest == b"abc"
 
 
 def test_no_eager_writes_on_non_tcp_transports(world_factory):
