@@ -501,6 +501,12 @@ def _listener_names(listeners: Iterable[ListenerSpec]) -> list[str]:
     return [s.description if s.app is None else f"{s.app}={s.description}" for s in listeners]
 
 
+# usage.Options shows an opt_ method's docstring as its help text, with the
+# docstring's line-break indentation intact: fold it to single spaces.
+for _method in (Options.opt_listen, Options.opt_proxy_protocol_trusted):
+    _method.__doc__ = " ".join((_method.__doc__ or "").split())
+
+
 def raise_nofile_limit(max_connections: int) -> int:
     """
     Raise this process's soft file descriptor limit to what
