@@ -24,7 +24,7 @@ header is complete.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Iterable, Sequence, Tuple, Union
+from typing import Any, Iterable, Sequence, Tuple
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from edgeproxy.interfaces import IMetricsStore
+from edgeproxy.model import Network
 from edgeproxy.proxyprotocol import (
     DEFAULT_V2_MAX_LENGTH,
     ProxyHeader,
@@ -69,7 +70,6 @@ __all__ = [
 
 _log = Logger()
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: The senders trusted by default: the loopback networks.
 LOOPBACK_NETWORKS: Tuple[Network, ...] = (
@@ -209,14 +209,20 @@ class ProxyHeaderProtocol(Protocol):
         header, length = result
         self._headerReceived(header, buffer[length:])
 
-    def _refuse(self, reason: str) -> None:
-        self._done = True
-        self._buffer = b""
+    def _stopTimeout(self) -> None:
+        """
+        Cancel the header timeout, if it is still pending.
+        """
         call = self._timeoutCall
         if call is not None:
             self._timeoutCall = None
             if call.active():
                 call.cancel()
+
+    def _refuse(self, reason: str) -> None:
+        self._done = True
+        self._buffer = b""
+        self._stopTimeout()
         self.factory.metrics.increment(REJECTED_COUNTER, reason)
         host, port = _describe(self.transport.getPeer())
         _log.warn(
@@ -229,10 +235,7 @@ class ProxyHeaderProtocol(Protocol):
 
     def _headerReceived(self, header: ProxyHeader, rest: bytes) -> None:
         self._done = True
-        call = self._timeoutCall
-        if call is not None:
-            self._timeoutCall = None
-            call.cancel()
+        self._stopTimeout()
         transport = self.transport
         self.header = header
         source = header.source
@@ -283,11 +286,7 @@ class ProxyHeaderProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = 0
-        call = self._timeoutCall
-        if call is not None:
-            self._timeoutCall = None
-            if call.active():
-                call.cancel()
+        self._stopTimeout()
         protocol = self.wrappedProtocol
         if protocol is not None:
             # Break the cycles through the bound methods.

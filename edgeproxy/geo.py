@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from edgeproxy.interfaces import IGeoResolver
-from edgeproxy.model import GeoInfo
+from edgeproxy.model import GeoInfo, Network
 
 __all__ = [
     "CONTINENT_REGIONS",
@@ -46,7 +46,6 @@ __all__ = [
 
 _log = Logger()
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 

@@ -9,7 +9,8 @@ candidates instead of scanning every backend.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+import ipaddress
+from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import attrs
 
@@ -89,6 +90,9 @@ class Binding:
 
 BindingKey = Tuple[str, Optional[str]]
 """(client IP, app) -- the key of a L{Binding}."""
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+"""An IPv4 or IPv6 network, as C{ipaddress.ip_network} returns."""
 
 
 _Index = Dict[Tuple[Optional[str], Optional[str]], Tuple[Backend, ...]]

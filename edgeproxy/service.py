@@ -18,8 +18,7 @@ raise, so one failure never stops a periodic job.
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
@@ -38,11 +37,10 @@ from edgeproxy.interfaces import (
     IMetricsStore,
     IRouter,
 )
-from edgeproxy.model import RoutingSnapshot
+from edgeproxy.model import Network, RoutingSnapshot
 
 _log = Logger()
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: Names of the children of an L{EdgeProxyService}, for C{getServiceNamed}.
 RELOAD_SERVICE = "routing-reload"

@@ -17,7 +17,7 @@ import ipaddress
 import math
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
 from twisted.application.service import IService
@@ -26,10 +26,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from edgeproxy.config import ListenerSpec, ProxySettings
+from edgeproxy.model import Network
 
 _log = Logger()
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: What C{--proxy-protocol-trusted} means when it is not given.
 DEFAULT_TRUSTED = ("127.0.0.0/8", "::1/128")
