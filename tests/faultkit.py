@@ -30,6 +30,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import zlib
 from typing import Any, Callable, Iterable
 
@@ -671,6 +672,21 @@ def transport_buffered(transport: Any) -> int:
 
 
 @implementer(ILogObserver)
+class EventCollector:
+    """
+    Keeps the log events of one namespace.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == self.namespace:
+            self.events.append(event)
+
+
+@implementer(ILogObserver)
 class LogCapture:
     """
     Collects every twisted.logger event while started.
@@ -796,3 +812,36 @@ class ProxyHarness:
                 r = thing.stop() if hasattr(thing, "stop") else thing.close()
                 if isinstance(r, defer.Deferred):
                     yield r
+
+
+# -- edgeproxy as a child process ----------------------------------------------
+
+#: The checkout's root (the directory holding C{edgeproxy/}).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def edgeproxy_argv(*options: str) -> list[str]:
+    """
+    The command line of C{twistd -n edgeproxy OPTIONS} with this interpreter,
+    logging to stdout and writing no pid file.
+    """
+    return [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "--logfile=-",
+        "edgeproxy",
+        *options,
+    ]
+
+
+def edgeproxy_env() -> dict[str, str]:
+    """
+    The environment for a child edgeproxy: ours without any C{EDGEPROXY_*}
+    variable, with this checkout first on C{PYTHONPATH}.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    return env

@@ -13,17 +13,16 @@ C{maxminddb-geolite2}.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 import pytest_twisted
+from faultkit import edgeproxy_argv, edgeproxy_env
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -143,16 +142,8 @@ def mark_unhealthy(path: Path, backend_id: str) -> None:
 
 
 def start_proxy(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    argv = [
-        sys.executable,
-        "-c",
-        "from twisted.scripts.twistd import run; run()",
-        "-n",
-        "--pidfile=",
-        "--logfile=-",
-        "edgeproxy",
+    env = edgeproxy_env()
+    argv = edgeproxy_argv(
         "--db",
         str(db),
         "--listen",
@@ -161,7 +152,7 @@ def start_proxy(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         str(RELOAD),
         "--region",
         "sa",
-    ]
+    )
     with open(log, "wb") as out:
         return subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(db.parent)

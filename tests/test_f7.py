@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import pytest
+from faultkit import edgeproxy_argv, edgeproxy_env
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
@@ -223,16 +224,8 @@ class Proxy:
     ) -> None:
         self.port = free_port()
         self.log = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        argv = [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "--logfile=-",
-            "edgeproxy",
+        env = edgeproxy_env()
+        argv = edgeproxy_argv(
             "--db",
             str(db),
             "--listen",
@@ -243,7 +236,7 @@ class Proxy:
             "sa",
             "--max-connections",
             str(max_connections),
-        ]
+        )
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 argv,

@@ -13,10 +13,10 @@ import geoip2.database
 import geoip2.errors
 import maxminddb
 import pytest
+from faultkit import EventCollector
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from edgeproxy.geo import (
@@ -34,21 +34,6 @@ from edgeproxy.interfaces import IGeoResolver
 from edgeproxy.model import GeoInfo
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@implementer(ILogObserver)
-class EventCollector:
-    """
-    Keeps the log events of one namespace.
-    """
-
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
-        self.events: List[Dict[str, Any]] = []
-
-    def __call__(self, event: Dict[str, Any]) -> None:
-        if event.get("log_namespace") == self.namespace:
-            self.events.append(event)
 
 
 @pytest.fixture

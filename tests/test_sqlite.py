@@ -14,12 +14,12 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 import pytest
 import pytest_twisted
+from faultkit import EventCollector
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
-from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from edgeproxy import sqlite as edgesqlite
@@ -124,21 +124,6 @@ def many_rows(prefix: str, count: int = 400) -> List[Dict[str, object]]:
         good_row(f"{prefix}-{i:04d}-" + "x" * 40, wg_ip=f"10.0.{i // 250}.{i % 250}")
         for i in range(count)
     ]
-
-
-@implementer(ILogObserver)
-class EventCollector:
-    """
-    Keeps the log events of one namespace.
-    """
-
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
-        self.events: List[Dict[str, Any]] = []
-
-    def __call__(self, event: Dict[str, Any]) -> None:
-        if event.get("log_namespace") == self.namespace:
-            self.events.append(event)
 
 
 @pytest.fixture
