@@ -6,6 +6,7 @@ TTL and a bounded size (SPEC section 4).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import AbstractSet
 
 from zope.interface import implementer
 
@@ -96,11 +97,20 @@ class BindingTable:
         """
         See L{IBindingRepository.removeBackend}.  Scans the whole table.
         """
+        return self.removeBackends({backend_id}).get(backend_id, 0)
+
+    def removeBackends(self, backend_ids: AbstractSet[str]) -> dict[str, int]:
+        """
+        See L{IBindingRepository.removeBackends}.  One scan of the whole
+        table, however many ids.
+        """
         bindings = self._bindings
-        doomed = [k for k, b in bindings.items() if b.backend_id == backend_id]
-        for k in doomed:
+        doomed = [(k, b.backend_id) for k, b in bindings.items() if b.backend_id in backend_ids]
+        freed: dict[str, int] = {}
+        for k, backend_id in doomed:
             del bindings[k]
-        return len(doomed)
+            freed[backend_id] = freed.get(backend_id, 0) + 1
+        return freed
 
     def collect(self, now: float) -> int:
         """

@@ -13,7 +13,7 @@ Methods return a L{Deferred} only when they may do I/O.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, FrozenSet, Mapping, Optional
+from typing import TYPE_CHECKING, AbstractSet, Callable, FrozenSet, Mapping, Optional
 
 from zope.interface import Attribute, Interface
 
@@ -86,6 +86,12 @@ class IBindingRepository(Interface):
     def removeBackend(backend_id: str) -> int:
         """
         Forget every binding to C{backend_id}; return how many went.
+        """
+
+    def removeBackends(backend_ids: AbstractSet[str]) -> Mapping[str, int]:
+        """
+        Forget every binding to any of C{backend_ids} in one pass; return
+        how many went per backend id (ids with none are left out).
         """
 
     def collect(now: float) -> int:

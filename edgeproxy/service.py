@@ -169,12 +169,14 @@ class EdgeProxyService(MultiService):
         """
         try:
             gone = [bid for bid in old.routable if bid not in new.routable]
+            if not gone:
+                return
+            freed = self.bindings.removeBackends(frozenset(gone))
             for backend_id in gone:
-                freed = self.bindings.removeBackend(backend_id)
                 _log.info(
                     "backend {backend} no longer routable: {freed} bindings cleared",
                     backend=backend_id,
-                    freed=freed,
+                    freed=freed.get(backend_id, 0),
                 )
         except Exception:
             _log.failure("clearing bindings after a routing table change failed")

@@ -185,6 +185,24 @@ def test_remove_and_remove_backend():
     assert len(table) == 0
 
 
+def test_remove_backends_in_one_pass():
+    """
+    C{removeBackends} forgets every binding to any of the given backends
+    and counts them per backend; other backends' bindings stay, and ids
+    without bindings are left out of the counts.
+    """
+    clock = Clock()
+    table = BindingTable()
+    table.bind(K1, "a", clock.seconds())
+    table.bind(K2, "b", clock.seconds())
+    table.bind(K3, "c", clock.seconds())
+    assert table.removeBackends(frozenset({"a", "b", "zzz"})) == {"a": 1, "b": 1}
+    assert table.lookup(K1, clock.seconds()) is None
+    assert table.lookup(K2, clock.seconds()) is None
+    assert table.lookup(K3, clock.seconds()) is not None
+    assert table.removeBackends(frozenset({"a"})) == {}
+
+
 def test_peek_does_not_refresh():
     """
     C{peek} (diagnostics) returns a live binding without sliding its TTL

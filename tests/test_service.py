@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator, List, cast
+from typing import AbstractSet, Any, Iterator, List, cast
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -261,7 +261,7 @@ def test_binding_cleanup_never_raises(events: List[dict[str, Any]]) -> None:
     """
 
     class Raising(BindingTable):
-        def removeBackend(self, backend_id: str) -> int:
+        def removeBackends(self, backend_ids: AbstractSet[str]) -> dict[str, int]:
             raise RuntimeError("removeBackend broke")
 
     repository = InMemoryBackendRepository([backend("gru-1")])
