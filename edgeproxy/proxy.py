@@ -272,11 +272,18 @@ class ConnectionTable(set["ProxyClientProtocol"]):
 
     def _sweep(self, clock: IReactorTime, interval: float) -> None:
         self._sweepCall = None
-        idle = [session for session in self if session._idleTick()]
-        for session in idle:
-            session._abortBoth("idle-timeout")
-        if self and self._sweepCall is None:
-            self._sweepCall = clock.callLater(interval, self._sweep, clock, interval)
+        try:
+            idle = [session for session in self if session._idleTick()]
+            for session in idle:
+                try:
+                    session._abortBoth("idle-timeout")
+                except Exception:
+                    # One broken session must not stop idle enforcement
+                    # for every other connection.
+                    _log.failure("closing an idle connection failed")
+        finally:
+            if self and self._sweepCall is None:
+                self._sweepCall = clock.callLater(interval, self._sweep, clock, interval)
 
 
 class ProxyFactory(Factory):

@@ -712,6 +712,38 @@ def test_idle_timer_samples_counters(world_factory):
     assert w.reactor.getDelayedCalls() == []
 
 
+def test_idle_sweep_survives_a_failing_close(world_factory):
+    """
+    If closing one idle session raises, the failure is logged and the sweep
+    still closes the other idle sessions and keeps running, so the broken
+    one is closed on a later sweep: one broken connection never stops idle
+    enforcement for the rest.
+    """
+    w = world_factory(idle_timeout=4.0)
+    broken, broken_client = w.accept()
+    broken_side, broken_server = w.connected()
+    healthy, healthy_client = w.accept()
+    healthy_side, healthy_server = w.connected()
+
+    def explode(cause: str) -> None:
+        raise RuntimeError("close failed")
+
+    broken._abortBoth = explode  # type: ignore[method-assign]
+    step(w, 5.0)
+    assert healthy_client.disconnected and healthy_server.disconnected
+    assert not broken_client.disconnected
+    assert [str(e["log_failure"].value) for e in w.logs.failures()] == ["close failed"]
+    assert w.factory.connections.sweeping
+    w.logs.events.clear()
+    del broken._abortBoth
+    step(w, 1.0)
+    assert broken_client.disconnected and broken_server.disconnected
+    for proto in (healthy, healthy_side, broken, broken_side):
+        lost(proto, ConnectionLost())
+    assert w.reactor.getDelayedCalls() == []
+    w.assert_accounted()
+
+
 def test_idle_timeout_with_data_queued(world_factory):
     """
     F4: the idle timeout aborts both legs (dropping queued data), not a
