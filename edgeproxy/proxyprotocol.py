@@ -349,27 +349,27 @@ def _parse_v2(data: bytes, max_length: int) -> Tuple[ProxyHeader, int] | None:
         # LOCAL: the receiver uses the real endpoints and ignores the block.
         return _V2_LOCAL, total
     _check_tlvs(data, _V2_HEADER_LENGTH + address_length, total)
-    if name == "TCP4":
-        source_port, destination_port = _PORTS.unpack_from(data, 24)
-        header = ProxyHeader(
-            2,
-            "PROXY",
-            "TCP4",
-            (socket.inet_ntop(socket.AF_INET, data[16:20]), source_port),
-            (socket.inet_ntop(socket.AF_INET, data[20:24]), destination_port),
-        )
-    elif name == "TCP6":
-        source_port, destination_port = _PORTS.unpack_from(data, 48)
-        header = ProxyHeader(
-            2,
-            "PROXY",
-            "TCP6",
-            (socket.inet_ntop(socket.AF_INET6, data[16:32]), source_port),
-            (socket.inet_ntop(socket.AF_INET6, data[32:48]), destination_port),
-        )
-    else:
+    layout = _V2_ADDRESS_LAYOUT.get(name)
+    if layout is None:
         header = _V2_UNKNOWN
+    else:
+        af, size_one = layout
+        middle = _V2_HEADER_LENGTH + size_one
+        end = middle + size_one
+        source_port, destination_port = _PORTS.unpack_from(data, end)
+        header = ProxyHeader(
+            2,
+            "PROXY",
+            name,
+            (socket.inet_ntop(af, data[_V2_HEADER_LENGTH:middle]), source_port),
+            (socket.inet_ntop(af, data[middle:end]), destination_port),
+        )
     return header, total
+
+
+#: v2 address block layout per family: (socket family, bytes per address);
+#: the two ports follow the two addresses.
+_V2_ADDRESS_LAYOUT = {"TCP4": (socket.AF_INET, 4), "TCP6": (socket.AF_INET6, 16)}
 
 
 def _check_tlvs(data: bytes, offset: int, end: int) -> None:
