@@ -1,5 +1,5 @@
 """
-Micro-benchmark of L{edgeproxy.selection.select}.
+Micro-benchmark of L{edgeproxy.routing.selection.select}.
 
 Builds snapshots of 10, 1,000 and 10,000 backends spread over countries,
 regions and apps, and times one call of C{select} in a few typical cases.
@@ -19,7 +19,7 @@ import timeit
 from typing import Callable, List, Tuple
 
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
-from edgeproxy.selection import select
+from edgeproxy.routing.selection import select
 
 REGIONS = ["sa", "us", "eu", "ap"]
 

@@ -83,12 +83,12 @@ def run_edgeproxy(port: int, backend_port: int, certdir: str) -> None:
     sys.path.insert(0, ROOT)
     from twisted.internet import reactor
 
-    from edgeproxy.bindings import BindingTable
     from edgeproxy.config import ProxySettings
-    from edgeproxy.endpoints import server_endpoint
     from edgeproxy.metrics import MetricsStore
-    from edgeproxy.proxy import ProxyFactory
-    from edgeproxy.router import Router
+    from edgeproxy.net.endpoints import server_endpoint
+    from edgeproxy.net.proxy import ProxyFactory
+    from edgeproxy.routing.bindings import BindingTable
+    from edgeproxy.routing.router import Router
     from edgeproxy.testing import InMemoryBackendRepository, backend
 
     metrics = MetricsStore()

@@ -943,7 +943,7 @@ if hasattr(bench_selection, "build") and hasattr(bench_selection, "cases"):
         out = {{"source_error": repr(e)}}
 if "result" not in out:
     from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
-    from edgeproxy.selection import select
+    from edgeproxy.routing.selection import select
     countries = [("BR","sa"),("AR","sa"),("CL","sa"),("PE","sa"),("CO","sa"),("US","us"),
                  ("CA","us"),
                  ("MX","us"),("FR","eu"),("DE","eu"),("GB","eu"),("NL","eu"),("ES","eu"),("IT","eu"),
@@ -969,7 +969,7 @@ if "result" not in out:
             per.append((time.perf_counter() - t0) / batch * 1e6)
         res[str(n)] = {{"median_us": statistics.median(per), "min_us": min(per), "max_us": max(per),
                         "calls": batch * reps}}
-    out.update({{"source": "bench/run.py fallback: edgeproxy.selection.select, "
+    out.update({{"source": "bench/run.py fallback: edgeproxy.routing.selection.select, "
                  "backends spread evenly over %d countries, client BR/sa, random loads"
                  % len(countries),
                  "result": res}})

@@ -10,7 +10,7 @@ an environment variable; unset means "as shipped":
   - C{EDGEPROXY_BENCH_SOCKBUF=N}: SO_RCVBUF/SO_SNDBUF set on every TCP
     transport when it is created.
   - C{EDGEPROXY_BENCH_NO_CONN_LOG=1}: drop the per-connection log event at
-    its source (C{edgeproxy.proxy}'s logger emits nothing), to measure what
+    its source (C{edgeproxy.net.proxy}'s logger emits nothing), to measure what
     the log line costs.  Measurement only: the shipped proxy always logs.
   - C{EDGEPROXY_BENCH_EAGER_WRITE=1}: C{transport.write} tries
     C{socket.send} at once when nothing is queued (Twisted otherwise always
@@ -103,7 +103,7 @@ def _apply() -> None:
     if os.environ.get("EDGEPROXY_BENCH_NO_CONN_LOG"):
         from twisted.logger import Logger
 
-        import edgeproxy.proxy as proxy_module
+        import edgeproxy.net.proxy as proxy_module
 
         class _Silent(Logger):
             def emit(self, level: Any, format: Any = None, **kwargs: Any) -> None:
@@ -111,7 +111,7 @@ def _apply() -> None:
 
         for name in dir(proxy_module):
             if isinstance(getattr(proxy_module, name), Logger):
-                setattr(proxy_module, name, _Silent(namespace="edgeproxy.proxy"))
+                setattr(proxy_module, name, _Silent(namespace="edgeproxy.net.proxy"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import attrs
 @attrs.frozen(slots=True)
 class ProxySettings:
     """
-    Per-connection behaviour of a L{edgeproxy.proxy.ProxyFactory}.
+    Per-connection behaviour of a L{edgeproxy.net.proxy.ProxyFactory}.
 
     @ivar connect_timeout: Seconds for one backend connect attempt.
     @ivar connect_budget: Seconds for all connect attempts of one client

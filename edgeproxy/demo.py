@@ -32,7 +32,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from edgeproxy.proxyprotocol import ProxyHeaderError, parse
+from edgeproxy.net.proxyprotocol import ProxyHeaderError, parse
 
 _log = Logger()
 
@@ -205,8 +205,8 @@ def explain(db: str, client_ip: str, region: str, app: Optional[str] = None) -> 
     """
     from edgeproxy.geo import GeoIPResolver
     from edgeproxy.metrics import MetricsStore
-    from edgeproxy.router import Router
-    from edgeproxy.sqlite import SqliteBackendRepository
+    from edgeproxy.routing.router import Router
+    from edgeproxy.stores.sqlite import SqliteBackendRepository
     from edgeproxy.testing import BindingTable
 
     if not os.path.exists(db):

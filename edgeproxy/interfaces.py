@@ -1,7 +1,7 @@
 """
 The ports of edgeproxy's hexagon.
 
-The domain (L{edgeproxy.selection}, L{edgeproxy.router}) and the proxy
+The domain (L{edgeproxy.routing.selection}, L{edgeproxy.routing.router}) and the proxy
 protocols talk only to these interfaces; adapters at the edges (SQLite,
 MaxMind, in-memory tables, later PostgreSQL and replication) implement them.
 Every adapter is declared with C{@implementer} and checked with

@@ -3,7 +3,7 @@ Value types of the routing domain.
 
 Everything here is plain data: no I/O, no reactor, no clock.  A
 L{RoutingSnapshot} is immutable and replaced whole on reload; it carries the
-indexes that let L{edgeproxy.selection.select} look at a handful of
+indexes that let L{edgeproxy.routing.selection.select} look at a handful of
 candidates instead of scanning every backend.
 """
 

@@ -58,7 +58,7 @@ class EdgeProxyService(MultiService):
     """
     The running proxy: listeners plus the periodic jobs.
 
-    @ivar factories: One L{edgeproxy.proxy.ProxyFactory} per listener, in
+    @ivar factories: One L{edgeproxy.net.proxy.ProxyFactory} per listener, in
         listener order.
     @ivar listeners: The L{ListenerSpec}s, in the same order.
     @ivar metrics: The metrics store every factory counts into.
@@ -208,8 +208,8 @@ def build_service(
     @param reactor: Used for listening, connecting and as the clock of the
         periodic jobs.
     @param listeners: One listener per spec, each with its own
-        L{edgeproxy.proxy.ProxyFactory}; the factories share one
-        L{edgeproxy.proxy.ConnectionTable} of live connections, so
+        L{edgeproxy.net.proxy.ProxyFactory}; the factories share one
+        L{edgeproxy.net.proxy.ConnectionTable} of live connections, so
         C{settings.max_connections} is a global cap across every listener
         and one idle sweep covers them all.
     @param trusted: Senders allowed to send PROXY headers on C{haproxy:}
@@ -221,8 +221,8 @@ def build_service(
     @param geo_description: What geo database is in use, for the startup
         log line only (default: C{geo.describe()}, if it has that).
     """
-    from edgeproxy.endpoints import server_endpoint
-    from edgeproxy.proxy import ConnectionTable, ProxyFactory
+    from edgeproxy.net.endpoints import server_endpoint
+    from edgeproxy.net.proxy import ConnectionTable, ProxyFactory
 
     if region is None:
         region = getattr(router, "local_region", None)

@@ -140,7 +140,7 @@ def parse_network(value: str) -> Network:
     """
     Parse one C{--proxy-protocol-trusted} value: a CIDR or a single address.
     """
-    from edgeproxy.endpoints import parse_cidrs
+    from edgeproxy.net.endpoints import parse_cidrs
 
     (network,) = parse_cidrs([value])
     return network
@@ -183,8 +183,8 @@ def _check_description(description: str) -> None:
     """
     from twisted.internet.testing import MemoryReactor
 
-    from edgeproxy.endpoints import server_endpoint
     from edgeproxy.metrics import MetricsStore
+    from edgeproxy.net.endpoints import server_endpoint
 
     try:
         server_endpoint(MemoryReactor(), description, metrics=MetricsStore())
@@ -551,12 +551,12 @@ def makeService(
         invalid, the routing database is unusable (corrupt, not a database,
         unreadable) or a geo file cannot be used.
     """
-    from edgeproxy.bindings import BindingTable
     from edgeproxy.geo import GeoIPResolver
     from edgeproxy.metrics import MetricsStore
-    from edgeproxy.router import Router
+    from edgeproxy.routing.bindings import BindingTable
+    from edgeproxy.routing.router import Router
     from edgeproxy.service import build_service
-    from edgeproxy.sqlite import RoutingDatabaseError, SqliteBackendRepository
+    from edgeproxy.stores.sqlite import RoutingDatabaseError, SqliteBackendRepository
 
     if environ is None:
         environ = os.environ

@@ -20,10 +20,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from edgeproxy.bindings import BindingTable
 from edgeproxy.interfaces import IBackendRepository, IGeoResolver, SnapshotListener
 from edgeproxy.metrics import MetricsStore
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
+from edgeproxy.routing.bindings import BindingTable
 
 __all__ = [
     "BindingTable",

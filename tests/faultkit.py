@@ -44,8 +44,8 @@ from zope.interface import implementer
 
 from edgeproxy.config import ProxySettings
 from edgeproxy.model import Backend
-from edgeproxy.proxy import ProxyFactory
-from edgeproxy.router import Router
+from edgeproxy.net.proxy import ProxyFactory
+from edgeproxy.routing.router import Router
 from edgeproxy.testing import BindingTable, InMemoryBackendRepository, MetricsStore
 
 LOCALHOST = "127.0.0.1"
@@ -720,7 +720,9 @@ class LogCapture:
         The proxy's end-of-connection lines.
         """
         return [
-            e for e in self.events if e.get("log_namespace") == "edgeproxy.proxy" and "cause" in e
+            e
+            for e in self.events
+            if e.get("log_namespace") == "edgeproxy.net.proxy" and "cause" in e
         ]
 
     def causes(self) -> list[str]:

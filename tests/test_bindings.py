@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.bindings.BindingTable}: client affinity with a
+Tests for L{edgeproxy.routing.bindings.BindingTable}: client affinity with a
 sliding TTL and a bounded size (SPEC section 4).
 """
 
@@ -9,8 +9,8 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from edgeproxy.bindings import BindingTable
 from edgeproxy.interfaces import IBindingRepository
+from edgeproxy.routing.bindings import BindingTable
 
 K1 = ("10.0.0.1", "app")
 K2 = ("10.0.0.2", "app")

@@ -327,7 +327,7 @@ def test_sample_rows_match_demo_backends(tmp_path: Path) -> None:
     """
     from edgeproxy.demo import DEMO_BACKENDS, explain
     from edgeproxy.model import PROXY_V1
-    from edgeproxy.sqlite import SqliteBackendRepository
+    from edgeproxy.stores.sqlite import SqliteBackendRepository
 
     db = tmp_path / "routing.db"
     with sqlite3.connect(db) as conn:

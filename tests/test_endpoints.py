@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.endpoints}: the strict PROXY header wrapper (unit
+Tests for L{edgeproxy.net.endpoints}: the strict PROXY header wrapper (unit
 tests on fakes, then real loopback sockets) and the description parser.
 """
 
@@ -37,8 +37,9 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer
 from zope.interface.verify import verifyObject
 
-from edgeproxy import endpoints
-from edgeproxy.endpoints import (
+from edgeproxy.metrics import MetricsStore
+from edgeproxy.net import endpoints
+from edgeproxy.net.endpoints import (
     LOOPBACK_NETWORKS,
     REJECTED_COUNTER,
     ProxyHeaderProtocol,
@@ -47,8 +48,7 @@ from edgeproxy.endpoints import (
     parse_cidrs,
     server_endpoint,
 )
-from edgeproxy.metrics import MetricsStore
-from edgeproxy.proxyprotocol import V2_SIGNATURE, header_for
+from edgeproxy.net.proxyprotocol import V2_SIGNATURE, header_for
 
 V1 = b"PROXY TCP4 203.0.113.7 198.51.100.9 4242 443\r\n"
 V2 = header_for(2, ("203.0.113.7", 4242), ("198.51.100.9", 443))
@@ -162,7 +162,7 @@ def logs() -> Iterator[List[dict]]:
 
 
 def our_events(events: List[dict]) -> List[dict]:
-    return [e for e in events if e.get("log_namespace") == "edgeproxy.endpoints"]
+    return [e for e in events if e.get("log_namespace") == "edgeproxy.net.endpoints"]
 
 
 def failures(events: List[dict]) -> List[dict]:
@@ -695,9 +695,9 @@ def test_server_endpoint_haproxy_listens_wrapped() -> None:
 def test_server_endpoint_txsni(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     txsni:CERTDIR:REST hands CERTDIR (colons unescaped), server_endpoint(REST),
-    the handshake timeout and the metrics to edgeproxy.tls.sni_server_endpoint.
+    the handshake timeout and the metrics to edgeproxy.net.tls.sni_server_endpoint.
     """
-    import edgeproxy.tls
+    import edgeproxy.net.tls
 
     calls = []
 
@@ -705,7 +705,7 @@ def test_server_endpoint_txsni(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append((reactor, certdir, inner, kwargs))
         return "tls-endpoint"
 
-    monkeypatch.setattr(edgeproxy.tls, "sni_server_endpoint", fake)
+    monkeypatch.setattr(edgeproxy.net.tls, "sni_server_endpoint", fake)
     reactor = MemoryReactor()
     metrics = MetricsStore()
     result = server_endpoint(
@@ -973,10 +973,10 @@ def test_loopback_through_proxy(logs):
     """
     import random
 
-    from edgeproxy.bindings import BindingTable
     from edgeproxy.config import ProxySettings
-    from edgeproxy.proxy import ProxyFactory
-    from edgeproxy.router import Router
+    from edgeproxy.net.proxy import ProxyFactory
+    from edgeproxy.routing.bindings import BindingTable
+    from edgeproxy.routing.router import Router
     from edgeproxy.testing import InMemoryBackendRepository, backend
 
     echo_factory = ReporterFactory()

@@ -1,5 +1,5 @@
 """
-Real loopback tests of L{edgeproxy.proxy}: bytes both ways, PROXY headers
+Real loopback tests of L{edgeproxy.net.proxy}: bytes both ways, PROXY headers
 out, socket options, half-close each way (F6), with the real router.
 """
 
@@ -234,7 +234,7 @@ def test_behind_proxy_header_listener():
     in its own PROXY header, relays the bytes that came in the same
     segment as the header, and carries a half-close through the wrapper.
     """
-    from edgeproxy.endpoints import server_endpoint
+    from edgeproxy.net.endpoints import server_endpoint
 
     fds = open_sockets()
     srv = listen(reactor, ReplyAfterEOF)
@@ -278,7 +278,7 @@ def test_eager_and_queued_writes_keep_order():
     writes, some sent at once and some queued behind a partial send, come
     back from an echo backend complete and in order.
     """
-    from edgeproxy.proxy import READ_SIZE
+    from edgeproxy.net.proxy import READ_SIZE
 
     fds = open_sockets()
     echo = listen(reactor, Echo)

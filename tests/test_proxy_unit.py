@@ -1,5 +1,5 @@
 """
-Unit tests for L{edgeproxy.proxy}, synchronous on L{MemoryReactorClock} and
+Unit tests for L{edgeproxy.net.proxy}, synchronous on L{MemoryReactorClock} and
 L{StringTransport}, with the real router, binding table and metrics store.
 """
 
@@ -31,7 +31,7 @@ from edgeproxy.config import ProxySettings
 from edgeproxy.interfaces import IRouter
 from edgeproxy.metrics import UNDERFLOW
 from edgeproxy.model import Backend, GeoInfo
-from edgeproxy.proxy import (
+from edgeproxy.net.proxy import (
     CAUSES,
     BackendConnectFactory,
     ConnectionTable,
@@ -39,7 +39,7 @@ from edgeproxy.proxy import (
     ProxyClientProtocol,
     ProxyFactory,
 )
-from edgeproxy.router import Router
+from edgeproxy.routing.router import Router
 from edgeproxy.testing import (
     BindingTable,
     InMemoryBackendRepository,
@@ -968,7 +968,7 @@ def test_relay_sends_at_once_when_nothing_is_queued():
     With nothing queued on the target transport, the relay hands the
     bytes straight to the socket and the transport's write is not used.
     """
-    from edgeproxy.proxy import _sendNow
+    from edgeproxy.net.proxy import _sendNow
 
     out, sock = _FakeTCPBuffers(), _FakeSocket()
     rest = _sendNow(out, sock, b"hello")  # type: ignore[arg-type]
@@ -981,7 +981,7 @@ def test_relay_queues_the_remainder_of_a_partial_send():
     A partial send leaves exactly the unsent tail for transport.write, so
     the bytes stay in order and Twisted's buffer (and backpressure) sees it.
     """
-    from edgeproxy.proxy import _sendNow
+    from edgeproxy.net.proxy import _sendNow
 
     out, sock = _FakeTCPBuffers(), _FakeSocket(accept=3)
     rest = _sendNow(out, sock, b"abcdefgh")  # type: ignore[arg-type]
@@ -1003,7 +1003,7 @@ def test_relay_write_all_on_socket_error(error):
     bytes for transport.write, which queues them (EAGAIN) or lets Twisted's
     doWrite meet and report the error.
     """
-    from edgeproxy.proxy import _sendNow
+    from edgeproxy.net.proxy import _sendNow
 
     out, sock = _FakeTCPBuffers(), _FakeSocket(error=error)
     assert _sendNow(out, sock, b"abc") == b"abc"  # type: ignore[arg-type]
@@ -1026,7 +1026,7 @@ def test_relay_queues_behind_buffered_bytes_and_when_closing(state):
     leave the bytes for transport.write, never the socket: nothing overtakes
     queued bytes and a closing transport keeps Twisted's semantics.
     """
-    from edgeproxy.proxy import _sendNow
+    from edgeproxy.net.proxy import _sendNow
 
     out, sock = _FakeTCPBuffers(), _FakeSocket()
     for k, v in state.items():
@@ -1042,7 +1042,7 @@ def test_no_eager_writes_on_non_tcp_transports(world_factory):
     PROXY-header wrappers in production) keep transport.write and their
     read size.
     """
-    from edgeproxy.proxy import _eagerSocket
+    from edgeproxy.net.proxy import _eagerSocket
 
     w = world_factory()
     proto, client = w.accept()

@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.proxyprotocol}: the strict PROXY v1/v2 parser and the
+Tests for L{edgeproxy.net.proxyprotocol}: the strict PROXY v1/v2 parser and the
 writer.
 """
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from edgeproxy.proxyprotocol import (
+from edgeproxy.net.proxyprotocol import (
     DEFAULT_V2_MAX_LENGTH,
     V1_MAX_LENGTH,
     V2_SIGNATURE,

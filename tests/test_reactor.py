@@ -1,5 +1,5 @@
 """
-Tests of L{edgeproxy.reactor}: the C{edgeepoll} reactor plugin, a real
+Tests of L{edgeproxy.net.reactor}: the C{edgeepoll} reactor plugin, a real
 loopback connection through it, and a protocol error that drops only its own
 connection.
 
@@ -98,13 +98,13 @@ def _connect(reactor: Any, port: int) -> _Talker:
 def test_plugin_registers_edgeepoll():
     """
     The C{edgeepoll} reactor plugin is found by twistd's reactor lookup and
-    installs L{edgeproxy.reactor}'s reactor.
+    installs L{edgeproxy.net.reactor}'s reactor.
     """
     from twisted.application.reactors import getReactorTypes
 
     [found] = [r for r in getReactorTypes() if r.shortName == "edgeepoll"]
-    assert found.moduleName == "edgeproxy.reactor"  # type: ignore[attr-defined]
-    from edgeproxy import reactor as module
+    assert found.moduleName == "edgeproxy.net.reactor"  # type: ignore[attr-defined]
+    from edgeproxy.net import reactor as module
 
     assert callable(module.install)
     assert issubclass(module.EdgeEPollReactor, EPollReactor)
@@ -115,7 +115,7 @@ def test_a_real_connection_through_edgeepoll():
     A loopback client and an echo server, both on an L{EdgeEPollReactor},
     exchange bytes: the poll loop dispatches reads and writes.
     """
-    from edgeproxy.reactor import EdgeEPollReactor
+    from edgeproxy.net.reactor import EdgeEPollReactor
 
     fds = _open_fds()
     reactor = EdgeEPollReactor()
@@ -139,7 +139,7 @@ def test_protocol_error_drops_only_that_connection():
     and the selectable as fields) and drops that connection; the reactor
     carries on and serves the next connection.
     """
-    from edgeproxy.reactor import EdgeEPollReactor
+    from edgeproxy.net.reactor import EdgeEPollReactor
 
     fds = _open_fds()
     reactor = EdgeEPollReactor()

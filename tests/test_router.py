@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.router.Router}, and the verifyObject compliance of the
+Tests for L{edgeproxy.routing.router.Router}, and the verifyObject compliance of the
 public in-memory adapters in L{edgeproxy.testing}.
 """
 
@@ -21,7 +21,7 @@ from edgeproxy.interfaces import (
     IRouter,
 )
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
-from edgeproxy.router import NO_BACKEND, Router
+from edgeproxy.routing.router import NO_BACKEND, Router
 from edgeproxy.testing import (
     BindingTable,
     InMemoryBackendRepository,

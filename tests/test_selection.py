@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.selection}: the routing decision of SPEC section 3.
+Tests for L{edgeproxy.routing.selection}: the routing decision of SPEC section 3.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
-from edgeproxy.selection import geo_tier, score, select
+from edgeproxy.routing.selection import geo_tier, score, select
 from edgeproxy.testing import backend
 
 # --------------------------------------------------------------------------

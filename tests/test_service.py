@@ -24,8 +24,8 @@ from zope.interface.verify import verifyObject
 
 from edgeproxy.config import ListenerSpec, ProxySettings
 from edgeproxy.model import RoutingSnapshot
-from edgeproxy.proxy import ProxyFactory
-from edgeproxy.router import Router
+from edgeproxy.net.proxy import ProxyFactory
+from edgeproxy.routing.router import Router
 from edgeproxy.service import (
     GC_SERVICE,
     RELOAD_SERVICE,

@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.sqlite}: the SQLite routing table (SPEC sections 1
+Tests for L{edgeproxy.stores.sqlite}: the SQLite routing table (SPEC sections 1
 and 6, FAULTS F12), on real SQLite files.
 """
 
@@ -22,11 +22,11 @@ from twisted.internet.defer import gatherResults
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from edgeproxy import sqlite as edgesqlite
 from edgeproxy.interfaces import IBackendRepository
 from edgeproxy.metrics import MetricsStore
 from edgeproxy.model import PROXY_OFF, PROXY_V2, Backend, RoutingSnapshot
-from edgeproxy.sqlite import (
+from edgeproxy.stores import sqlite as edgesqlite
+from edgeproxy.stores.sqlite import (
     MANDATORY_COLUMNS,
     OPTIONAL_COLUMNS,
     InvalidRowError,
@@ -129,9 +129,9 @@ def many_rows(prefix: str, count: int = 400) -> List[Dict[str, object]]:
 @pytest.fixture
 def events():
     """
-    Log events of L{edgeproxy.sqlite} emitted during the test.
+    Log events of L{edgeproxy.stores.sqlite} emitted during the test.
     """
-    collector = EventCollector("edgeproxy.sqlite")
+    collector = EventCollector("edgeproxy.stores.sqlite")
     globalLogPublisher.addObserver(collector)
     yield collector.events
     globalLogPublisher.removeObserver(collector)

@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.tls}: SNI certificate choice, hot reload, the handshake
+Tests for L{edgeproxy.net.tls}: SNI certificate choice, hot reload, the handshake
 gate and timeout, F9 bad input, half-close and backpressure through TLS.
 
 Certificates are generated during the run; networking tests make real TLS
@@ -41,7 +41,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from edgeproxy.metrics import MetricsStore
-from edgeproxy.tls import (
+from edgeproxy.net.tls import (
     CertificateDirectoryError,
     CertificateStore,
     _connection_maker,
@@ -379,7 +379,7 @@ class LogCapture:
         return [
             e
             for e in self.events
-            if e.get("log_namespace") == "edgeproxy.tls"
+            if e.get("log_namespace") == "edgeproxy.net.tls"
             and "handshake" in (e.get("log_format") or "")
         ]
 
@@ -1192,11 +1192,11 @@ async def proxy_listener(certdir: Path) -> tuple[Any, int, Any, Any, MetricsStor
     An echo backend and an edgeproxy listener C{txsni:CERTDIR:tcp:0} routing
     to it.
     """
-    from edgeproxy.bindings import BindingTable
     from edgeproxy.config import ProxySettings
-    from edgeproxy.endpoints import server_endpoint
-    from edgeproxy.proxy import ProxyFactory
-    from edgeproxy.router import Router
+    from edgeproxy.net.endpoints import server_endpoint
+    from edgeproxy.net.proxy import ProxyFactory
+    from edgeproxy.routing.bindings import BindingTable
+    from edgeproxy.routing.router import Router
     from edgeproxy.testing import InMemoryBackendRepository, backend
 
     echo = Factory.forProtocol(Echo)
@@ -1272,7 +1272,7 @@ async def test_proxy_header_before_tls(certdir: Path) -> None:
     sender precedes the handshake; SNI still selects the certificate and the
     application's getPeer() is the header's source.
     """
-    from edgeproxy.endpoints import server_endpoint
+    from edgeproxy.net.endpoints import server_endpoint
 
     factory = AppFactory()
     endpoint = server_endpoint(

@@ -8,6 +8,6 @@ from twisted.application.reactors import Reactor
 
 edgeepoll = Reactor(
     "edgeepoll",
-    "edgeproxy.reactor",
+    "edgeproxy.net.reactor",
     "epoll without the legacy per-event log context (Linux; edgeproxy's fast path)",
 )

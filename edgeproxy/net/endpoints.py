@@ -8,7 +8,7 @@ descriptions (C{tcp:8080}, C{tcp6:8080:interface=\\:\\:1}, C{unix:...}):
   - C{haproxy:REST}: connections must start with a PROXY v1 or v2 header
     (see L{ProxyHeaderServerEndpoint}).
   - C{txsni:CERTDIR:REST}: TLS with certificates chosen by SNI from CERTDIR
-    (L{edgeproxy.tls.sni_server_endpoint}).
+    (L{edgeproxy.net.tls.sni_server_endpoint}).
 
 They nest: C{txsni:certs:haproxy:tcp:443} reads the PROXY header off the
 socket and then does the TLS handshake (what a load balancer in front
@@ -50,7 +50,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from edgeproxy.interfaces import IMetricsStore
 from edgeproxy.model import Network
-from edgeproxy.proxyprotocol import (
+from edgeproxy.net.proxyprotocol import (
     DEFAULT_V2_MAX_LENGTH,
     ProxyHeader,
     ProxyHeaderError,
@@ -483,7 +483,7 @@ def server_endpoint(
 
       - C{haproxy:REST}: a L{ProxyHeaderServerEndpoint} around
         C{server_endpoint(REST)}.
-      - C{txsni:CERTDIR:REST}: L{edgeproxy.tls.sni_server_endpoint} around
+      - C{txsni:CERTDIR:REST}: L{edgeproxy.net.tls.sni_server_endpoint} around
         C{server_endpoint(REST)} (a colon in CERTDIR is escaped as C{\\:}).
       - anything else: L{twisted.internet.endpoints.serverFromString}.
 
@@ -509,7 +509,7 @@ def server_endpoint(
             inner(description[8:]), reactor, tuple(trusted), header_timeout, metrics
         )
     if description.startswith("txsni:"):
-        from edgeproxy.tls import sni_server_endpoint
+        from edgeproxy.net.tls import sni_server_endpoint
 
         certdir, rest = _split_argument(description[6:])
         return sni_server_endpoint(

@@ -60,7 +60,7 @@ from zope.interface import implementer
 from edgeproxy.config import ProxySettings
 from edgeproxy.interfaces import IMetricsStore, IRouter
 from edgeproxy.model import Backend
-from edgeproxy.proxyprotocol import header_for
+from edgeproxy.net.proxyprotocol import header_for
 
 __all__ = [
     "CAUSES",

@@ -20,7 +20,7 @@ from edgeproxy.interfaces import (
     IRouter,
 )
 from edgeproxy.model import Backend, BindingKey
-from edgeproxy.selection import geo_tier, score, select
+from edgeproxy.routing.selection import geo_tier, score, select
 
 __all__ = ["NO_BACKEND", "Router"]
 

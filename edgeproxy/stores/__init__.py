@@ -1,0 +1,4 @@
+"""
+Routing-table adapters: one module per store, each an
+L{edgeproxy.interfaces.IBackendRepository}.
+"""
