@@ -1,7 +1,7 @@
 """
 The ports of edgeproxy's hexagon.
 
-The domain (L{edgeproxy.routing.selection}, L{edgeproxy.routing.router}) and the proxy
+The domain (L{edgeproxy.routing}) and the proxy
 protocols talk only to these interfaces; adapters at the edges (SQLite,
 MaxMind, in-memory tables, later PostgreSQL and replication) implement them.
 Every adapter is declared with C{@implementer} and checked with
@@ -120,26 +120,9 @@ class IGeoResolver(Interface):
 
 class IMetricsStore(Interface):
     """
-    Per-backend connection counts and the proxy's counters.
-
-    The counts are read on every routing decision, so C{connections} is a
-    live mapping (backend id -> open connections plus connects in flight).
+    The proxy's counters (connections accepted, closed by cause, refusals
+    by reason...), each keyed by a name and an optional label.
     """
-
-    connections = Attribute(
-        "Live Mapping[str, int]: backend id -> current connections "
-        "(open plus connecting).  Missing ids count as 0."
-    )
-
-    def connectionOpened(backend_id: str) -> None:
-        """
-        A connection (or connect attempt) to C{backend_id} now counts.
-        """
-
-    def connectionClosed(backend_id: str) -> None:
-        """
-        A connection (or failed attempt) to C{backend_id} no longer counts.
-        """
 
     def increment(name: str, label: str = "", amount: int = 1) -> None:
         """
@@ -155,6 +138,97 @@ class IMetricsStore(Interface):
     def counters() -> Mapping[tuple[str, str], int]:
         """
         A copy of every counter, keyed by (name, label).
+        """
+
+
+class ILoadCounter(Interface):
+    """
+    Per-backend load: open connections plus connects in flight.
+
+    The counts are read on every routing decision (for the soft-limit
+    term of the score), so C{connections} is a live mapping.  Taking a
+    slot is one atomic step that respects the backend's hard limit, so
+    that several workers sharing one counter table can never, between
+    them, exceed it.
+    """
+
+    connections = Attribute(
+        "Live Mapping[str, int]: backend id -> current connections "
+        "(open plus connecting).  Missing ids count as 0.  May be slightly "
+        "stale when shared between processes; acquire() never is."
+    )
+
+    def acquire(backend: "Backend") -> bool:
+        """
+        Count one more connection to C{backend} if it is below its hard
+        limit (C{hard_limit <= 0}: no limit), in one atomic step.
+
+        @return: C{True} if the slot was taken (the caller must call
+            L{release} exactly once later), C{False} if the backend is full.
+        """
+
+    def release(backend_id: str) -> None:
+        """
+        Give back a slot taken by L{acquire}.
+        """
+
+
+#: Verdicts of the state overlay, from best to worst (see L{IStateOverlay}).
+AVAILABLE = 0
+NO_NEW_CLIENTS = 1
+UNAVAILABLE = 2
+
+StateListener = Callable[[str, int, int], None]
+"""Called with (backend id, old verdict, new verdict) when a backend's
+effective verdict in the state overlay changes."""
+
+
+class IStateOverlay(Interface):
+    """
+    The proxy's own word on each backend, on top of the routing table
+    (SPEC section 9, decided): health checks, the circuit breaker and the
+    operator's admin state each give a verdict per backend, and the worst
+    one is in force.  A backend takes a new client only when both the table
+    and the overlay allow it.  Changing a verdict never rebuilds the routing
+    snapshot.
+
+    Verdicts: L{AVAILABLE}; L{NO_NEW_CLIENTS} (drain: clients bound to it
+    may still reach it, new ones may not); L{UNAVAILABLE} (no connection at
+    all: down, breaker open, maintenance).
+    """
+
+    closedToNew = Attribute(
+        "AbstractSet[str]: ids whose verdict is NO_NEW_CLIENTS or worse "
+        "(read on every routing decision; never mutated in place by readers)."
+    )
+    unavailable = Attribute("AbstractSet[str]: ids whose verdict is UNAVAILABLE.")
+
+    def setVerdict(backend_id: str, source: str, verdict: int) -> None:
+        """
+        Record C{source}'s verdict on C{backend_id} (C{AVAILABLE} clears it);
+        listeners are told when the effective verdict changes.
+        """
+
+    def verdict(backend_id: str) -> int:
+        """
+        The effective (worst) verdict on C{backend_id}.
+        """
+
+    def sources(backend_id: str) -> Mapping[str, int]:
+        """
+        Every source's verdict on C{backend_id} other than AVAILABLE.
+        """
+
+    def forget(backend_ids: AbstractSet[str], sources: AbstractSet[str]) -> None:
+        """
+        Drop the verdicts of C{sources} on C{backend_ids} (backends that left
+        the table); listeners are told of effective changes.
+        """
+
+    def addListener(listener: StateListener) -> None:
+        """
+        Call C{listener(backend_id, old, new)} after every change of a
+        backend's effective verdict.
         """
 
 

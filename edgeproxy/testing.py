@@ -24,11 +24,15 @@ from edgeproxy.interfaces import IBackendRepository, IGeoResolver, SnapshotListe
 from edgeproxy.metrics import MetricsStore
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
 from edgeproxy.routing.bindings import BindingTable
+from edgeproxy.routing.load import LoadTable
+from edgeproxy.routing.overlay import StateOverlay
 
 __all__ = [
     "BindingTable",
     "InMemoryBackendRepository",
+    "LoadTable",
     "MetricsStore",
+    "StateOverlay",
     "StaticGeoResolver",
     "backend",
 ]

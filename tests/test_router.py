@@ -57,6 +57,13 @@ class _World:
             random.Random(3),
         )
 
+    def busy(self, backend_id: str) -> None:
+        """
+        Count one more connection to C{backend_id}, hard limit or not.
+        """
+        counts = self.router.load.connections
+        counts[backend_id] = counts.get(backend_id, 0) + 1  # type: ignore[index]
+
     def choose(self, ip: str = CLIENT_BR, app: str | None = "app", exclude=frozenset()):
         return self.router.choose(ip, app, frozenset(exclude))
 
@@ -167,9 +174,9 @@ def test_choose_uses_geo_and_binds_and_counts():
     w = _World([backend("gru", country="BR"), backend("cdg", country="FR", region="eu")])
     assert _id(w.choose(CLIENT_FR)) == "cdg"
     assert w.bound(CLIENT_FR) == "cdg"
-    assert w.metrics.connections == {"cdg": 1}
+    assert w.router.load.connections == {"cdg": 1}
     assert _id(w.choose(CLIENT_BR)) == "gru"
-    assert w.metrics.connections == {"cdg": 1, "gru": 1}
+    assert w.router.load.connections == {"cdg": 1, "gru": 1}
 
 
 def test_client_without_geo_goes_local():
@@ -194,8 +201,8 @@ def test_binding_first_and_refreshed():
     for step in range(1, 4):
         w.clock.advance(8)
         assert _id(w.choose()) == first.id
-        assert w.metrics.connections[first.id] == step + 1
-        assert other not in w.metrics.connections
+        assert w.router.load.connections[first.id] == step + 1
+        assert other not in w.router.load.connections
     binding = w.bindings.peek((CLIENT_BR, "app"), w.clock.seconds())
     assert binding is not None and binding.last_seen == w.clock.seconds() == 24
 
@@ -207,12 +214,12 @@ def test_in_flight_counting_without_release():
     """
     w = _World([backend("a")])
     w.choose()
-    assert w.metrics.connections == {"a": 1}
+    assert w.router.load.connections == {"a": 1}
     w.choose()
-    assert w.metrics.connections == {"a": 2}
+    assert w.router.load.connections == {"a": 2}
     w.router.release("a")
     w.router.release("a")
-    assert w.metrics.connections == {}
+    assert w.router.load.connections == {}
 
 
 def test_simultaneous_first_connections_share_backend():
@@ -224,7 +231,7 @@ def test_simultaneous_first_connections_share_backend():
     chosen = {_id(w.choose()) for _ in range(100)}
     assert len(chosen) == 1
     (only,) = chosen
-    assert w.metrics.connections == {only: 100}
+    assert w.router.load.connections == {only: 100}
     assert len(w.bindings) == 1
 
 
@@ -252,7 +259,7 @@ def test_binding_dropped_when_unusable(rows, exclude, why):
     """
     w = _World(rows)
     if why == "at-hard-limit":
-        w.metrics.connectionOpened("a")
+        w.busy("a")
     _drop_a(w)
     assert _id(w.choose(exclude=exclude)) == "b", why
     assert w.bound() == "b"
@@ -319,12 +326,12 @@ def test_no_backend_counted(rows, load):
     w = _World(rows)
     for bid, n in load.items():
         for _ in range(n):
-            w.metrics.connectionOpened(bid)
+            w.busy(bid)
     assert w.choose() is None
     assert w.choose() is None
     assert w.metrics.counter(NO_BACKEND) == 2
     assert len(w.bindings) == 0
-    assert w.metrics.connections == load
+    assert w.router.load.connections == load
 
 
 @pytest.mark.parametrize("change", ["removed", "unhealthy"])
@@ -344,9 +351,9 @@ def test_reload_removing_backend(change):
     assert _id(w.choose()) == "b"
     assert _id(w.choose(CLIENT_FR)) == "b"
     assert w.bound() == "b"
-    assert w.metrics.connections == {"a": 1, "b": 2}
+    assert w.router.load.connections == {"a": 1, "b": 2}
     w.router.release("a")
-    assert "a" not in w.metrics.connections
+    assert "a" not in w.router.load.connections
 
 
 def test_reload_seen_without_restart():
@@ -369,7 +376,7 @@ def test_explain_has_no_side_effects():
     w = _World([backend("gru"), backend("cdg", country="FR", region="eu")], ttl=10.0)
     w.choose(CLIENT_FR)
     w.clock.advance(5)
-    before = (dict(w.metrics.connections), len(w.bindings), w.metrics.counters())
+    before = (dict(w.router.load.connections), len(w.bindings), w.metrics.counters())
     report = w.router.explain(CLIENT_FR, "app")
     assert report["geo"] == {"country": "FR", "region": "eu"}
     assert report["binding"] == "cdg"
@@ -378,7 +385,7 @@ def test_explain_has_no_side_effects():
         ("gru", 2, 0),
     ]
     assert report["candidates"][0]["score"] == 1.0
-    assert (dict(w.metrics.connections), len(w.bindings), w.metrics.counters()) == before
+    assert (dict(w.router.load.connections), len(w.bindings), w.metrics.counters()) == before
     binding = w.bindings.peek((CLIENT_FR, "app"), w.clock.seconds())
     assert binding is not None and binding.last_seen == 0
     assert w.router.explain(CLIENT_NOGEO, None)["geo"] is None

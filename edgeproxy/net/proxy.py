@@ -40,7 +40,11 @@ L{READ_SIZE} bytes at a time.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import sys
+import termios
 from typing import Any
 
 from twisted.internet import tcp
@@ -60,6 +64,7 @@ from zope.interface import implementer
 from edgeproxy.config import ProxySettings
 from edgeproxy.interfaces import IMetricsStore, IRouter
 from edgeproxy.model import Backend
+from edgeproxy.net.admission import Admission, release_admission
 from edgeproxy.net.proxyprotocol import header_for
 
 __all__ = [
@@ -94,8 +99,12 @@ CAUSES = (
 _IDLE_TICKS = 4
 
 #: Read size (and, as Twisted uses the same attribute, the write-buffer
-#: size above which the other leg is paused) of the plain TCP legs.
-READ_SIZE = 256 * 1024
+#: size above which the other leg is paused) of the plain TCP legs.  What
+#: one direction of a connection can hold queued in the proxy is about
+#: twice this (the threshold plus the read that crossed it), on top of the
+#: kernel's socket buffers: see bench/RESULTS.md for what it costs in bulk
+#: throughput.
+READ_SIZE = 64 * 1024
 
 #: The transport classes eager writes are made for, and the Twisted
 #: attributes they rely on (private ones, hence checked on each transport
@@ -221,6 +230,34 @@ def _address(addr: IAddress) -> tuple[str, int]:
     return (getattr(addr, "host", ""), getattr(addr, "port", 0))
 
 
+#: ioctl giving the bytes of a socket's send queue not yet acknowledged by
+#: the peer (SIOCOUTQ, Linux); None where there is none.
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+_INT = struct.Struct("i")
+
+
+def _queued(transport: _Transport) -> int:
+    """
+    Bytes on their way to C{transport}'s peer and not yet taken by it: what
+    Twisted still buffers (through a TLS or PROXY-header wrapper, in the TCP
+    transport under it) plus, on Linux, the socket's unacknowledged send
+    queue.  A reader draining either is active even while the proxy reads
+    nothing for it.  0 when it cannot tell.  Read by the timeout sweeps
+    only (one ioctl per session per sweep), never per byte.
+    """
+    queued = 0
+    try:
+        buffer = getattr(transport, "dataBuffer", None)
+        if buffer is not None:
+            queued = len(buffer) - transport.offset + transport._tempDataLen
+        sock = getattr(transport, "socket", None)
+        if _SIOCOUTQ is not None and isinstance(sock, socket.socket):
+            queued += _INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
+    except Exception:
+        pass
+    return queued
+
+
 class ConnectionTable(set["ProxyClientProtocol"]):
     """
     The live sessions admitted under one connection cap, and their idle
@@ -229,8 +266,10 @@ class ConnectionTable(set["ProxyClientProtocol"]):
     A set of L{ProxyClientProtocol}s (so C{len}, iteration and membership
     work as on any set) that also runs the single coarse timer enforcing
     C{settings.idle_timeout} on all of them: every C{idle_timeout / 4}
-    seconds it samples each relaying session's byte counters and aborts
-    those that saw no change four sweeps in a row.  The sweep starts with
+    seconds it samples each relaying session's activity (bytes received
+    either way, and bytes still queued towards either side, so that a slow
+    reader draining the proxy's buffer counts as activity) and aborts those
+    that saw no change four sweeps in a row.  The sweep starts with
     the first relaying session and stops as soon as the table is empty, so
     an idle proxy has no pending call.
 
@@ -298,11 +337,19 @@ class ProxyFactory(Factory):
         (label: the cause, one of L{CAUSES}) and
         C{backend_connect_failures} (label: the backend id).
     @ivar app: The app this listener is bound to, or C{None} for every app.
-    @ivar connections: The live client protocols admitted under the cap
-        (for a later graceful drain), a L{ConnectionTable}.  Factories given
-        the same table share one cap and one idle sweep:
-        C{settings.max_connections} bounds them together, which is how
-        L{edgeproxy.service} makes the cap global across listeners.
+    @ivar connections: The live sessions (for the idle sweep and a later
+        graceful drain), a L{ConnectionTable}.  Factories given the same
+        table share one idle sweep.
+    @ivar admission: The L{Admission} that bounds how many connections
+        exist and, per client, who may go on.  Factories given the same one
+        share one cap, which is how L{edgeproxy.service} makes the cap
+        global across listeners (it also puts every listener's socket-level
+        factory behind it, so the cap holds before TLS and PROXY work).
+    @ivar admitsPeers: Whether a session that no L{AdmissionFactory}
+        admitted takes its own slot when it connects: C{True} (the default)
+        for a factory given straight to a port; C{False} when the factory
+        sits behind L{edgeproxy.net.endpoints.server_endpoint}, whose
+        socket-level admission already counted the connection.
     """
 
     noisy = False
@@ -315,6 +362,8 @@ class ProxyFactory(Factory):
         metrics: IMetricsStore,
         app: str | None = None,
         connections: ConnectionTable | None = None,
+        admission: Admission | None = None,
+        admitsPeers: bool = True,
     ) -> None:
         if connections is not None and not isinstance(connections, ConnectionTable):
             raise TypeError(
@@ -331,11 +380,15 @@ class ProxyFactory(Factory):
         self.connections: ConnectionTable = (
             connections if connections is not None else ConnectionTable()
         )
+        self.admission: Admission = (
+            admission if admission is not None else Admission(settings.max_connections, metrics)
+        )
+        self.admitsPeers = admitsPeers
 
     @property
     def openConnections(self) -> int:
         """
-        Client connections currently admitted and not yet lost.
+        Proxied sessions currently live (admitted and not yet lost).
         """
         return len(self.connections)
 
@@ -478,6 +531,7 @@ class ProxyClientProtocol(Protocol):
         "_backendReadDone",
         "_backendSide",
         "_cause",
+        "_clientAdmitted",
         "_clientHasProducer",
         "_clientOpen",
         "_clientReadDone",
@@ -486,12 +540,16 @@ class ProxyClientProtocol(Protocol):
         "_exclude",
         "_finCause",
         "_halfCall",
+        "_halfMark",
+        "_halfTicks",
         "_idleTicks",
+        "_lastPending",
         "_lastTotal",
         "_out",
         "_outSocket",
         "_pending",
         "_started",
+        "admission",
         "attempts",
         "backend",
         "bytesToBackend",
@@ -501,6 +559,10 @@ class ProxyClientProtocol(Protocol):
         "factory",
         "transport",
     )
+
+    #: Holds its own admission slot when it is the socket-level protocol
+    #: (see L{edgeproxy.net.admission}).
+    admissionAware = True
 
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory  # type: ignore[assignment]
@@ -519,6 +581,10 @@ class ProxyClientProtocol(Protocol):
         self._backendSide: ProxyBackendProtocol | None = None
         self._started = 0.0
         self._admitted = False
+        self._clientAdmitted = False
+        #: The admission slot this session holds itself (as the socket-level
+        #: protocol), or None.
+        self.admission: Admission | None = None
         self._clientOpen = False
         self._backendOpen = False
         self._clientReadDone = False
@@ -532,7 +598,10 @@ class ProxyClientProtocol(Protocol):
         # joined (and the first sweep after that counts as activity).
         self._idleTicks = -1
         self._lastTotal = 0
+        self._lastPending = 0
         self._halfCall: IDelayedCall | None = None
+        self._halfTicks = 0
+        self._halfMark: tuple[int, int] = (0, 0)
 
     # -- the client leg ---------------------------------------------------
 
@@ -540,18 +609,34 @@ class ProxyClientProtocol(Protocol):
         factory = self.factory
         self._clientOpen = True
         self._started = factory.clock.seconds()
-        self.clientHost, self.clientPort = _address(self.transport.getPeer())  # type: ignore[union-attr]
-        cap = factory.settings.max_connections
-        if cap and len(factory.connections) >= cap:
-            self._cause = "limit"
-            factory.metrics.increment("connections_rejected", "limit")
-            _abort(self.transport)
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.clientHost, self.clientPort = _address(peer)
+        admission = factory.admission
+        if self.admission is None and factory.admitsPeers:
+            # Given straight to a port: this is the accept-time admission.
+            if not admission.acceptPeer(peer):
+                self._refuse()
+                return
+            self.admission = admission
+        if not admission.admitClient(self.clientHost):
+            self._refuse()
             return
+        self._clientAdmitted = True
         self._admitted = True
         factory.connections.add(self)
         factory.metrics.increment("connections_accepted")
         self.transport.pauseProducing()  # type: ignore[union-attr]
         self._attempt()
+
+    def _refuse(self) -> None:
+        """
+        Admission said no: close at once.  Counted by the admission (as
+        C{connections_rejected}); there is no session, so no log line.
+        """
+        self._done = True
+        self._cause = "limit"
+        self._clientOpen = False
+        _abort(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesToBackend += len(data)
@@ -592,8 +677,12 @@ class ProxyClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._clientOpen = False
+        release_admission(self)
         if self._admitted:
             self.factory.connections._forget(self)
+        if self._clientAdmitted:
+            self._clientAdmitted = False
+            self.factory.admission.clientLeft(self.clientHost)
         clean = isinstance(reason.value, ConnectionDone)
         if self._cause is None and not (clean and self._finCause is not None):
             self._cause = "client-closed" if clean else "client-error"
@@ -711,10 +800,13 @@ class ProxyClientProtocol(Protocol):
         backend = attempt.backend
         if backend.proxy_protocol:
             try:
+                # A client without an IP address (a UNIX socket) gets
+                # PROXY v1 UNKNOWN / v2 LOCAL.
+                destination = _address(client_transport.getHost())
                 header = header_for(
                     backend.proxy_protocol,
-                    (self.clientHost, self.clientPort),
-                    _address(client_transport.getHost()),
+                    (self.clientHost, self.clientPort) if self.clientHost else None,  # type: ignore[arg-type]
+                    destination if destination[0] else None,  # type: ignore[arg-type]
                 )
             except ValueError as e:
                 _log.warn(
@@ -863,6 +955,20 @@ class ProxyClientProtocol(Protocol):
             self._lastTotal = -1
             factory.connections._watch(factory.clock, idle / _IDLE_TICKS)
 
+    def _activity(self) -> tuple[int, int]:
+        """
+        (bytes received either way, bytes still queued towards either
+        side): a change in either is activity, so that a slow reader
+        draining what the proxy holds for it is never idle.
+        """
+        side = self._backendSide
+        total = self.bytesToBackend
+        pending = _queued(self.transport)
+        if side is not None:
+            total += side.bytesToClient
+            pending += _queued(side.transport)
+        return total, pending
+
     def _idleTick(self) -> bool:
         """
         One look of the idle sweep: C{True} if this session has now been
@@ -870,22 +976,47 @@ class ProxyClientProtocol(Protocol):
         """
         if self._idleTicks < 0 or self._done:
             return False
-        side = self._backendSide
-        total = self.bytesToBackend + (side.bytesToClient if side is not None else 0)
-        if total != self._lastTotal:
+        total, pending = self._activity()
+        if total != self._lastTotal or pending != self._lastPending:
             self._lastTotal = total
+            self._lastPending = pending
             self._idleTicks = 0
             return False
         self._idleTicks += 1
         return self._idleTicks >= _IDLE_TICKS
 
     def _startHalfClosedTimer(self) -> None:
+        """
+        One direction is done (or one leg is closing with data still to
+        deliver): from now on the connection must show activity at least
+        every C{half_closed_timeout} seconds (HAProxy's C{client-fin} /
+        C{server-fin}), never a deadline on a transfer that still flows.
+        Looked at four times per period; the close comes 1 to 1.25 periods
+        after the last byte moved.
+        """
         timeout = self.factory.settings.half_closed_timeout
         if self._halfCall is None and not self._done and timeout > 0:
-            self._halfCall = self.factory.clock.callLater(timeout, self._halfClosedTimeout)
+            self._halfTicks = 0
+            self._halfMark = self._activity()
+            self._halfCall = self.factory.clock.callLater(
+                timeout / _IDLE_TICKS, self._halfClosedTick
+            )
 
-    def _halfClosedTimeout(self) -> None:
-        self._abortBoth("half-closed-timeout")
+    def _halfClosedTick(self) -> None:
+        self._halfCall = None
+        if self._done:
+            return
+        mark = self._activity()
+        if mark != self._halfMark:
+            self._halfMark = mark
+            self._halfTicks = 0
+        else:
+            self._halfTicks += 1
+            if self._halfTicks >= _IDLE_TICKS:
+                self._abortBoth("half-closed-timeout")
+                return
+        timeout = self.factory.settings.half_closed_timeout
+        self._halfCall = self.factory.clock.callLater(timeout / _IDLE_TICKS, self._halfClosedTick)
 
     # -- the end ------------------------------------------------------------
 

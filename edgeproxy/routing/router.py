@@ -16,10 +16,14 @@ from edgeproxy.interfaces import (
     IBackendRepository,
     IBindingRepository,
     IGeoResolver,
+    ILoadCounter,
     IMetricsStore,
     IRouter,
+    IStateOverlay,
 )
 from edgeproxy.model import Backend, BindingKey
+from edgeproxy.routing.load import LoadTable
+from edgeproxy.routing.overlay import StateOverlay
 from edgeproxy.routing.selection import geo_tier, score, select
 
 __all__ = ["NO_BACKEND", "Router"]
@@ -29,6 +33,10 @@ NO_BACKEND = "routing_no_backend"
 
 _NO_EXCLUDE: FrozenSet[str] = frozenset()
 
+#: Selections per attempt when acquire() finds the chosen backend full
+#: (possible only when the load table is shared with other workers).
+_ACQUIRE_TRIES = 3
+
 
 @implementer(IRouter)
 class Router:
@@ -37,10 +45,19 @@ class Router:
 
     Nothing derived from the routing table is cached here: every call reads
     C{repository.current()}, so a reload is seen by the next connection.  A
-    binding whose backend went away, stopped being routable, changed app or
-    reached its hard limit is dropped when next read.
+    binding whose backend went away, stopped being routable, changed app,
+    became unavailable in the state overlay or reached its hard limit is
+    dropped when next read.  A backend the overlay closes to new clients
+    (drain) still takes the clients bound to it.
+
+    Load is taken with one atomic L{ILoadCounter.acquire} per connection: if
+    a backend chosen by the score turns out full (another worker took its
+    last slot), the next best is chosen.
 
     @ivar local_region: The region of this POP.
+    @ivar load: The per-backend load counts.
+    @ivar overlay: The health / breaker / admin verdicts consulted on top of
+        the routing table.
     """
 
     def __init__(
@@ -52,6 +69,9 @@ class Router:
         local_region: str,
         clock: IReactorTime,
         rng: random.Random | None = None,
+        *,
+        load: ILoadCounter | None = None,
+        overlay: IStateOverlay | None = None,
     ) -> None:
         self._repository = repository
         self._bindings = bindings
@@ -60,50 +80,79 @@ class Router:
         self.local_region = local_region
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        self.load: ILoadCounter = load if load is not None else LoadTable(metrics)
+        self.overlay: IStateOverlay = overlay if overlay is not None else StateOverlay()
 
     def __repr__(self) -> str:
         return f"<Router local_region={self.local_region!r}>"
+
+    def _usable(self, backend: Backend | None, app: str | None, exclude: FrozenSet[str]) -> bool:
+        """
+        Whether a bound backend may take this client now (load aside).
+        """
+        return (
+            backend is not None
+            and (app is None or backend.app == app)
+            and backend.id not in exclude
+            and backend.id not in self.overlay.unavailable
+        )
 
     def choose(
         self, client_ip: str, app: str | None, exclude: FrozenSet[str] = _NO_EXCLUDE
     ) -> Backend | None:
         """
         See L{IRouter.choose}.
+
+        C{routing_no_backend} is counted only when a first attempt finds no
+        candidate: a failover that runs out of candidates is the
+        connection's C{connect-failed}, not a second cause.
         """
         now = self._clock.seconds()
         snapshot = self._repository.current()
-        metrics = self._metrics
-        load = metrics.connections
+        load = self.load
         bindings = self._bindings
         key: BindingKey = (client_ip, app)
 
         binding = bindings.lookup(key, now)
         if binding is not None:
             backend = snapshot.routable.get(binding.backend_id)
-            if (
-                backend is not None
-                and (app is None or backend.app == app)
-                and backend.id not in exclude
-                and (backend.hard_limit <= 0 or load.get(backend.id, 0) < backend.hard_limit)
-            ):
-                metrics.connectionOpened(backend.id)
+            if self._usable(backend, app, exclude) and load.acquire(backend):  # type: ignore[arg-type]
                 return backend
             bindings.remove(key)
 
         geo = self._geo.resolve(client_ip) if self._geo is not None else None
-        chosen = select(snapshot, app, geo, self.local_region, load, self._rng, exclude)
-        if chosen is None:
-            metrics.increment(NO_BACKEND)
-            return None
-        bindings.bind(key, chosen.id, now)
-        metrics.connectionOpened(chosen.id)
-        return chosen
+        blocked = self.overlay.closedToNew
+        skip = exclude
+        for _ in range(_ACQUIRE_TRIES):
+            chosen = select(
+                snapshot, app, geo, self.local_region, load.connections, self._rng, skip, blocked
+            )
+            if chosen is None:
+                break
+            binding = bindings.bind(key, chosen.id, now)
+            if binding.backend_id != chosen.id:
+                # Get-or-create found another choice (a shared binding store:
+                # another worker bound this client meanwhile).  Follow it if
+                # it can take the client, so the client has one backend.
+                other = snapshot.routable.get(binding.backend_id)
+                if self._usable(other, app, exclude) and load.acquire(other):  # type: ignore[arg-type]
+                    return other
+                bindings.remove(key)
+                bindings.bind(key, chosen.id, now)
+            if load.acquire(chosen):
+                return chosen
+            # Full since the scores were read: try the next best.
+            bindings.remove(key)
+            skip = skip | {chosen.id}
+        if not exclude:
+            self._metrics.increment(NO_BACKEND)
+        return None
 
     def release(self, backend_id: str) -> None:
         """
         See L{IRouter.release}.
         """
-        self._metrics.connectionClosed(backend_id)
+        self.load.release(backend_id)
 
     def connectFailed(self, client_ip: str, app: str | None, backend_id: str) -> None:
         """
@@ -130,7 +179,7 @@ class Router:
             "hard_limit"}}.
         """
         snapshot = self._repository.current()
-        load = self._metrics.connections
+        load = self.load.connections
         geo = self._geo.resolve(client_ip) if self._geo is not None else None
         peek = getattr(self._bindings, "peek", None)
         binding = peek((client_ip, app), self._clock.seconds()) if peek is not None else None

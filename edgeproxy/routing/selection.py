@@ -87,6 +87,7 @@ def select(
     load: Mapping[str, int],
     rng: random.Random,
     exclude: Container[str] = _NO_EXCLUDE,
+    blocked: Container[str] = _NO_EXCLUDE,
 ) -> Backend | None:
     """
     Choose the backend for a new connection, or C{None} if there is none.
@@ -100,7 +101,10 @@ def select(
         missing ids count as 0.  Backends with C{hard_limit > 0} and
         C{current >= hard_limit} are not candidates.
     @param rng: Breaks exact ties uniformly; only used when there is a tie.
-    @param exclude: Backend ids that must not be chosen.
+    @param exclude: Backend ids that must not be chosen (attempts that
+        already failed for this client).
+    @param blocked: More ids that must not be chosen: the state overlay's
+        backends closed to new clients (down, breaker open, drain, maint).
     """
     country, region = _client_keys(client_geo)
     by_region = snapshot.by_app_region
@@ -141,7 +145,7 @@ def select(
                     if b_region == local_region or (region is not None and b_region == region):
                         continue
             bid = b.id
-            if bid in exclude:
+            if bid in exclude or bid in blocked:
                 continue
             current = load_get(bid, 0)
             if current:

@@ -1,0 +1,86 @@
+"""
+Per-backend load accounting in one process: an L{ILoadCounter}.
+
+Taking a slot (L{LoadTable.acquire}) checks the hard limit and counts in one
+step, so that the router never reads a count and then increments it as two
+separate operations; a table shared between worker processes implements the
+same port.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from edgeproxy.interfaces import ILoadCounter, IMetricsStore
+from edgeproxy.model import Backend
+
+__all__ = ["UNDERFLOW", "LoadTable"]
+
+_log = Logger()
+
+#: Counter bumped (labelled with the backend id) when a slot is released
+#: that was never taken: a bookkeeping bug, never a negative count.
+UNDERFLOW = "load_underflow"
+
+
+@implementer(ILoadCounter)
+class LoadTable:
+    """
+    An in-memory L{ILoadCounter}.
+
+    @ivar connections: Backend id -> current connections (open plus
+        connecting).  A plain C{dict}, read on every routing decision; ids
+        drop out when they reach 0 and counts never go negative.
+    @ivar metrics: Where an underflow is counted, if given.
+    """
+
+    __slots__ = ("_underflowLogged", "connections", "metrics")
+
+    def __init__(self, metrics: IMetricsStore | None = None) -> None:
+        self.connections: Dict[str, int] = {}
+        self.metrics = metrics
+        self._underflowLogged = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<LoadTable backends={len(self.connections)} total={sum(self.connections.values())}>"
+        )
+
+    def acquire(self, backend: Backend) -> bool:
+        """
+        See L{ILoadCounter.acquire}.
+        """
+        connections = self.connections
+        bid = backend.id
+        current = connections.get(bid, 0)
+        hard = backend.hard_limit
+        if hard > 0 and current >= hard:
+            return False
+        connections[bid] = current + 1
+        return True
+
+    def release(self, backend_id: str) -> None:
+        """
+        See L{ILoadCounter.release}.  Releasing more than was taken leaves
+        the count at 0, counts L{UNDERFLOW} and logs once.
+        """
+        connections = self.connections
+        n = connections.get(backend_id, 0)
+        if n > 1:
+            connections[backend_id] = n - 1
+        elif n == 1:
+            del connections[backend_id]
+        else:
+            if self.metrics is not None:
+                self.metrics.increment(UNDERFLOW, backend_id)
+            if not self._underflowLogged:
+                self._underflowLogged = True
+                _log.warn(
+                    "connection to {backend_id} released more often than taken "
+                    "(ignored; counted as {counter}, logged once)",
+                    backend_id=backend_id,
+                    counter=UNDERFLOW,
+                )
