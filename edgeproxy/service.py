@@ -65,6 +65,8 @@ class EdgeProxyService(MultiService):
     @ivar repository: The routing table.
     @ivar bindings: The client bindings.
     @ivar router: The router every factory asks.
+    @ivar admission: The admission every listener goes through (set by
+        L{build_service}).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class EdgeProxyService(MultiService):
         self.region = region
         self.geo_description = geo_description
         self.factories: List[Any] = []
+        self.admission: Any = None
         self.listeners: List[ListenerSpec] = []
         self._summaryLogged = False
 
@@ -209,9 +212,11 @@ def build_service(
         periodic jobs.
     @param listeners: One listener per spec, each with its own
         L{edgeproxy.net.proxy.ProxyFactory}; the factories share one
-        L{edgeproxy.net.proxy.ConnectionTable} of live connections, so
-        C{settings.max_connections} is a global cap across every listener
-        and one idle sweep covers them all.
+        L{edgeproxy.net.proxy.ConnectionTable} of live sessions (one idle
+        sweep covers them all) and one L{edgeproxy.net.admission.Admission}
+        that every listener's socket-level factory goes through, so
+        C{settings.max_connections} is a global cap across every listener,
+        enforced at accept time before any TLS or PROXY header work.
     @param trusted: Senders allowed to send PROXY headers on C{haproxy:}
         listeners.
     @param db_reload: Seconds between routing table reloads.
@@ -221,6 +226,7 @@ def build_service(
     @param geo_description: What geo database is in use, for the startup
         log line only (default: C{geo.describe()}, if it has that).
     """
+    from edgeproxy.net.admission import Admission
     from edgeproxy.net.endpoints import server_endpoint
     from edgeproxy.net.proxy import ConnectionTable, ProxyFactory
 
@@ -240,6 +246,8 @@ def build_service(
         geo_description=geo_description,
     )
     live = ConnectionTable()
+    admission = Admission(settings.max_connections, metrics)
+    top.admission = admission
     for index, spec in enumerate(listeners):
         endpoint = server_endpoint(
             reactor,
@@ -248,8 +256,18 @@ def build_service(
             trusted=trusted,
             header_timeout=header_timeout,
             tls_handshake_timeout=tls_handshake_timeout,
+            admission=admission,
         )
-        factory = ProxyFactory(router, reactor, settings, metrics, app=spec.app, connections=live)
+        factory = ProxyFactory(
+            router,
+            reactor,
+            settings,
+            metrics,
+            app=spec.app,
+            connections=live,
+            admission=admission,
+            admitsPeers=False,
+        )
         listener = StreamServerEndpointService(endpoint, factory)
         # As twisted.application.strports.service does: a port that cannot
         # be bound fails startup instead of leaving a proxy that listens on

@@ -779,7 +779,7 @@ class ProxyHarness:
         """
         No client connection open and no backend counted any more.
         """
-        return self.factory.openConnections == 0 and not self.metrics.connections
+        return self.factory.openConnections == 0 and not self.router.load.connections
 
     @defer.inlineCallbacks
     def assert_fresh_connection_works(self, payload: bytes = b"ping", timeout: float = 5.0) -> Any:

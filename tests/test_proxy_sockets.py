@@ -274,9 +274,10 @@ def test_behind_proxy_header_listener():
 def test_eager_and_queued_writes_keep_order():
     """
     Between plain TCP legs the relay writes eagerly (straight to the socket
-    when nothing is queued) and reads 256 KiB at a time; bursts of odd-sized
-    writes, some sent at once and some queued behind a partial send, come
-    back from an echo backend complete and in order.
+    when nothing is queued) and reads READ_SIZE bytes at a time; bursts of
+    odd-sized writes, some sent at once and some queued behind a partial
+    send (the proxy's send buffers are made small so that sends are
+    partial), come back from an echo backend complete and in order.
     """
     from edgeproxy.net.proxy import READ_SIZE
 
@@ -292,6 +293,8 @@ def test_eager_and_queued_writes_keep_order():
         assert session._outSocket is session._out.socket
         assert side.outSocket is session.transport.socket
         assert session.transport.bufferSize == session._out.bufferSize == READ_SIZE
+        for sock in (session._out.socket, session.transport.socket):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         queued = {"up": 0, "down": 0}
         for key, t in (("up", session._out), ("down", session.transport)):
             original = t.write

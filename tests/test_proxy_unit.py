@@ -29,7 +29,6 @@ from zope.interface.verify import verifyObject
 
 from edgeproxy.config import ProxySettings
 from edgeproxy.interfaces import IRouter
-from edgeproxy.metrics import UNDERFLOW
 from edgeproxy.model import Backend, GeoInfo
 from edgeproxy.net.proxy import (
     CAUSES,
@@ -39,6 +38,7 @@ from edgeproxy.net.proxy import (
     ProxyClientProtocol,
     ProxyFactory,
 )
+from edgeproxy.routing.load import UNDERFLOW
 from edgeproxy.routing.router import Router
 from edgeproxy.testing import (
     BindingTable,
@@ -174,7 +174,7 @@ class World:
             assert self.router.count("release", backend_id) == chosen.count(backend_id)
         released = [c[1] for c in self.router.calls if c[0] == "release"]
         assert sorted(released) == sorted(chosen)
-        assert self.metrics.connections == {}
+        assert self.router.router.load.connections == {}
         assert self.metrics.counter(UNDERFLOW, "a") == 0
         assert all(name != UNDERFLOW for name, _ in self.metrics.counters())
 
@@ -463,9 +463,11 @@ def test_no_backend(world_factory):
 
 def test_connection_cap(world_factory):
     """
-    Beyond max_connections a client is aborted at once, with no routing
-    and no connect, counted as rejected and logged with cause limit; the
-    admitted ones are unaffected and a slot frees when one leaves.
+    A factory given straight to a port admits its own clients: beyond
+    max_connections a client is aborted at once, with no routing and no
+    connect, counted as rejected (no connection line: it never became a
+    session); the admitted ones are unaffected and a slot frees when one
+    leaves.
     """
     w = world_factory(max_connections=2)
     p1, _ = w.accept()
@@ -474,29 +476,39 @@ def test_connection_cap(world_factory):
     assert t3.disconnected
     assert len(w.reactor.tcpClients) == 2
     assert w.factory.openConnections == 2
+    assert w.factory.admission.open == 2
     assert w.metrics.counter("connections_rejected", "limit") == 1
     assert w.metrics.counter("connections_accepted") == 2
     lost(p3, ConnectionLost())
-    assert w.logs.causes() == ["limit"]
+    assert w.logs.causes() == []
+    assert w.factory.admission.open == 2
     lost(p1, ConnectionLost())
     assert w.factory.openConnections == 1
+    assert w.factory.admission.open == 1
     p4, t4 = w.accept()
     assert not t4.disconnected
     assert w.factory.openConnections == 2
     lost(p2, ConnectionLost())
     lost(p4, ConnectionLost())
+    assert w.factory.admission.open == 0
     w.assert_accounted()
 
 
 def test_connection_cap_shared_across_factories(world_factory):
     """
-    Factories given one set of live connections share one cap: with
-    max_connections=2, a third client on a second listener (another
-    factory) is refused at once, and admitted once a slot frees up.
+    Factories given one admission share one cap: with max_connections=2,
+    a third client on a second listener (another factory) is refused at
+    once, and admitted once a slot frees up.
     """
     w = world_factory(max_connections=2)
     other = ProxyFactory(
-        w.router, w.reactor, w.settings, w.metrics, app="app", connections=w.factory.connections
+        w.router,
+        w.reactor,
+        w.settings,
+        w.metrics,
+        app="app",
+        connections=w.factory.connections,
+        admission=w.factory.admission,
     )
     p1, _ = w.accept()
     p2, _ = w.accept()
@@ -514,6 +526,28 @@ def test_connection_cap_shared_across_factories(world_factory):
     assert other.openConnections == w.factory.openConnections == 2
     lost(p2, ConnectionLost())
     lost(proto, ConnectionLost())
+    w.assert_accounted()
+
+
+def test_admitted_upstream_takes_no_second_slot(world_factory):
+    """
+    A session built behind socket-level admission (C{admitsPeers=False},
+    as L{edgeproxy.service} builds its factories) takes no slot of its
+    own: the cap is counted once, by whoever accepted the socket.
+    """
+    w = world_factory(max_connections=1)
+    inner = ProxyFactory(w.router, w.reactor, w.settings, w.metrics, app="app", admitsPeers=False)
+    protocols = []
+    for _ in range(3):
+        proto = inner.buildProtocol(CLIENT)
+        transport = FakeTCPTransport(hostAddress=LOCAL, peerAddress=CLIENT)
+        proto.makeConnection(transport)
+        assert not transport.disconnected
+        protocols.append(proto)
+    assert inner.admission.open == 0
+    assert inner.openConnections == 3
+    for proto in protocols:
+        lost(proto, ConnectionLost())
     w.assert_accounted()
 
 
@@ -812,18 +846,20 @@ def test_half_close_backend_first(world_factory):
 
 def test_half_closed_timeout(world_factory):
     """
-    A connection left half-closed is aborted after half_closed_timeout,
-    counted from the first FIN, even while bytes still flow.
+    A half-closed connection on which nothing moves any more is aborted
+    between 1 and 1.25 half_closed_timeout after the last byte: the
+    timeout is inactivity while half-closed, not a deadline from the FIN.
     """
-    w = world_factory(half_closed_timeout=3.0, idle_timeout=100.0)
+    w = world_factory(half_closed_timeout=4.0, idle_timeout=100.0)
     proto, client = w.accept()
     side, server = w.connected()
     w.reactor.advance(1.0)
     proto.readConnectionLost()
-    w.reactor.advance(2.9)
-    side.dataReceived(b"still talking")
+    step(w, 3.0)
+    side.dataReceived(b"last words")
+    step(w, 3.875)
     assert not client.disconnected
-    w.reactor.advance(0.1)
+    step(w, 1.25)
     assert client.disconnected and server.disconnected
     lost(proto, ConnectionLost())
     lost(side, ConnectionLost())
@@ -831,6 +867,33 @@ def test_half_closed_timeout(world_factory):
     assert line["cause"] == "half-closed-timeout"
     w.assert_accounted()
     assert w.reactor.getDelayedCalls() == []
+
+
+def test_half_closed_transfer_that_flows_is_never_cut(world_factory):
+    """
+    Defect 1 of issue 7: a client that sends its request and half-closes
+    while the backend streams the answer for far longer than
+    half_closed_timeout is never cut while bytes flow (FAULTS F22), and is
+    cut promptly once they stop.
+    """
+    w = world_factory(half_closed_timeout=2.0, idle_timeout=100.0)
+    proto, client = w.accept()
+    side, server = w.connected()
+    proto.dataReceived(b"GET /big\r\n")
+    proto.readConnectionLost()
+    assert server.write_closed
+    for _ in range(60):  # a chunk every second for a minute
+        step(w, 1.0)
+        side.dataReceived(b"x" * 1000)
+        assert not client.disconnected
+    step(w, 2.5)
+    assert client.disconnected
+    lost(proto, ConnectionLost())
+    lost(side, ConnectionLost())
+    [line] = w.lines()
+    assert line["cause"] == "half-closed-timeout"
+    assert line["bytes_to_client"] == 60_000
+    w.assert_accounted()
 
 
 def test_client_fin_while_connecting(world_factory):

@@ -129,7 +129,8 @@ def test_start_listens_and_runs_timers() -> None:
     repository = InMemoryBackendRepository([backend("gru-1")])
     service = make(reactor, repository)
     start(service)
-    assert [entry[1] for entry in reactor.tcpServers] == service.factories
+    # Each listener's socket-level factory is its admission wrapper.
+    assert [entry[1].wrappedFactory for entry in reactor.tcpServers] == service.factories  # type: ignore[attr-defined]
     assert repository.reloads == 1
     reactor.advance(5.0)
     reactor.advance(5.0)

@@ -50,6 +50,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from edgeproxy.interfaces import IMetricsStore
 from edgeproxy.model import Network
+from edgeproxy.net.admission import Admission, AdmissionEndpoint, release_admission
 from edgeproxy.net.proxyprotocol import (
     DEFAULT_V2_MAX_LENGTH,
     ProxyHeader,
@@ -163,6 +164,10 @@ class ProxyHeaderProtocol(Protocol):
     transport: Any = None
     wrappedProtocol: IProtocol | None = None
     header: ProxyHeader | None = None
+    #: Holds the admission slot when it is the socket-level protocol (see
+    #: L{edgeproxy.net.admission}).
+    admissionAware = True
+    admission: Admission | None = None
 
     def __init__(self, factory: "ProxyHeaderWrappingFactory") -> None:
         self.factory = factory
@@ -287,6 +292,7 @@ class ProxyHeaderProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = 0
         self._stopTimeout()
+        release_admission(self)
         protocol = self.wrappedProtocol
         if protocol is not None:
             # Break the cycles through the bound methods.
@@ -477,6 +483,7 @@ def server_endpoint(
     trusted: Sequence[Network] = LOOPBACK_NETWORKS,
     header_timeout: float | None = 5.0,
     tls_handshake_timeout: float = 10.0,
+    admission: Admission | None = None,
 ) -> IStreamServerEndpoint:
     """
     The listening endpoint for C{description}.
@@ -491,6 +498,10 @@ def server_endpoint(
         L{parse_cidrs}); loopback by default.
     @param header_timeout: Seconds for a whole PROXY header.
     @param tls_handshake_timeout: Seconds for a whole TLS handshake.
+    @param admission: If given, every connection accepted by the
+        socket-level endpoint (the innermost description) is admitted by
+        it at accept time, before any TLS or PROXY header work (see
+        L{edgeproxy.net.admission}).
     @raise ValueError: A malformed description.
     """
 
@@ -502,6 +513,7 @@ def server_endpoint(
             trusted=trusted,
             header_timeout=header_timeout,
             tls_handshake_timeout=tls_handshake_timeout,
+            admission=admission,
         )
 
     if description.startswith("haproxy:"):
@@ -519,4 +531,7 @@ def server_endpoint(
             handshake_timeout=tls_handshake_timeout,
             metrics=metrics,
         )
-    return serverFromString(reactor, description)
+    endpoint = serverFromString(reactor, description)
+    if admission is not None:
+        return AdmissionEndpoint(endpoint, admission)
+    return endpoint

@@ -83,6 +83,7 @@ from txsni.snimap import SNIMap
 from zope.interface import implementer
 
 from edgeproxy.interfaces import IMetricsStore
+from edgeproxy.net.admission import Admission, release_admission
 
 __all__ = [
     "DEFAULT_NAME",
@@ -463,6 +464,14 @@ class _TLSServerProtocol(TLSMemoryBIOProtocol):
     factory: _TLSServerFactory
     _peerFinished = False
     _writeClosed = False
+    #: Holds the admission slot when it is the socket-level protocol (see
+    #: L{edgeproxy.net.admission}).
+    admissionAware = True
+    admission: Admission | None = None
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        release_admission(self)
+        TLSMemoryBIOProtocol.connectionLost(self, reason)
 
     def makeConnection(self, transport: Any) -> None:
         """
