@@ -5,6 +5,7 @@ and 6, FAULTS F12), on real SQLite files.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import sqlite3
@@ -12,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
+import attrs
 import pytest
 import pytest_twisted
 from faultkit import EventCollector
@@ -19,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
@@ -36,6 +39,7 @@ from edgeproxy.stores.sqlite import (
     schema_sql,
     validate_row,
 )
+from edgeproxy.tap import Options, makeService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +70,12 @@ CREATE TABLE backends (
 # Every SPEC column, without declared types: SQLite then keeps each value
 # exactly as inserted (TEXT '12' stays text, REAL stays real).
 UNTYPED_SCHEMA = "CREATE TABLE backends ({});".format(", ".join(COLUMNS))
+
+# SPEC section 1: the only SPEC columns a table may lack.
+SPEC_OPTIONAL = ("country", "proxy_protocol")
+
+# SPEC section 1: every other SPEC column must be there.
+SPEC_MANDATORY = tuple(c for c in COLUMNS if c not in SPEC_OPTIONAL)
 
 NO_PORT_SCHEMA = """
 CREATE TABLE backends (
@@ -248,6 +258,30 @@ BAD_ROWS = [
     ({"wg_ip": None}, "bad", "wg_ip: is NULL"),
     ({"wg_ip": " "}, "bad", "wg_ip: is empty"),
     ({"wg_ip": "10.0.0.1 10.0.0.2"}, "bad", "wg_ip: str '10.0.0.1 10.0.0.2' is not an address"),
+    ({"wg_ip": "1.2.3.4:80"}, "bad", "wg_ip: str '1.2.3.4:80' is not an address"),
+    ({"wg_ip": "[fd00::1]"}, "bad", "wg_ip: str '[fd00::1]' is not an address"),
+    ({"wg_ip": "[fd00::1]:80"}, "bad", "wg_ip: str '[fd00::1]:80' is not an address"),
+    ({"wg_ip": "http://10.0.0.1"}, "bad", "wg_ip: str 'http://10.0.0.1' is not an address"),
+    ({"wg_ip": "10.0.0.0/24"}, "bad", "wg_ip: str '10.0.0.0/24' is not an address"),
+    ({"wg_ip": "fd00::/64"}, "bad", "wg_ip: str 'fd00::/64' is not an address"),
+    ({"wg_ip": "backend.example:8080"}, "bad", "wg_ip: str 'backend.example:8080' is not"),
+    ({"wg_ip": "10.0.0.1%eth0"}, "bad", "wg_ip: str '10.0.0.1%eth0' is not an address"),
+    ({"wg_ip": "backend%eth0"}, "bad", "wg_ip: str 'backend%eth0' is not an address"),
+    ({"wg_ip": "fe80::1%"}, "bad", "wg_ip: str 'fe80::1%' is not an address"),
+    ({"wg_ip": "fe80::1%eth0/1"}, "bad", "wg_ip: str 'fe80::1%eth0/1' is not an address"),
+    ({"wg_ip": "fd00::1::2"}, "bad", "wg_ip: str 'fd00::1::2' is not an address"),
+    ({"wg_ip": "10.0.0.256"}, "bad", "wg_ip: str '10.0.0.256' is not an address"),
+    ({"wg_ip": "010.0.0.1"}, "bad", "wg_ip: str '010.0.0.1' is not an address"),
+    ({"wg_ip": "10.1"}, "bad", "wg_ip: str '10.1' is not an address"),
+    ({"wg_ip": "0x7f000001"}, "bad", "wg_ip: str '0x7f000001' is not an address"),
+    ({"wg_ip": "-backend.example"}, "bad", "wg_ip: str '-backend.example' is not"),
+    ({"wg_ip": "backend-.example"}, "bad", "wg_ip: str 'backend-.example' is not"),
+    ({"wg_ip": "a..example"}, "bad", "wg_ip: str 'a..example' is not an address"),
+    ({"wg_ip": ".example"}, "bad", "wg_ip: str '.example' is not an address"),
+    ({"wg_ip": "under_score.example"}, "bad", "wg_ip: str 'under_score.example' is not"),
+    ({"wg_ip": "b\u00fccher.example"}, "bad", "wg_ip: str 'b\u00fccher.example' is not"),
+    ({"wg_ip": "a" * 64 + ".example"}, "bad", "wg_ip: str 'aaaa"),
+    ({"wg_ip": ".".join(["a" * 63] * 4)}, "bad", "wg_ip: str 'aaaa"),
     ({"region": None}, "bad", "region: is NULL"),
     ({"region": ""}, "bad", "region: is empty"),
     ({"country": "BRA"}, "bad", "country: str 'BRA' is not a two-letter code"),
@@ -278,6 +312,89 @@ def test_bad_row_skipped_with_its_id(
     assert len(skipped) == 1
     assert skipped[0][0] == label
     assert skipped[0][1].startswith(reason)
+
+
+@pytest.mark.parametrize(
+    ("wg_ip", "host"),
+    [
+        ("10.50.1.1", "10.50.1.1"),
+        ("fd00::1", "fd00::1"),
+        ("FD00:0000:0:0::0001", "fd00::1"),
+        ("fe80::1%wg0", "fe80::1%wg0"),
+        ("FE80:0::1%2", "fe80::1%2"),
+        ("localhost", "localhost"),
+        ("backend-1.internal", "backend-1.internal"),
+        ("gru-1.fly.example.", "gru-1.fly.example."),
+        ("1e100.net", "1e100.net"),
+        ("a" * 63 + ".example", "a" * 63 + ".example"),
+        (".".join(["a" * 63] * 3 + ["a" * 61]), ".".join(["a" * 63] * 3 + ["a" * 61])),
+    ],
+)
+def test_valid_hosts(wg_ip: str, host: str) -> None:
+    """
+    wg_ip takes an IPv4 literal, an IPv6 literal without brackets (with an
+    optional zone index, normalised to the compressed form) or an RFC 1123
+    host name of at most 253 characters with an optional trailing dot.
+    """
+    assert validate_row(good_row("a", wg_ip=wg_ip)).host == host
+
+
+def _is_host_name(host: str) -> bool:
+    """
+    RFC 1123 host name, checked label by label (independently of the code
+    under test): 1-63 letters, digits and hyphens, no hyphen at either end,
+    253 characters at most without the optional trailing dot, and a last
+    label that is not numeric (RFC 1123 2.1: it would read as an address).
+    """
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    for label in labels:
+        if not 1 <= len(label) <= 63 or label[0] == "-" or label[-1] == "-":
+            return False
+        if not all(c.isascii() and (c.isalnum() or c == "-") for c in label):
+            return False
+    last = labels[-1].lower()
+    return not (last.isdigit() or last.startswith("0x"))
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return str(address) == host
+
+
+_HOST_PIECES = st.sampled_from(
+    ["10", "0", "256", "a", "A", "1", "fd00", "example", "-", ".", ":", "::", "%", "eth0"]
+)
+_HOST_PIECES = _HOST_PIECES | st.sampled_from(["[", "]", "/", "http://", "_", "0x1f", "é"])
+_HOSTS = st.one_of(
+    st.text(max_size=20),
+    st.lists(_HOST_PIECES, min_size=1, max_size=10).map("".join),
+    st.ip_addresses().map(str),
+    st.ip_addresses(v=6).map(lambda a: a.exploded.upper()),
+    st.from_regex(r"\A[a-z0-9-]{1,70}(\.[a-z0-9-]{1,70}){0,4}\.?\Z"),
+)
+
+
+@given(_HOSTS)
+def test_accepted_hosts_are_addresses_or_names(wg_ip: str) -> None:
+    """
+    Whatever wg_ip holds, a host validate_row accepts is an IPv4 literal, an
+    IPv6 literal in compressed form (no brackets, optionally with a zone) or
+    an RFC 1123 host name; anything else is an InvalidRowError on wg_ip.
+    """
+    try:
+        host = validate_row(good_row("a", wg_ip=wg_ip)).host
+    except InvalidRowError as e:
+        assert e.column == "wg_ip"
+        return
+    assert _is_ip_literal(host) or _is_host_name(host)
+    if ":" in host:
+        assert host == str(ipaddress.ip_address(wg_ip.strip()))
 
 
 def test_undecodable_text_skips_only_its_row(tmp_path: Path) -> None:
@@ -320,14 +437,65 @@ def test_missing_mandatory_column_fails_the_load(tmp_path: Path, column: str) ->
         load_backends(str(db), 0.1)
 
 
+@pytest.mark.parametrize("column", SPEC_MANDATORY)
+def test_spec_columns_other_than_country_and_proxy_protocol_are_mandatory(
+    tmp_path: Path, column: str
+) -> None:
+    """
+    SPEC section 1: a table without any SPEC column other than country and
+    proxy_protocol (healthy, deleted, app, weight, the limits, ...) fails the
+    whole load with a message naming the column and pointing at the schema,
+    rather than loading with defaults that change routing.
+    """
+    db = tmp_path / "routing.db"
+    columns = [c for c in COLUMNS if c != column]
+    write_db(db, [], "CREATE TABLE backends ({});".format(", ".join(columns)))
+    with pytest.raises(RoutingDatabaseError) as caught:
+        load_backends(str(db), 0.1)
+    assert str(caught.value) == (
+        f"table 'backends' in {db} lacks column(s) {column} (see conf/schema.sql)"
+    )
+
+
+def test_column_sets_follow_the_spec() -> None:
+    """
+    Only country, proxy_protocol and the undocumented draining column are
+    optional; every other SPEC column is mandatory.
+    """
+    assert set(MANDATORY_COLUMNS) == set(SPEC_MANDATORY)
+    assert set(OPTIONAL_COLUMNS) == {"country", "proxy_protocol", "draining"}
+    assert not set(MANDATORY_COLUMNS) & set(OPTIONAL_COLUMNS)
+
+
+def test_dropped_columns_fail_the_load(tmp_path: Path) -> None:
+    """
+    Columns dropped with ALTER TABLE ... DROP COLUMN from a table made with
+    the shipped schema fail the load, all of them named in one message.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a"), good_row("sick", healthy=0), good_row("gone", deleted=1)])
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE backends DROP COLUMN deleted")
+    conn.execute("ALTER TABLE backends DROP COLUMN healthy")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RoutingDatabaseError) as caught:
+        load_backends(str(db), 0.1)
+    assert str(caught.value) == (
+        f"table 'backends' in {db} lacks column(s) healthy, deleted (see conf/schema.sql)"
+    )
+
+
 def test_missing_table_fails_the_load(tmp_path: Path) -> None:
     """
-    A database without a backends table fails the load.
+    A database without a backends table fails the load, saying where the
+    schema is.
     """
     db = tmp_path / "routing.db"
     write_db(db, [], "CREATE TABLE other (x);")
-    with pytest.raises(RoutingDatabaseError, match="no 'backends' table"):
+    with pytest.raises(RoutingDatabaseError) as caught:
         load_backends(str(db), 0.1)
+    assert str(caught.value) == f"{db} has no 'backends' table; create it with conf/schema.sql"
 
 
 def test_path_needing_uri_quoting(tmp_path: Path) -> None:
@@ -363,7 +531,27 @@ _VALUES = st.one_of(
     st.binary(max_size=8),
     st.sampled_from(["0", "1", "BR", "sa", "10.0.0.1", " ", ""]),
 )
-_ROWS = st.dictionaries(st.sampled_from(MANDATORY_COLUMNS + OPTIONAL_COLUMNS), _VALUES)
+
+
+def _mostlyGood(column: str) -> st.SearchStrategy[object]:
+    """
+    The value of C{good_row} for C{column} three times in four, else anything.
+    """
+    good = st.just(good_row("a", draining=0)[column])
+    return st.one_of(good, good, good, _VALUES)
+
+
+_ROWS = st.one_of(
+    st.dictionaries(st.sampled_from(MANDATORY_COLUMNS + OPTIONAL_COLUMNS), _VALUES),
+    # Rows with most or all columns, so that many are valid.
+    st.fixed_dictionaries(
+        {c: _mostlyGood(c) for c in SPEC_MANDATORY if c not in ("healthy", "deleted")},
+        optional={
+            c: _mostlyGood(c)
+            for c in ("healthy", "deleted", "country", "proxy_protocol", "draining")
+        },
+    ),
+)
 
 
 @given(_ROWS)
@@ -379,12 +567,39 @@ def test_validate_row_only_ever_skips(row: Dict[str, object]) -> None:
         assert e.column in MANDATORY_COLUMNS + OPTIONAL_COLUMNS
         assert e.reason.startswith(e.column + ": ")
         return
+    assert set(SPEC_MANDATORY) <= set(row)
     assert type(backend.port) is int and 1 <= backend.port <= 65535
     assert backend.port == row["port"]
     assert backend.weight >= 1 and backend.soft_limit >= 1 and backend.hard_limit >= 0
     assert backend.proxy_protocol in (0, 1, 2)
     assert backend.id == row["id"] and backend.id.strip()
     assert backend.country is None or (len(backend.country) == 2 and backend.country.isupper())
+
+
+@pytest.mark.parametrize("column", SPEC_MANDATORY)
+def test_validate_row_missing_mandatory_key(column: str) -> None:
+    """
+    A mapping without a mandatory column is invalid, naming the column; it
+    never takes a default.
+    """
+    row = good_row("a")
+    del row[column]
+    with pytest.raises(InvalidRowError) as caught:
+        validate_row(row)
+    assert caught.value.column == column
+    assert caught.value.reason == f"{column}: is missing"
+
+
+def test_validate_row_defaults_only_optional_columns() -> None:
+    """
+    A mapping without the optional columns takes their documented defaults:
+    country NULL, proxy_protocol off, not draining.
+    """
+    row = good_row("a")
+    del row["country"], row["proxy_protocol"]
+    backend = validate_row(row)
+    assert (backend.country, backend.proxy_protocol, backend.draining) == (None, PROXY_OFF, False)
+    assert backend == attrs.evolve(validate_row(good_row("a")), country=None)
 
 
 _SQL_VALUES = st.one_of(
@@ -478,23 +693,97 @@ def test_loadInitial_reads_table_and_logs_bad_rows(
     assert metrics.counter("routing_reload", "ok") == 1
 
 
-@pytest.mark.parametrize(
-    ("content", "match"),
-    [
-        (b"this is not a database" * 100, "not a database"),
-        (b"", "no 'backends' table"),
-    ],
-)
-def test_loadInitial_corrupt_file_raises(tmp_path: Path, content: bytes, match: str) -> None:
+def test_loadInitial_corrupt_file_raises(tmp_path: Path) -> None:
     """
-    A corrupt or table-less file at startup is a clear RoutingDatabaseError.
+    A corrupt file at startup is a clear RoutingDatabaseError.
     """
     db = tmp_path / "routing.db"
-    db.write_bytes(content)
+    db.write_bytes(b"this is not a database" * 100)
     repo = SqliteBackendRepository(str(db))
-    with pytest.raises(RoutingDatabaseError, match=match):
+    with pytest.raises(RoutingDatabaseError, match="not a database"):
         repo.loadInitial()
     assert repo.lastError is not None
+
+
+@pytest.mark.parametrize(
+    "schema", ["CREATE TABLE other (x);", "PRAGMA user_version = 7;"], ids=["other", "none"]
+)
+def test_loadInitial_database_without_table_raises(tmp_path: Path, schema: str) -> None:
+    """
+    A non-empty SQLite file without a backends table (another table, or no
+    table at all) is fatal at startup, never filled in; the message points
+    at conf/schema.sql.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [], schema)
+    before = db.read_bytes()
+    assert before
+    repo = SqliteBackendRepository(str(db))
+    with pytest.raises(RoutingDatabaseError) as caught:
+        repo.loadInitial()
+    assert str(caught.value) == f"{db} has no 'backends' table; create it with conf/schema.sql"
+    assert repo.lastError == str(caught.value)
+    assert db.read_bytes() == before
+
+
+def test_loadInitial_fills_empty_file(tmp_path: Path, events: List[Dict[str, Any]]) -> None:
+    """
+    A zero-length file (C{touch routing.db}) is treated like a missing one:
+    the schema is created in it, with the same warning naming the file.
+    """
+    db = tmp_path / "routing.db"
+    db.touch()
+    repo = SqliteBackendRepository(str(db))
+    snapshot = repo.loadInitial()
+    assert len(snapshot) == 0 and repo.current() is snapshot
+    assert repo.lastError is None and repo.lastReloadOk is not None
+    conn = sqlite3.connect(db)
+    assert [r[1] for r in conn.execute("PRAGMA table_info(backends)")] == list(COLUMNS)
+    conn.close()
+    warnings = [e for e in events if e["log_level"] is LogLevel.warn]
+    assert len(warnings) == 1 and warnings[0]["path"] == str(db)
+    assert "created it with an empty backends table" in formatEvent(warnings[0])
+
+
+def test_loadInitial_missing_column_raises(tmp_path: Path) -> None:
+    """
+    At startup a table lacking a mandatory column (here healthy, dropped
+    with ALTER TABLE) is a RoutingDatabaseError naming it, not a table
+    whose unhealthy backends become routable.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("sick", healthy=0)])
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE backends DROP COLUMN healthy")
+    conn.commit()
+    conn.close()
+    repo = SqliteBackendRepository(str(db))
+    with pytest.raises(RoutingDatabaseError, match=r"lacks column\(s\) healthy \(see conf/schema"):
+        repo.loadInitial()
+    assert repo.lastError is not None and "healthy" in repo.lastError
+    assert len(repo.current()) == 0
+
+
+def test_make_service_missing_column_is_fatal(tmp_path: Path) -> None:
+    """
+    The twistd plugin turns a missing mandatory column at startup into a
+    one-line fatal message naming the option, the column and the schema.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("gone", deleted=1)])
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE backends DROP COLUMN deleted")
+    conn.commit()
+    conn.close()
+    options = Options()
+    options.parseOptions([f"--db={db}", "--geoip-db=none"])
+    with pytest.raises(SystemExit) as caught:
+        makeService(options, reactor=MemoryReactorClock(), environ={})
+    message = str(caught.value.code)
+    assert "\n" not in message and "--db" in message
+    assert message.endswith(
+        f"table 'backends' in {db} lacks column(s) deleted (see conf/schema.sql)"
+    )
 
 
 def test_loadInitial_truncated_file_raises(tmp_path: Path) -> None:
@@ -641,6 +930,17 @@ def _dropColumn(db: Path) -> None:
     write_db(db, [{k: v for k, v in good_row("x").items() if k != "port"}], NO_PORT_SCHEMA)
 
 
+def _dropHealthy(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE backends DROP COLUMN healthy")
+    conn.commit()
+    conn.close()
+
+
+def _empty(db: Path) -> None:
+    db.write_bytes(b"")
+
+
 def _directory(db: Path) -> None:
     db.unlink()
     db.mkdir()
@@ -662,6 +962,8 @@ FAULTS = {
     "truncated": _truncate,
     "deleted": _delete,
     "column dropped": _dropColumn,
+    "healthy dropped in place": _dropHealthy,
+    "emptied": _empty,
     "unreadable (a directory)": _directory,
     "replaced non-atomically": _halfWritten,
 }
@@ -698,6 +1000,61 @@ def test_reload_survives_fault(tmp_path: Path, fault: str, events: List[Dict[str
     assert repo.lastError is None
     infos = [t for t in texts(events, LogLevel.info) if "again after failure" in t]
     assert len(infos) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_dropped_column_keeps_table_until_restored(
+    tmp_path: Path, events: List[Dict[str, Any]]
+):
+    """
+    F12 for a dropped column: after C{ALTER TABLE backends DROP COLUMN
+    healthy} a reload fails (logged once, naming the column) and the last
+    good table stays, so the unhealthy backend stays out of rotation; once
+    the column is added back the next reload is picked up.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a"), good_row("sick", healthy=0)])
+    repo = repository(db)
+    good = repo.loadInitial()
+    assert [b.id for b in good.backends if b.routable] == ["a"]
+
+    _dropHealthy(db)
+    for _ in range(3):
+        kept = yield repo.reload()
+        assert kept is good
+    assert [b.id for b in repo.current().backends if b.routable] == ["a"]
+    assert repo.lastError is not None and "lacks column(s) healthy" in repo.lastError
+    errors = texts(events, LogLevel.error)
+    assert len(errors) == 1 and "lacks column(s) healthy (see conf/schema.sql)" in errors[0]
+
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE backends ADD COLUMN healthy INTEGER NOT NULL DEFAULT 1")
+    conn.execute("UPDATE backends SET healthy = 0 WHERE id = 'a'")
+    conn.commit()
+    conn.close()
+    fresh = yield repo.reload()
+    assert repo.current() is fresh and repo.lastError is None
+    assert [(b.id, b.healthy) for b in fresh.backends] == [("a", False), ("sick", True)]
+    assert len([t for t in texts(events, LogLevel.info) if "again after failure" in t]) == 1
+    assert len(texts(events, LogLevel.error)) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_of_empty_file_fails(tmp_path: Path):
+    """
+    Only the first load fills in an empty file: a reload that finds the file
+    emptied (say, mid-replacement) fails, keeps the last good table and
+    leaves the file alone.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a")])
+    repo = repository(db)
+    good = repo.loadInitial()
+    _empty(db)
+    kept = yield repo.reload()
+    assert kept is good and repo.current() is good
+    assert repo.lastError is not None and "backends" in repo.lastError
+    assert db.read_bytes() == b""
 
 
 @pytest_twisted.inlineCallbacks

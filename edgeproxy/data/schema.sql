@@ -3,12 +3,17 @@
 -- edgeproxy reads this table read-only and reloads it periodically; edit it
 -- with any SQLite client.  A database created with the original schema
 -- (without `country` and `proxy_protocol`) still loads: those columns are
--- then treated as NULL and 0.  Rows with an invalid value (NULL or empty id,
--- port outside 1-65535, negative weight or limits, a non-integer where an
--- integer is required, healthy/deleted other than 0/1, proxy_protocol other
--- than 0/1/2, missing region or wg_ip) are skipped and logged with their id;
--- the other rows still load.
+-- then treated as NULL and 0.  Every other column must be there: a table
+-- without one of them is refused as a whole (at startup a fatal error, on
+-- reload the last good table stays).  Rows with an invalid value (NULL or
+-- empty id, port outside 1-65535, negative weight or limits, a non-integer
+-- where an integer is required, healthy/deleted other than 0/1,
+-- proxy_protocol other than 0/1/2, missing region, wg_ip that is not a
+-- bare address or host name) are skipped and logged with their id; the
+-- other rows still load.
 --
+--   wg_ip           an IPv4 address, an IPv6 address without brackets, or a
+--                   host name; no port (that is the port column), no scheme
 --   weight          higher gets more traffic; 0 (or NULL) counts as 1
 --   soft_limit      comfortable number of connections; 0 (or NULL) counts as 1
 --   hard_limit      absolute maximum of connections; 0 (or NULL) = unlimited

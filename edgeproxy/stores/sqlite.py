@@ -11,13 +11,18 @@ Rows are validated strictly: a row with an invalid value is skipped with its
 id and a reason, never wrapped, truncated or guessed at, and never fails the
 rest of the table.  A problem with the file or the table itself (unreadable,
 corrupt, locked, no C{backends} table, a mandatory column missing) fails the
-whole load.
+whole load: only the columns in L{OPTIONAL_COLUMNS} may be missing, because
+reading a table without, say, C{healthy} or C{deleted} with defaults would
+silently make unhealthy or deleted backends routable.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import sqlite3
+import stat
 import time
 from importlib import resources
 from typing import Any, Dict, List, Mapping, Tuple
@@ -47,19 +52,29 @@ __all__ = [
 
 _log = Logger()
 
-#: Columns without which the table cannot be read at all.
-MANDATORY_COLUMNS: Tuple[str, ...] = ("id", "region", "wg_ip", "port")
-
-#: Columns read when present; a missing one takes its default (NULL or 0).
-#: C{draining} is not in the SPEC schema; it is honoured if an operator adds it.
-OPTIONAL_COLUMNS: Tuple[str, ...] = (
+#: Columns the table must have (SPEC section 1): a table without any of them
+#: fails the whole load (the last good table stays; fatal at startup) instead
+#: of routing by defaults.  A NULL I{value} in some of them still has its
+#: documented meaning (see L{validate_row}).
+MANDATORY_COLUMNS: Tuple[str, ...] = (
+    "id",
     "app",
-    "country",
+    "region",
+    "wg_ip",
+    "port",
     "healthy",
     "weight",
     "soft_limit",
     "hard_limit",
     "deleted",
+)
+
+#: The only columns that may be missing; a missing one takes its default.
+#: C{country} (NULL) and C{proxy_protocol} (0, off) are not in the original
+#: edgeProxy schema; C{draining} (0) is not in the SPEC schema and is honoured
+#: if an operator adds it.  Optional columns added later belong here.
+OPTIONAL_COLUMNS: Tuple[str, ...] = (
+    "country",
     "proxy_protocol",
     "draining",
 )
@@ -188,19 +203,75 @@ def _flag(row: Mapping[str, object], column: str, default: int | None) -> bool:
     return value == 1
 
 
+#: One label of an RFC 1123 host name: 1-63 ASCII letters, digits and
+#: hyphens, no hyphen at either end.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+#: A last label that makes a name read as a (malformed or non-canonical)
+#: IPv4 address to C{inet_aton}: C{10.1}, C{010.0.0.1}, C{0x7f000001}.
+#: RFC 1123 section 2.1: the highest-level label of a host name is never
+#: numeric.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*", re.IGNORECASE)
+
+#: An IPv6 zone index: an interface name or number.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _host(value: str) -> str | None:
+    """
+    C{value} as a host to connect to, or C{None} if it is not one.
+
+    Accepted: an IPv4 literal; an IPv6 literal without brackets, optionally
+    with a C{%zone} index, returned in compressed form; an RFC 1123 host
+    name (at most 253 characters, an optional trailing dot), returned as
+    given.  Refused: anything else, such as a port suffix, brackets, a
+    scheme, a path or prefix length, or a zone on anything but IPv6.
+    """
+    if ":" in value:
+        address, percent, zone = value.partition("%")
+        if percent and _ZONE.fullmatch(zone) is None:
+            return None
+        try:
+            return ipaddress.IPv6Address(address).compressed + percent + zone
+        except ValueError:
+            return None
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        pass
+    name = value[:-1] if value.endswith(".") else value
+    if not name or len(name) > 253:
+        return None
+    labels = name.split(".")
+    if any(_LABEL.fullmatch(label) is None for label in labels):
+        return None
+    if _NUMERIC_LABEL.fullmatch(labels[-1]) is not None:
+        return None
+    return value
+
+
 def validate_row(row: Mapping[str, object]) -> Backend:
     """
-    Turn one row (column name -> SQLite value) into a L{Backend}.
+    Turn one row (a mapping of column name -> SQLite value) into a
+    L{Backend}.
 
-    Missing optional columns take their defaults: C{app}, C{country} NULL;
-    C{healthy} 1; C{weight}, C{soft_limit}, C{hard_limit}, C{deleted},
-    C{proxy_protocol}, C{draining} 0.  NULL in C{weight}, C{soft_limit},
-    C{hard_limit}, C{deleted} and C{proxy_protocol} means the same as 0;
-    NULL in C{id}, C{region}, C{wg_ip}, C{port} or C{healthy} is invalid.
+    Every column of L{MANDATORY_COLUMNS} must be in the mapping.  Only the
+    L{OPTIONAL_COLUMNS} may be missing, taking their defaults: C{country}
+    NULL, C{proxy_protocol} 0 (off), C{draining} 0.  NULL in C{app} or
+    C{country} means none; NULL in C{weight}, C{soft_limit}, C{hard_limit},
+    C{deleted}, C{proxy_protocol} and C{draining} means the same as 0; NULL
+    in C{id}, C{region}, C{wg_ip}, C{port} or C{healthy} is invalid.
 
-    @raise InvalidRowError: For any invalid value; nothing else is raised
-        whatever the values are.
+    C{wg_ip} must be an IPv4 literal, an IPv6 literal without brackets
+    (optionally with a C{%zone} index; normalised to its compressed form) or
+    an RFC 1123 host name; a port, brackets, a scheme or a path is invalid.
+
+    @raise InvalidRowError: For a missing mandatory column or any invalid
+        value; nothing else is raised whatever the values are.
     """
+    for column in MANDATORY_COLUMNS:
+        if column not in row:
+            raise InvalidRowError(column, "is missing")
     backend_id = _requiredText(row, "id", strip=False)
     app = _optionalText(row, "app")
     region = _requiredText(row, "region")
@@ -209,13 +280,14 @@ def validate_row(row: Mapping[str, object]) -> Backend:
         if len(country) != 2 or not (country.isascii() and country.isalpha()):
             raise InvalidRowError("country", f"{_show(country)} is not a two-letter code")
         country = country.upper()
-    host = _requiredText(row, "wg_ip")
-    if not host.isprintable() or " " in host:
-        raise InvalidRowError("wg_ip", f"{_show(host)} is not an address or host name")
+    wg_ip = _requiredText(row, "wg_ip")
+    host = _host(wg_ip)
+    if host is None:
+        raise InvalidRowError("wg_ip", f"{_show(wg_ip)} is not an address or host name")
     port = _integer(row, "port", None)
     if not 1 <= port <= 65535:
         raise InvalidRowError("port", f"{port} is outside 1-65535")
-    healthy = _flag(row, "healthy", 1 if "healthy" not in row else None)
+    healthy = _flag(row, "healthy", None)
     weight = _nonNegative(row, "weight", 0)
     soft_limit = _nonNegative(row, "soft_limit", 0)
     hard_limit = _nonNegative(row, "hard_limit", 0)
@@ -283,11 +355,16 @@ def load_backends(path: str, busy_timeout: float) -> Tuple[List[Backend], List[T
             if type(name) is str:
                 present.setdefault(name.lower(), name)
         if not present:
-            raise RoutingDatabaseError(f"{path} has no {_TABLE!r} table")
+            if _isEmptyFile(path):
+                raise RoutingDatabaseError(f"{path} is empty (no {_TABLE!r} table)")
+            raise RoutingDatabaseError(
+                f"{path} has no {_TABLE!r} table; create it with conf/schema.sql"
+            )
         missing = [c for c in MANDATORY_COLUMNS if c not in present]
         if missing:
             raise RoutingDatabaseError(
                 f"table {_TABLE!r} in {path} lacks column(s) {', '.join(missing)}"
+                " (see conf/schema.sql)"
             )
         columns = [c for c in MANDATORY_COLUMNS + OPTIONAL_COLUMNS if c in present]
         select = ", ".join(_quoteIdent(present[c]) for c in columns)
@@ -314,6 +391,17 @@ def load_backends(path: str, busy_timeout: float) -> Tuple[List[Backend], List[T
         seen.add(backend.id)
         backends.append(backend)
     return backends, skipped
+
+
+def _isEmptyFile(path: str) -> bool:
+    """
+    Whether C{path} is a regular file of zero bytes (say, from C{touch}).
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
 
 
 def create_database(path: str) -> None:
@@ -413,17 +501,25 @@ class SqliteBackendRepository:
         """
         The first load, synchronous, before the reactor runs.
 
-        A missing file is created with the schema and an empty table (and a
-        warning).
+        A missing file, or an empty one (zero bytes, as from C{touch}), is
+        created with the schema and an empty table (and a warning).  Later
+        reloads never create anything: for them an empty file is a failure.
 
         @raise RoutingDatabaseError: The file is corrupt or unreadable, or has
             no usable C{backends} table.
         """
         if not os.path.lexists(self.path):
+            state = "did not exist"
+        elif _isEmptyFile(self.path):
+            state = "was empty"
+        else:
+            state = None
+        if state is not None:
             create_database(self.path)
             _log.warn(
-                "Routing database {path} did not exist: created it with an empty backends table",
+                "Routing database {path} {state}: created it with an empty backends table",
                 path=self.path,
+                state=state,
             )
         try:
             snapshot, skipped = _loadSnapshot(self.path, self.busy_timeout)
