@@ -488,7 +488,7 @@ def _host_port(address: Tuple[str, int] | None) -> Tuple[bytes | None, int]:
         return None, 0
     host, port = address
     _check_port(port)
-    return (None if host == "" else _packed(host)), port
+    return _packed(host), port
 
 
 def header_for(
@@ -506,8 +506,8 @@ def header_for(
     only one side is IPv4 it is written as mapped IPv6 and the header is
     TCP6 / AF_INET6.  A zone index (C{%eth0}) is dropped.
 
-    A side without an IP address (C{None}, or the host C{""} that a UNIX
-    socket's peer gives) is a connection the proxy cannot describe: the
+    A side given as C{None} (a client without an IP address, such as a
+    UNIX socket's peer) makes a connection the proxy cannot describe: the
     header says so, as the specification asks, with v1 C{PROXY UNKNOWN}
     or v2 command LOCAL, family AF_UNSPEC and no address block; the
     receiver then uses the connection's own endpoints.
@@ -518,8 +518,8 @@ def header_for(
         C{None}.
     @param crc32c: v2 only (v1 has no TLVs): end the header with a
         PP2_TYPE_CRC32C TLV, the checksum of the whole header.
-    @raise ValueError: Bad version, port, or a host that is neither empty
-        nor an IP address.
+    @raise ValueError: Bad version or port, or a host that is not an IP
+        address (the empty string included: pass C{None} for no address).
     """
     if version not in (1, 2):
         raise ValueError(f"unsupported PROXY protocol version: {version!r}")
