@@ -17,7 +17,7 @@ import ipaddress
 import math
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
 from twisted.application.service import IService
@@ -26,7 +26,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from edgeproxy.config import ListenerSpec, ProxySettings
-from edgeproxy.model import Network
+
+if TYPE_CHECKING:
+    from edgeproxy.net.endpoints import TrustedSender
 
 _log = Logger()
 
@@ -136,9 +138,10 @@ def _flag(value: str) -> bool:
     raise ValueError(f"must be one of 1/0, true/false, yes/no, on/off, got {value!r}")
 
 
-def parse_network(value: str) -> Network:
+def parse_network(value: str) -> TrustedSender:
     """
-    Parse one C{--proxy-protocol-trusted} value: a CIDR or a single address.
+    Parse one C{--proxy-protocol-trusted} value: a CIDR, a single address,
+    or C{unix} (L{edgeproxy.net.endpoints.UNIX_PEERS}).
     """
     from edgeproxy.net.endpoints import parse_cidrs
 
@@ -415,9 +418,11 @@ class Options(usage.Options):
 
     def opt_proxy_protocol_trusted(self, value: str) -> None:
         """
-        Accept PROXY headers only from this CIDR; repeat for several.
-        [default: 127.0.0.0/8, ::1/128; env EDGEPROXY_PROXY_PROTOCOL_TRUSTED,
-        comma-separated]
+        Accept PROXY headers only from this CIDR or address, or with "unix"
+        from any peer of a haproxy:unix: listener (never trusted by default:
+        whoever can open the socket could claim any client address); repeat
+        for several. [default: 127.0.0.0/8, ::1/128; env
+        EDGEPROXY_PROXY_PROTOCOL_TRUSTED, comma-separated]
         """
         self._repeated["proxy-protocol-trusted"].append(value)
 

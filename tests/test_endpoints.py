@@ -6,6 +6,8 @@ tests on fakes, then real loopback sockets) and the description parser.
 from __future__ import annotations
 
 import ipaddress
+import shutil
+import tempfile
 from typing import Any, Callable, Iterator, List, Optional, cast
 
 import pytest
@@ -17,6 +19,7 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
+    UNIXClientEndpoint,
     connectProtocol,
 )
 from twisted.internet.error import ConnectionDone
@@ -305,6 +308,7 @@ MALFORMED = [
     (V2_SIGNATURE + b"\x25\x11\x00\x0c", "v2-bad-command"),
     (V2_SIGNATURE + b"\x21\x51\x00\x0c", "v2-bad-family"),
     (V2_SIGNATURE + b"\x21\x11\xff\xff", "v2-too-long"),
+    (V2[:15] + b"\x13" + V2[16:] + b"\x03\x00\x04\x00\x00\x00\x00", "v2-bad-crc32c"),
 ]
 
 
@@ -381,18 +385,59 @@ def test_untrusted_sender_refused(peer: Any, logs: List[dict]) -> None:
         IPv4Address("TCP", "127.0.0.2", 1),
         IPv6Address("TCP", "::1", 1),
         IPv6Address("TCP", "::ffff:127.0.0.1", 1),
-        UNIXAddress(b"/run/edgeproxy.sock"),
     ],
 )
 def test_trusted_by_default(peer: Any) -> None:
     """
-    Loopback (IPv4, IPv6, IPv4-mapped) and UNIX-socket senders are trusted
-    by default.
+    Loopback (IPv4, IPv6, IPv4-mapped) senders are trusted by default.
     """
     h = Harness(peer=peer)
     assert not h.transport.disconnecting
     h.feed(V1)
     assert h.wrapped.peer == IPv4Address("TCP", "203.0.113.7", 4242)
+
+
+UNIX_PEERS_SEEN = [
+    UNIXAddress(b"/run/edgeproxy.sock"),
+    UNIXAddress(None),
+    UNIXAddress(b""),
+]
+
+
+@pytest.mark.parametrize("peer", UNIX_PEERS_SEEN)
+def test_unix_peer_untrusted_by_default(peer: Any, logs: List[dict]) -> None:
+    """
+    A UNIX-socket peer is not trusted by default (any local user may be
+    able to connect to the socket): closed at once, counted "untrusted".
+    """
+    h = Harness(peer=peer)
+    assert h.transport.disconnecting
+    assert h.rejected() == {"untrusted": 1}
+    h.feed(V1)
+    assert h.app.built == []
+    [event] = our_events(logs)
+    assert event["reason"] == "untrusted"
+
+
+@pytest.mark.parametrize("peer", UNIX_PEERS_SEEN)
+def test_unix_peer_trusted_when_listed(peer: Any) -> None:
+    """
+    With "unix" in the trusted list, UNIX-socket peers may send a header;
+    it does not make loopback TCP trusted, and networks listed with it
+    still are.
+    """
+    only_unix = parse_cidrs(["unix"])
+    h = Harness(peer=peer, trusted=only_unix)
+    assert not h.transport.disconnecting
+    h.feed(V1)
+    assert h.wrapped.peer == IPv4Address("TCP", "203.0.113.7", 4242)
+    assert Harness(peer=REAL_PEER, trusted=only_unix).rejected() == {"untrusted": 1}
+    both = parse_cidrs(["127.0.0.0/8", "unix"])
+    assert not Harness(peer=peer, trusted=both).rejected()
+    assert not Harness(peer=REAL_PEER, trusted=both).rejected()
+    assert Harness(peer=IPv4Address("TCP", "10.0.0.1", 1), trusted=both).rejected() == {
+        "untrusted": 1
+    }
 
 
 def test_custom_trusted_networks() -> None:
@@ -634,6 +679,23 @@ def test_parse_cidrs_names_bad_value(bad: str) -> None:
     with pytest.raises(ValueError, match="invalid network") as info:
         parse_cidrs(["127.0.0.0/8", bad])
     assert repr(bad) in str(info.value)
+
+
+def test_parse_cidrs_unix() -> None:
+    """
+    "unix" (any case, surrounding spaces ignored) parses to UNIX_PEERS,
+    whose text is "unix"; look-alikes are refused.
+    """
+    unix = endpoints.UNIX_PEERS
+    assert parse_cidrs(["unix", " UNIX ", "10.0.0.0/8"]) == (
+        unix,
+        unix,
+        ipaddress.ip_network("10.0.0.0/8"),
+    )
+    assert str(unix) == "unix"
+    for bad in ("unix:/run/x.sock", "unixx", "un ix"):
+        with pytest.raises(ValueError, match="invalid network"):
+            parse_cidrs([bad])
 
 
 def test_loopback_networks() -> None:
@@ -951,6 +1013,87 @@ def test_loopback_timeout(logs):
         assert server.metrics.counter(REJECTED_COUNTER, "timeout") == 1
     finally:
         yield server.stop()
+    assert failures(logs) == []
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    """
+    A fresh directory with a short path (AF_UNIX paths are limited to
+    about 100 bytes).
+    """
+    path = tempfile.mkdtemp(prefix="ep-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class UnixClient(Client):
+    """
+    A Client for a UNIX socket (no TCP_NODELAY to set).
+    """
+
+    def connectionMade(self) -> None:
+        pass
+
+
+@inlineCallbacks
+def unix_exchange(socket_dir: str, trusted: Any):
+    """
+    Listen on haproxy:unix:PATH (built by server_endpoint, with C{trusted}
+    unless it is None), connect, send a v1 header and a line, and wait
+    until the server closes or echoes.  Returns (client, app, metrics).
+    """
+    metrics = MetricsStore()
+    app = ReporterFactory()
+    path = f"{socket_dir}/edge.sock"
+    kwargs = {} if trusted is None else {"trusted": trusted}
+    endpoint = server_endpoint(global_reactor, f"haproxy:unix:{path}", metrics=metrics, **kwargs)
+    port = yield endpoint.listen(app)
+    try:
+        client = UnixClient()
+        yield connectProtocol(UNIXClientEndpoint(global_reactor, path), client)
+        client.transport.write(V1 + b"ping\n")
+        yield wait_until(lambda: client.closed.called or client.received.endswith(b"ping\n"))
+        client.transport.loseConnection()
+        yield client.closed
+    finally:
+        yield port.stopListening()
+        yield wait_until(lambda: len(app.lost) == len(app.connected))
+        yield wait_until(lambda: not _our_delayed_calls())
+    return client, app, metrics
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_unix_socket_untrusted_by_default(socket_dir: str, logs):
+    """
+    On a real haproxy:unix: listener with the default trusted list, a
+    local client's header is refused: closed before anything is read,
+    counted "untrusted", the application never sees a connection.
+    """
+    client, app, metrics = yield unix_exchange(socket_dir, None)
+    assert app.connected == []
+    assert client.received == b""
+    assert metrics.counter(REJECTED_COUNTER, "untrusted") == 1
+    [event] = our_events(logs)
+    assert event["reason"] == "untrusted"
+    assert failures(logs) == []
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_unix_socket_trusted_when_listed(socket_dir: str, logs):
+    """
+    On a real haproxy:unix: listener trusting "unix", a local client's
+    header is accepted: the application sees the header's source as its
+    peer and the data that followed.
+    """
+    client, app, metrics = yield unix_exchange(socket_dir, parse_cidrs(["unix"]))
+    assert len(app.connected) == 1
+    assert client.received == b"peer 203.0.113.7 4242 host 198.51.100.9 443\nping\n"
+    assert [k for k in metrics.counters() if k[0] == REJECTED_COUNTER] == []
     assert failures(logs) == []
 
 

@@ -19,6 +19,7 @@ from edgeproxy.net.proxyprotocol import (
     V2_SIGNATURE,
     ProxyHeader,
     ProxyHeaderError,
+    crc32c,
     header_for,
     parse,
 )
@@ -47,6 +48,87 @@ IPV6_BODY = (
 )
 # Two TLVs: PP2_TYPE_ALPN "h2" and PP2_TYPE_AUTHORITY "example.com".
 TLVS = b"\x01\x00\x02h2" + b"\x02\x00\x0bexample.com"
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    """
+    One hand-built TLV: type, big-endian 16-bit length, value.
+    """
+    return struct.pack("!BH", kind, len(value)) + value
+
+
+# HAProxy's TLVs as its senders write them (proxy-protocol.txt 2.2).
+ALPN = tlv(0x01, b"http/1.1")
+AUTHORITY = tlv(0x02, b"www.example.com")
+NOOP = tlv(0x04, b"")
+NOOP_PADDING = tlv(0x04, b"\x00" * 5)
+UNIQUE_ID = tlv(0x05, b"7F000001:D4F2_7F000001:1F90_65A1B2C3_0001:3E8")
+# PP2_TYPE_SSL: client flags (PP2_CLIENT_SSL | CERT_CONN | CERT_SESS), verify
+# result 0 (verified), then sub-TLVs: version, CN, cipher, sig alg, key alg.
+SSL = tlv(
+    0x20,
+    b"\x07"
+    + struct.pack("!I", 0)
+    + tlv(0x21, b"TLSv1.3")
+    + tlv(0x22, b"client.example.com")
+    + tlv(0x23, b"TLS_AES_256_GCM_SHA384")
+    + tlv(0x24, b"RSA-SHA256")
+    + tlv(0x25, b"RSA2048"),
+)
+# A plain-TCP client: PP2_TYPE_SSL with no flag and no sub-TLV.
+SSL_NOT_TLS = tlv(0x20, b"\x00" + struct.pack("!I", 1))
+NETNS = tlv(0x30, b"blue")
+# Types this parser knows nothing about: cloud vendors' custom ones (GCP PSC
+# connection id, AWS VPC endpoint id, Azure private link id) and an
+# unassigned one.
+GCP_PSC = tlv(0xE0, struct.pack("!Q", 1234567890123))
+AWS_VPCE = tlv(0xEA, b"\x01vpce-0123456789abcdef0")
+AZURE_LINK = tlv(0xEE, b"\x01" + struct.pack("<I", 12345))
+UNASSIGNED = tlv(0x2A, b"?")
+EVERY_TLV = (
+    ALPN + AUTHORITY + NOOP + UNIQUE_ID + SSL + NETNS + GCP_PSC + AWS_VPCE + AZURE_LINK + UNASSIGNED
+)
+
+#: A PP2_TYPE_CRC32C TLV with its value zeroed, as the checksum is computed.
+CRC_ZERO = b"\x03\x00\x04\x00\x00\x00\x00"
+
+
+def crc_filled(header: bytes) -> bytes:
+    """
+    The hand-built v2 C{header} with the value of its zeroed CRC32c TLV (the
+    first L{CRC_ZERO} after the fixed 16 bytes) set to the checksum of the
+    whole header.
+    """
+    at = header.index(CRC_ZERO, 16) + 3
+    return header[:at] + struct.pack("!I", crc32c(header)) + header[at + 4 :]
+
+
+def crc_damaged(header: bytes) -> bytes:
+    """
+    C{crc_filled(header)} with one bit of the checksum wrong.
+    """
+    good = crc_filled(header)
+    at = header.index(CRC_ZERO, 16) + 6
+    return good[:at] + bytes([good[at] ^ 0x01]) + good[at + 1 :]
+
+
+def crc_byte_swapped(header: bytes) -> bytes:
+    """
+    C{crc_filled(header)} with the checksum written little-endian.
+    """
+    at = header.index(CRC_ZERO, 16) + 3
+    value = crc32c(header)
+    assert struct.pack("!I", value) != struct.pack("<I", value)
+    return header[:at] + struct.pack("<I", value) + header[at + 4 :]
+
+
+def crc_of_addresses_only(header: bytes) -> bytes:
+    """
+    The hand-built v2 C{header} with a CRC32c over its address block alone
+    (the fixed 16 bytes left out), not the whole header.
+    """
+    at = header.index(CRC_ZERO, 16) + 3
+    return header[:at] + struct.pack("!I", crc32c(header[16 : at - 3])) + header[at + 4 :]
 
 
 MALFORMED = [
@@ -98,6 +180,31 @@ MALFORMED = [
     ("v2 UNIX block too short", v2(family=0x31, body=IPV6_BODY), "v2-short-address"),
     ("v2 truncated TLV header", v2(body=IPV4_BODY + b"\x01\x00"), "v2-bad-tlv"),
     ("v2 TLV overruns", v2(body=IPV4_BODY + b"\x01\x00\x05ab"), "v2-bad-tlv"),
+    ("v2 wrong CRC32c", crc_damaged(v2(body=IPV4_BODY + CRC_ZERO)), "v2-bad-crc32c"),
+    (
+        "v2 wrong CRC32c among other TLVs",
+        crc_damaged(v2(family=0x21, body=IPV6_BODY + ALPN + CRC_ZERO + SSL)),
+        "v2-bad-crc32c",
+    ),
+    ("v2 CRC32c of zero", v2(body=IPV4_BODY + CRC_ZERO), "v2-bad-crc32c"),
+    (
+        "v2 CRC32c little-endian",
+        crc_byte_swapped(v2(body=IPV4_BODY + CRC_ZERO)),
+        "v2-bad-crc32c",
+    ),
+    (
+        "v2 CRC32c of the addresses only",
+        crc_of_addresses_only(v2(body=IPV4_BODY + CRC_ZERO)),
+        "v2-bad-crc32c",
+    ),
+    (
+        "v2 wrong CRC32c with AF_UNSPEC",
+        crc_damaged(v2(family=0x00, body=CRC_ZERO)),
+        "v2-bad-crc32c",
+    ),
+    ("v2 CRC32c TLV of 3 bytes", v2(body=IPV4_BODY + b"\x03\x00\x03abc"), "v2-bad-tlv"),
+    ("v2 CRC32c TLV of 5 bytes", v2(body=IPV4_BODY + b"\x03\x00\x05abcde"), "v2-bad-tlv"),
+    ("v2 CRC32c TLV of 0 bytes", v2(body=IPV4_BODY + b"\x03\x00\x00"), "v2-bad-tlv"),
 ]
 
 
@@ -156,6 +263,8 @@ def test_v2_ceiling_configurable() -> None:
     assert info.value.reason == "v2-too-long"
     assert parse(header, max_v2_length=4096) is not None
 
+
+V2_IPV4_HEADER = ProxyHeader(2, "PROXY", "TCP4", ("10.1.2.3", 54321), ("192.168.0.1", 443))
 
 VALID = [
     (
@@ -226,6 +335,60 @@ VALID = [
         v2(family=0x31, body=b"/tmp/a".ljust(108, b"\0") + b"/tmp/b".ljust(108, b"\0")),
         ProxyHeader(2, "PROXY", "UNKNOWN", None, None),
     ),
+    *(
+        (f"v2 IPv4 with {name}", v2(body=IPV4_BODY + block), V2_IPV4_HEADER)
+        for name, block in [
+            ("ALPN", ALPN),
+            ("authority", AUTHORITY),
+            ("empty noop", NOOP),
+            ("noop padding", NOOP_PADDING),
+            ("unique-id", UNIQUE_ID),
+            ("SSL and its sub-TLVs", SSL),
+            ("SSL of a plain-TCP client", SSL_NOT_TLS),
+            ("netns", NETNS),
+            ("GCP PSC connection id", GCP_PSC),
+            ("AWS VPC endpoint id", AWS_VPCE),
+            ("Azure private link id", AZURE_LINK),
+            ("an unassigned TLV type", UNASSIGNED),
+            ("every TLV", EVERY_TLV),
+        ]
+    ),
+    (
+        "v2 IPv4 with a CRC32c",
+        crc_filled(v2(body=IPV4_BODY + CRC_ZERO)),
+        V2_IPV4_HEADER,
+    ),
+    (
+        "v2 IPv4 with a CRC32c first, then every TLV",
+        crc_filled(v2(body=IPV4_BODY + CRC_ZERO + EVERY_TLV)),
+        V2_IPV4_HEADER,
+    ),
+    (
+        "v2 IPv6 with every TLV, then a CRC32c",
+        crc_filled(v2(family=0x21, body=IPV6_BODY + EVERY_TLV + CRC_ZERO)),
+        ProxyHeader(2, "PROXY", "TCP6", ("2001:db8::1", 1234), ("2001:db8::2", 8443)),
+    ),
+    (
+        "v2 AF_UNSPEC with a CRC32c",
+        crc_filled(v2(family=0x00, body=AUTHORITY + CRC_ZERO)),
+        ProxyHeader(2, "PROXY", "UNKNOWN", None, None),
+    ),
+    (
+        "v2 AF_UNIX with a CRC32c",
+        crc_filled(
+            v2(
+                family=0x31,
+                body=b"/tmp/a".ljust(108, b"\0") + b"/tmp/b".ljust(108, b"\0") + CRC_ZERO,
+            )
+        ),
+        ProxyHeader(2, "PROXY", "UNKNOWN", None, None),
+    ),
+    (
+        # As HAProxy does: LOCAL's block (TLVs included) is not read at all.
+        "v2 LOCAL with a wrong CRC32c, ignored",
+        crc_damaged(v2(command=0, family=0x11, body=IPV4_BODY + CRC_ZERO)),
+        ProxyHeader(2, "LOCAL", "UNKNOWN", None, None),
+    ),
 ]
 
 
@@ -293,6 +456,59 @@ def test_v1_limit_is_107_bytes() -> None:
         parse(b"PROXY UNKNOWN " + b"x" * 93)
 
 
+# -- CRC32c -------------------------------------------------------------------
+
+# The iSCSI SCSI Read (10) command PDU of RFC 3720 B.4.
+ISCSI_READ_PDU = bytes.fromhex(
+    "01c00000000000000000000000000000"
+    "14000000000004000000001400000018"
+    "28000000000000000200000000000000"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", 0x00000000),
+        (b"123456789", 0xE3069283),
+        (b"\x00" * 32, 0x8A9136AA),
+        (b"\xff" * 32, 0x62A8AB43),
+        (bytes(range(32)), 0x46DD794E),
+        (bytes(range(31, -1, -1)), 0x113FDB5C),
+        (ISCSI_READ_PDU, 0xD9963A56),
+    ],
+    ids=["empty", "check", "zeros", "ones", "incrementing", "decrementing", "iscsi-read"],
+)
+def test_crc32c_known_values(data: bytes, expected: int) -> None:
+    """
+    crc32c is CRC-32C (Castagnoli): the catalogue check value of
+    "123456789" and the RFC 3720 B.4 vectors.
+    """
+    assert crc32c(data) == expected
+
+
+def test_v2_crc32c_checked_only_when_complete() -> None:
+    """
+    A v2 header with a wrong CRC32c is a valid beginning until its last byte
+    arrives (the checksum covers the whole header), then refused.
+    """
+    header = crc_damaged(v2(body=IPV4_BODY + CRC_ZERO + AUTHORITY))
+    for cut in range(len(header)):
+        assert parse(header[:cut]) is None
+    with pytest.raises(ProxyHeaderError) as info:
+        parse(header + b"stream bytes")
+    assert info.value.reason == "v2-bad-crc32c"
+
+
+def test_v2_crc32c_excludes_the_stream() -> None:
+    """
+    The CRC32c covers the header only: the stream bytes after it in the
+    buffer are not part of it.
+    """
+    header = crc_filled(v2(body=IPV4_BODY + CRC_ZERO))
+    assert parse(header + b"\x00\x01\x02") == (V2_IPV4_HEADER, len(header))
+
+
 # -- properties ---------------------------------------------------------------
 
 ipv4 = st.ip_addresses(v=4).map(str)
@@ -315,6 +531,20 @@ valid_headers = st.one_of(
         ipv6,
         port,
         port,
+    ),
+    st.builds(
+        lambda s, d, sp, dp: header_for(2, (s, sp), (d, dp), crc32c=True),
+        st.one_of(ipv4, ipv6),
+        st.one_of(ipv4, ipv6),
+        port,
+        port,
+    ),
+    st.builds(
+        header_for,
+        st.sampled_from([1, 2]),
+        st.sampled_from([None, ("192.0.2.1", 5000)]),
+        st.just(None),
+        crc32c=st.booleans(),
     ),
     st.sampled_from([data for _, data, _ in VALID]),
 )
@@ -402,6 +632,61 @@ def test_round_trip(version: int, source: str, destination: str, sport: int, dpo
 
 def _as_v6(host: str) -> str:
     return host if ":" in host else "::ffff:" + host
+
+
+@given(
+    st.one_of(ipv4, ipv6),
+    st.one_of(ipv4, ipv6),
+    port,
+    port,
+)
+def test_round_trip_crc32c(source: str, destination: str, sport: int, dport: int) -> None:
+    """
+    A v2 header written with a CRC32c TLV parses to the same header as one
+    written without, and is 7 bytes longer (the TLV).
+    """
+    plain = header_for(2, (source, sport), (destination, dport))
+    data = header_for(2, (source, sport), (destination, dport), crc32c=True)
+    assert len(data) == len(plain) + 7
+    expected = parse(plain)
+    assert expected is not None
+    assert parse(data) == (expected[0], len(data))
+
+
+@given(
+    st.one_of(ipv4, ipv6),
+    st.one_of(ipv4, ipv6),
+    port,
+    port,
+    st.data(),
+)
+def test_crc32c_catches_any_changed_byte(
+    source: str, destination: str, sport: int, dport: int, data: st.DataObject
+) -> None:
+    """
+    Changing any byte of a v2 header written with a CRC32c makes parse
+    refuse it: a signature byte as "not-proxy", an address, port or
+    checksum byte as "v2-bad-crc32c".
+
+    Left out are the bytes that frame the rest (version and command,
+    family, length, and the CRC32c TLV's own type and length): changing
+    them can turn the header into a LOCAL one (whose block the
+    specification says to ignore), change where the TLVs are, or make the
+    CRC32c TLV another type; those are covered by the structural checks
+    and the never-raises properties.
+    """
+    header = header_for(2, (source, sport), (destination, dport), crc32c=True)
+    tlv_at = len(header) - 7
+    position = data.draw(
+        st.integers(0, len(header) - 1).filter(
+            lambda i: not (12 <= i < 16 or tlv_at <= i < tlv_at + 3)
+        )
+    )
+    mask = data.draw(st.integers(1, 255))
+    damaged = header[:position] + bytes([header[position] ^ mask]) + header[position + 1 :]
+    with pytest.raises(ProxyHeaderError) as info:
+        parse(damaged)
+    assert info.value.reason == ("not-proxy" if position < 12 else "v2-bad-crc32c")
 
 
 @given(valid_headers, st.data())
@@ -499,6 +784,78 @@ def test_header_for_refuses_bad_input(version, source, destination) -> None:
     """
     with pytest.raises(ValueError):
         header_for(version, source, destination)
+
+
+@pytest.mark.parametrize(
+    ("source", "destination"),
+    [
+        (None, ("10.0.0.1", 443)),
+        (("192.0.2.1", 5000), None),
+        (None, ("2001:db8::1", 443)),
+        (None, None),
+    ],
+)
+def test_header_for_without_addresses(source, destination) -> None:
+    """
+    When either side has no IP address (None: a UNIX socket's peer), the
+    writer says it cannot describe the connection: v1 "PROXY UNKNOWN", v2
+    LOCAL with AF_UNSPEC and no address block; the parser reads them back
+    as UNKNOWN and LOCAL.
+    """
+    v1 = header_for(1, source, destination)
+    assert v1 == b"PROXY UNKNOWN\r\n"
+    assert parse(v1) == (ProxyHeader(1, "PROXY", "UNKNOWN", None, None), len(v1))
+    v2_header = header_for(2, source, destination)
+    assert v2_header == V2_SIGNATURE + b"\x20\x00\x00\x00"
+    assert parse(v2_header) == (ProxyHeader(2, "LOCAL", "UNKNOWN", None, None), 16)
+
+
+@pytest.mark.parametrize(
+    ("version", "source", "destination"),
+    [
+        (3, None, None),
+        (0, None, ("1.2.3.4", 1)),
+        (1, ("1.2.3.4", 70000), None),
+        (2, None, ("1.2.3.4", -1)),
+        (2, None, ("1.2.3.4", "80")),
+        (1, ("999.1.1.1", 1), None),
+        (2, None, ("localhost", 1)),
+    ],
+)
+def test_header_for_without_addresses_still_checks(version, source, destination) -> None:
+    """
+    A missing address does not hide a bad version, a bad port or a
+    malformed IP address on the other side: still ValueError.
+    """
+    with pytest.raises(ValueError):
+        header_for(version, source, destination)
+
+
+def test_header_for_v2_crc32c_bytes() -> None:
+    """
+    With crc32c=True the v2 writer appends one PP2_TYPE_CRC32C TLV (type
+    3, length 4) after the address block, counts it in the length field,
+    and its big-endian value is the CRC32c of the whole header with those
+    4 bytes zeroed.
+    """
+    data = header_for(2, ("10.1.2.3", 54321), ("192.168.0.1", 443), crc32c=True)
+    assert data[:-4] == v2(body=IPV4_BODY + CRC_ZERO)[:-4]
+    assert struct.unpack("!I", data[-4:]) == (crc32c(data[:-4] + b"\x00" * 4),)
+    assert data == crc_filled(v2(body=IPV4_BODY + CRC_ZERO))
+
+
+def test_header_for_crc32c_without_addresses_and_v1() -> None:
+    """
+    crc32c=True adds the TLV to a v2 LOCAL header too (length 7), and is
+    ignored for v1, which has no TLVs.
+    """
+    local = header_for(2, None, None, crc32c=True)
+    assert local == crc_filled(v2(command=0, family=0x00, body=CRC_ZERO))
+    assert parse(local) == (ProxyHeader(2, "LOCAL", "UNKNOWN", None, None), 23)
+    assert header_for(1, ("1.2.3.4", 1), ("5.6.7.8", 2), crc32c=True) == (
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"
+    )
+    assert header_for(1, None, None, crc32c=True) == b"PROXY UNKNOWN\r\n"
 
 
 def test_header_for_drops_zone_index() -> None:

@@ -15,7 +15,7 @@ import pytest
 from twisted.python import usage
 
 from edgeproxy.config import ListenerSpec, ProxySettings
-from edgeproxy.tap import Options, parse_listener
+from edgeproxy.tap import Options, parse_listener, parse_network
 from twisted import version as twisted_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -420,6 +420,63 @@ def test_listen_addr_host_port_from_environment() -> None:
         ListenerSpec("tcp:8080:interface=0.0.0.0"),
         ListenerSpec("tcp6:8443:interface=\\:\\:"),
     )
+
+
+def test_proxy_protocol_trusted_unix() -> None:
+    """
+    C{--proxy-protocol-trusted unix} (or C{unix} in the environment list)
+    trusts the peers of UNIX-socket listeners, alongside any networks given;
+    the default (loopback) does not include them.
+    """
+    from edgeproxy.net.endpoints import UNIX_PEERS
+
+    options = parsed("--proxy-protocol-trusted=unix", "--proxy-protocol-trusted=10.0.0.0/8")
+    assert options["proxy-protocol-trusted"] == (UNIX_PEERS, ipaddress.ip_network("10.0.0.0/8"))
+    options = parsed(environ={"EDGEPROXY_PROXY_PROTOCOL_TRUSTED": "127.0.0.0/8, unix"})
+    assert options["proxy-protocol-trusted"] == (ipaddress.ip_network("127.0.0.0/8"), UNIX_PEERS)
+    assert UNIX_PEERS not in parsed()["proxy-protocol-trusted"]
+    assert parse_network(" unix ") is UNIX_PEERS
+    assert parse_network("::1") == ipaddress.ip_network("::1/128")
+
+
+def test_proxy_protocol_trusted_help_mentions_unix() -> None:
+    """
+    The help of C{--proxy-protocol-trusted} says that C{unix} trusts
+    UNIX-socket peers, and that they are not trusted by default.
+    """
+    text = " ".join(str(Options()).split())
+    start = text.index("--proxy-protocol-trusted=")
+    help_text = text[start : text.index("--region=", start)]
+    assert "unix" in help_text
+    assert "[default: 127.0.0.0/8, ::1/128;" in help_text
+
+
+@pytest.mark.parametrize(
+    ("argv", "unix_trusted"),
+    [((), False), (("--proxy-protocol-trusted=unix",), True)],
+    ids=["default", "unix"],
+)
+def test_make_service_passes_unix_trust(tmp_path: Path, argv: tuple, unix_trusted: bool) -> None:
+    """
+    makeService hands the trusted list, UNIX_PEERS included when given, to
+    the haproxy:unix: listener's endpoint.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from edgeproxy.net.endpoints import UNIX_PEERS, ProxyHeaderServerEndpoint
+    from edgeproxy.service import listener_service_name
+    from edgeproxy.tap import makeService
+
+    options = parsed(
+        f"--db={tmp_path / 'r.db'}",
+        "--geoip-db=none",
+        f"--listen=haproxy:unix:{tmp_path / 's.sock'}",
+        *argv,
+    )
+    service = makeService(options, reactor=MemoryReactorClock(), environ={})
+    endpoint = service.getServiceNamed(listener_service_name(0)).endpoint  # type: ignore[attr-defined]
+    assert isinstance(endpoint, ProxyHeaderServerEndpoint)
+    assert (UNIX_PEERS in endpoint.trusted) is unix_trusted
 
 
 def test_help_lists_environment_variables() -> None:

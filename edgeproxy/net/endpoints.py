@@ -23,8 +23,9 @@ header is complete.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
-from typing import Any, Iterable, Sequence, Tuple
+from typing import Any, Iterable, Sequence, Tuple, Union
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -61,10 +62,13 @@ from edgeproxy.net.proxyprotocol import (
 __all__ = [
     "LOOPBACK_NETWORKS",
     "REJECTED_COUNTER",
+    "UNIX_PEERS",
     "Network",
     "ProxyHeaderProtocol",
     "ProxyHeaderServerEndpoint",
     "ProxyHeaderWrappingFactory",
+    "TrustedSender",
+    "UnixPeers",
     "parse_cidrs",
     "server_endpoint",
 ]
@@ -84,29 +88,59 @@ LOOPBACK_NETWORKS: Tuple[Network, ...] = (
 REJECTED_COUNTER = "proxy_header_rejected"
 
 
-def parse_cidrs(values: Iterable[str]) -> Tuple[Network, ...]:
+class UnixPeers(enum.Enum):
     """
-    Parse networks in CIDR notation (C{10.0.0.0/8}, C{fd00::/8}); a bare
-    address is a single-host network.  Host bits are ignored
-    (C{10.1.2.3/8} is C{10.0.0.0/8}).
+    The type of L{UNIX_PEERS}, its only value.
+    """
 
-    @raise ValueError: A value is not a network; the message names it.
+    UNIX_PEERS = "unix"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: In a trusted list: every peer of a UNIX-socket listener may send PROXY
+#: headers.  Not in the default list: whoever can connect to the socket file
+#: (mode 0666 unless the C{unix:} description says otherwise) could claim
+#: any client address.  Written C{unix} for L{parse_cidrs}.
+UNIX_PEERS = UnixPeers.UNIX_PEERS
+
+#: One entry of a trusted list: a network, or L{UNIX_PEERS}.
+TrustedSender = Union[Network, UnixPeers]
+
+
+def parse_cidrs(values: Iterable[str]) -> Tuple[TrustedSender, ...]:
     """
-    networks = []
+    Parse trusted senders: networks in CIDR notation (C{10.0.0.0/8},
+    C{fd00::/8}), where a bare address is a single-host network and host
+    bits are ignored (C{10.1.2.3/8} is C{10.0.0.0/8}); or C{unix}, for
+    L{UNIX_PEERS}.
+
+    @raise ValueError: A value is neither; the message names it.
+    """
+    senders: list[TrustedSender] = []
     for value in values:
         try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            text = value.strip()
+            if text.lower() == "unix":
+                senders.append(UNIX_PEERS)
+            else:
+                senders.append(ipaddress.ip_network(text, strict=False))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"invalid network {value!r}: {e}") from None
-    return tuple(networks)
+    return tuple(senders)
 
 
 class _TrustedSenders:
     """
-    Membership test of a sender address in a list of networks.
+    Membership test of a sender address in a trusted list: an IPv4 or IPv6
+    peer by network, a UNIX-socket peer only if the list has L{UNIX_PEERS}.
     """
 
-    def __init__(self, networks: Iterable[Network]) -> None:
+    def __init__(self, trusted: Iterable[TrustedSender]) -> None:
+        entries = tuple(trusted)
+        self.unix = UNIX_PEERS in entries
+        networks = [n for n in entries if not isinstance(n, UnixPeers)]
         self.v4 = tuple(n for n in networks if n.version == 4)
         self.v6 = tuple(n for n in networks if n.version == 6)
 
@@ -122,8 +156,7 @@ class _TrustedSenders:
                     return any(ip in network for network in self.v6)
                 ip = mapped
             return any(ip in network for network in self.v4)
-        # A UNIX socket's peer is on this machine, behind file permissions.
-        return isinstance(address, UNIXAddress)
+        return self.unix and isinstance(address, UNIXAddress)
 
 
 def _describe(address: IAddress | None) -> Tuple[str, str]:
@@ -392,7 +425,7 @@ class ProxyHeaderWrappingFactory(Factory):  # type: ignore[type-arg]
         self,
         wrappedFactory: IProtocolFactory,
         reactor: IReactorTime,
-        trusted: Sequence[Network],
+        trusted: Sequence[TrustedSender],
         headerTimeout: float | None,
         metrics: IMetricsStore,
         maxV2Length: int = DEFAULT_V2_MAX_LENGTH,
@@ -430,7 +463,7 @@ class ProxyHeaderServerEndpoint:
 
     @ivar inner: The endpoint that really listens.
     @ivar reactor: Clock for the header timeout.
-    @ivar trusted: Networks allowed to send headers.
+    @ivar trusted: Networks (and L{UNIX_PEERS}) allowed to send headers.
     @ivar header_timeout: Seconds for the whole header; C{None}: no limit.
     @ivar metrics: Where refusals are counted (L{REJECTED_COUNTER}).
     @ivar max_v2_length: Ceiling of the v2 length field.
@@ -438,7 +471,7 @@ class ProxyHeaderServerEndpoint:
 
     inner: IStreamServerEndpoint
     reactor: IReactorTime
-    trusted: Sequence[Network]
+    trusted: Sequence[TrustedSender]
     header_timeout: float | None
     metrics: IMetricsStore
     max_v2_length: int = DEFAULT_V2_MAX_LENGTH
@@ -480,7 +513,7 @@ def server_endpoint(
     description: str,
     *,
     metrics: IMetricsStore,
-    trusted: Sequence[Network] = LOOPBACK_NETWORKS,
+    trusted: Sequence[TrustedSender] = LOOPBACK_NETWORKS,
     header_timeout: float | None = 5.0,
     tls_handshake_timeout: float = 10.0,
     admission: Admission | None = None,
@@ -494,8 +527,8 @@ def server_endpoint(
         C{server_endpoint(REST)} (a colon in CERTDIR is escaped as C{\\:}).
       - anything else: L{twisted.internet.endpoints.serverFromString}.
 
-    @param trusted: Networks allowed to send PROXY headers (see
-        L{parse_cidrs}); loopback by default.
+    @param trusted: Networks (and L{UNIX_PEERS}) allowed to send PROXY
+        headers (see L{parse_cidrs}); loopback by default.
     @param header_timeout: Seconds for a whole PROXY header.
     @param tls_handshake_timeout: Seconds for a whole TLS handshake.
     @param admission: If given, every connection accepted by the

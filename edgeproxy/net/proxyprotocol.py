@@ -14,6 +14,12 @@ received so far on a connection and answers one of three ways:
     header.  Its C{reason} is a short, stable machine string for counters and
     logs.  Nothing else is ever raised, whatever the input.
 
+A v2 header's TLVs must be well formed (C{"v2-bad-tlv"}); their contents are
+not used, except a PP2_TYPE_CRC32C TLV, which must be 4 bytes long
+(C{"v2-bad-tlv"}) and hold the CRC-32C of the whole header
+(C{"v2-bad-crc32c"}), checked once the whole header is in.  A LOCAL header's
+block, TLVs included, is ignored, as the specification and HAProxy do.
+
 L{header_for} writes a header for the proxy's PROXY-out side.
 """
 
@@ -32,6 +38,7 @@ __all__ = [
     "V2_SIGNATURE",
     "ProxyHeader",
     "ProxyHeaderError",
+    "crc32c",
     "header_for",
     "parse",
 ]
@@ -75,6 +82,36 @@ _V1_BAD_CHAR = re.compile(rb"[^\x20-\x7e]")
 
 _PORTS = struct.Struct("!HH")
 _MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+def _crc32c_table() -> Tuple[int, ...]:
+    """
+    The 256 CRC-32C remainders of each byte value, reflected (Castagnoli
+    polynomial 0x1EDC6F41, bit-reversed 0x82F63B78).
+    """
+    table = []
+    for value in range(256):
+        crc = value
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """
+    The CRC-32C (Castagnoli) checksum of C{data}, as iSCSI, SCTP and the
+    PROXY v2 PP2_TYPE_CRC32C TLV use it (initial value and final XOR
+    0xFFFFFFFF, reflected): C{crc32c(b"123456789") == 0xE3069283}.
+    """
+    table = _CRC32C_TABLE
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
 
 
 class ProxyHeaderError(ValueError):
@@ -372,16 +409,35 @@ def _parse_v2(data: bytes, max_length: int) -> Tuple[ProxyHeader, int] | None:
 _V2_ADDRESS_LAYOUT = {"TCP4": (socket.AF_INET, 4), "TCP6": (socket.AF_INET6, 16)}
 
 
+#: PP2_TYPE_CRC32C: a big-endian CRC-32C of the whole header, computed with
+#: its own 4 value bytes zeroed.
+_PP2_TYPE_CRC32C = 0x03
+
+
 def _check_tlvs(data: bytes, offset: int, end: int) -> None:
     """
-    Raise unless C{data[offset:end]} is a sequence of whole TLVs.
+    Raise unless C{data[offset:end]} is a sequence of whole TLVs and every
+    CRC32c TLV among them (a 4-byte value) matches C{data[:end]}, the
+    whole header.  Other TLV types are not looked into.
     """
+    checksums = []
     while offset < end:
         if offset + 3 > end:
             raise ProxyHeaderError("v2-bad-tlv")
-        offset += 3 + ((data[offset + 1] << 8) | data[offset + 2])
+        kind = data[offset]
+        value = offset + 3
+        length = (data[offset + 1] << 8) | data[offset + 2]
+        offset = value + length
         if offset > end:
             raise ProxyHeaderError("v2-bad-tlv")
+        if kind == _PP2_TYPE_CRC32C:
+            if length != 4:
+                raise ProxyHeaderError("v2-bad-tlv")
+            checksums.append(value)
+    for value in checksums:
+        zeroed = data[:value] + b"\x00\x00\x00\x00" + data[value + 4 : end]
+        if crc32c(zeroed) != int.from_bytes(data[value : value + 4], "big"):
+            raise ProxyHeaderError("v2-bad-crc32c")
 
 
 # -- writer -----------------------------------------------------------------
@@ -409,9 +465,39 @@ def _check_port(port: int) -> None:
 
 _V2_PROXY_TCP4 = V2_SIGNATURE + b"\x21\x11\x00\x0c"
 _V2_PROXY_TCP6 = V2_SIGNATURE + b"\x21\x21\x00\x24"
+_V2_LOCAL_UNSPEC = V2_SIGNATURE + b"\x20\x00\x00\x00"
+_V1_UNKNOWN_LINE = b"PROXY UNKNOWN\r\n"
+_CRC32C_TLV_ZERO = b"\x03\x00\x04\x00\x00\x00\x00"
 
 
-def header_for(version: int, source: Tuple[str, int], destination: Tuple[str, int]) -> bytes:
+def _with_crc32c(header: bytes) -> bytes:
+    """
+    The v2 C{header} (without TLVs) followed by a PP2_TYPE_CRC32C TLV, its
+    length field counting the TLV.
+    """
+    length = len(header) - _V2_HEADER_LENGTH + len(_CRC32C_TLV_ZERO)
+    zeroed = header[:14] + length.to_bytes(2, "big") + header[16:] + _CRC32C_TLV_ZERO
+    return zeroed[:-4] + crc32c(zeroed).to_bytes(4, "big")
+
+
+def _host_port(address: Tuple[str, int] | None) -> Tuple[bytes | None, int]:
+    """
+    The packed host (C{None} if there is none) and the port of C{address}.
+    """
+    if address is None:
+        return None, 0
+    host, port = address
+    _check_port(port)
+    return _packed(host), port
+
+
+def header_for(
+    version: int,
+    source: Tuple[str, int] | None,
+    destination: Tuple[str, int] | None,
+    *,
+    crc32c: bool = False,
+) -> bytes:
     """
     A PROXY header announcing a TCP connection from C{source} to
     C{destination}.
@@ -420,36 +506,46 @@ def header_for(version: int, source: Tuple[str, int], destination: Tuple[str, in
     only one side is IPv4 it is written as mapped IPv6 and the header is
     TCP6 / AF_INET6.  A zone index (C{%eth0}) is dropped.
 
-    @param version: 1 (text) or 2 (binary, no TLVs).
-    @param source: C{(host, port)} of the client.
-    @param destination: C{(host, port)} the client connected to.
-    @raise ValueError: Bad version, address or port.
+    A side given as C{None} (a client without an IP address, such as a
+    UNIX socket's peer) makes a connection the proxy cannot describe: the
+    header says so, as the specification asks, with v1 C{PROXY UNKNOWN}
+    or v2 command LOCAL, family AF_UNSPEC and no address block; the
+    receiver then uses the connection's own endpoints.
+
+    @param version: 1 (text) or 2 (binary).
+    @param source: C{(host, port)} of the client, or C{None}.
+    @param destination: C{(host, port)} the client connected to, or
+        C{None}.
+    @param crc32c: v2 only (v1 has no TLVs): end the header with a
+        PP2_TYPE_CRC32C TLV, the checksum of the whole header.
+    @raise ValueError: Bad version or port, or a host that is not an IP
+        address (the empty string included: pass C{None} for no address).
     """
-    source_host, source_port = source
-    destination_host, destination_port = destination
-    _check_port(source_port)
-    _check_port(destination_port)
-    src = _packed(source_host)
-    dst = _packed(destination_host)
+    if version not in (1, 2):
+        raise ValueError(f"unsupported PROXY protocol version: {version!r}")
+    src, source_port = _host_port(source)
+    dst, destination_port = _host_port(destination)
+    if src is None or dst is None:
+        if version == 1:
+            return _V1_UNKNOWN_LINE
+        return _with_crc32c(_V2_LOCAL_UNSPEC) if crc32c else _V2_LOCAL_UNSPEC
     if len(src) != len(dst):
         if len(src) == 4:
             src = _MAPPED_PREFIX + src
         else:
             dst = _MAPPED_PREFIX + dst
     if version == 2:
-        if len(src) == 4:
-            return _V2_PROXY_TCP4 + src + dst + _PORTS.pack(source_port, destination_port)
-        return _V2_PROXY_TCP6 + src + dst + _PORTS.pack(source_port, destination_port)
-    if version == 1:
-        if len(src) == 4:
-            family, address_family = b"TCP4", socket.AF_INET
-        else:
-            family, address_family = b"TCP6", socket.AF_INET6
-        return b"PROXY %s %s %s %d %d\r\n" % (
-            family,
-            socket.inet_ntop(address_family, src).encode("ascii"),
-            socket.inet_ntop(address_family, dst).encode("ascii"),
-            source_port,
-            destination_port,
-        )
-    raise ValueError(f"unsupported PROXY protocol version: {version!r}")
+        prefix = _V2_PROXY_TCP4 if len(src) == 4 else _V2_PROXY_TCP6
+        header = prefix + src + dst + _PORTS.pack(source_port, destination_port)
+        return _with_crc32c(header) if crc32c else header
+    if len(src) == 4:
+        family, address_family = b"TCP4", socket.AF_INET
+    else:
+        family, address_family = b"TCP6", socket.AF_INET6
+    return b"PROXY %s %s %s %d %d\r\n" % (
+        family,
+        socket.inet_ntop(address_family, src).encode("ascii"),
+        socket.inet_ntop(address_family, dst).encode("ascii"),
+        source_port,
+        destination_port,
+    )
