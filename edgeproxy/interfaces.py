@@ -13,7 +13,16 @@ Methods return a L{Deferred} only when they may do I/O.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, AbstractSet, Callable, FrozenSet, Mapping, Optional
+from typing import (
+    TYPE_CHECKING,
+    AbstractSet,
+    Callable,
+    FrozenSet,
+    Iterable,
+    Mapping,
+    Optional,
+    Tuple,
+)
 
 from zope.interface import Attribute, Interface
 
@@ -256,4 +265,71 @@ class IRouter(Interface):
     def connectFailed(client_ip: str, app: Optional[str], backend_id: str) -> None:
         """
         A connect to C{backend_id} failed: clear the client's binding to it.
+        """
+
+
+class IHostResolver(Interface):
+    """
+    Backend hosts (the C{wg_ip} column) -> addresses to connect to, resolved
+    ahead of the connect path.
+
+    A host is an IP literal (IPv4 or IPv6, no brackets), which stands for
+    itself, or a host name, which is resolved in the background and cached.
+    The connect path only ever asks L{addresses}, a dictionary lookup; DNS
+    happens off the reactor thread, when the routing table names a host, and
+    again when its cached addresses are older than a TTL.
+    """
+
+    def addresses(host: str) -> Optional[Tuple[str, ...]]:
+        """
+        The addresses to try for C{host}, best first; synchronous and cheap
+        (called for every connect attempt), never raises, never blocks.
+
+        An IP literal gives C{(host,)}.  A host name gives its cached
+        addresses (IPv6 and IPv4 in the system resolver's order, no
+        duplicates), or C{None} if it has never been resolved successfully;
+        in that case a background resolution is started unless one is
+        already in flight or the last attempt failed too recently.
+        """
+
+    def resolve(hosts: Iterable[str]) -> "Deferred[None]":
+        """
+        Resolve the host names among C{hosts} now, off the reactor thread
+        (one lookup in flight per name at most: a name already being
+        resolved is not resolved twice), and keep them.  Fires with C{None}
+        once every one of them is done; never fails (failures are logged and
+        the last good addresses stay).
+        """
+
+    def refresh() -> None:
+        """
+        Start a background resolution of every kept name whose addresses are
+        older than the TTL (or whose last attempt failed and is due again).
+        The periodic job: only starts work, returns at once, never raises.
+        """
+
+    def watch(hosts: Iterable[str]) -> None:
+        """
+        Keep exactly C{hosts}: start resolving the host names among them that
+        are not kept yet, and forget every kept host not among them.  Only
+        starts background work.
+        """
+
+    def routingTableChanged(old: "RoutingSnapshot", new: "RoutingSnapshot") -> None:
+        """
+        A L{SnapshotListener}: L{watch} the hosts of every backend of C{new}
+        that is not deleted.  Only starts background work; never raises.
+        """
+
+    def stats() -> Mapping[str, int]:
+        """
+        Counts for metrics: at least C{hosts} (kept), C{resolved} (names
+        with addresses), C{unresolved} (names without), C{failing} (names
+        whose last lookup failed), C{in_flight}, C{lookups} and
+        C{lookup_failures} (since start).
+        """
+
+    def __len__() -> int:
+        """
+        Number of hosts kept (IP literals and names).
         """

@@ -14,15 +14,21 @@ projects').
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from edgeproxy.interfaces import IBackendRepository, IGeoResolver, SnapshotListener
+from edgeproxy.interfaces import (
+    IBackendRepository,
+    IGeoResolver,
+    IHostResolver,
+    SnapshotListener,
+)
 from edgeproxy.metrics import MetricsStore
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
+from edgeproxy.net.resolve import backend_hosts, is_ip_literal
 from edgeproxy.routing.bindings import BindingTable
 from edgeproxy.routing.load import LoadTable
 from edgeproxy.routing.overlay import StateOverlay
@@ -34,6 +40,7 @@ __all__ = [
     "MetricsStore",
     "StateOverlay",
     "StaticGeoResolver",
+    "StaticHostResolver",
     "backend",
 ]
 
@@ -134,3 +141,89 @@ class StaticGeoResolver:
         See L{IGeoResolver.resolve}.
         """
         return self._table.get(ip)
+
+
+@implementer(IHostResolver)
+class StaticHostResolver:
+    """
+    An L{IHostResolver} from a fixed table of host name -> addresses; an IP
+    literal stands for itself, every other name has no addresses.  Nothing
+    is ever looked up; L{set} plays the part of DNS changing.
+
+    @ivar resolved: Every host passed to L{resolve}, in order (for tests
+        that check what would have been resolved).
+    @ivar watched: The hosts of the last L{watch} (or
+        L{routingTableChanged}).
+    """
+
+    def __init__(self, table: Mapping[str, Sequence[str]]) -> None:
+        self._table: Dict[str, Tuple[str, ...]] = {k: tuple(v) for k, v in table.items()}
+        self.resolved: List[str] = []
+        self.watched: frozenset[str] = frozenset()
+
+    def __repr__(self) -> str:
+        return f"<StaticHostResolver entries={len(self._table)}>"
+
+    def set(self, host: str, addresses: Optional[Sequence[str]]) -> None:
+        """
+        Give C{host} these C{addresses} from now on (C{None}: none).
+        """
+        if addresses is None:
+            self._table.pop(host, None)
+        else:
+            self._table[host] = tuple(addresses)
+
+    def addresses(self, host: str) -> Optional[Tuple[str, ...]]:
+        """
+        See L{IHostResolver.addresses}.
+        """
+        found = self._table.get(host)
+        if found is not None:
+            return found
+        return (host,) if is_ip_literal(host) else None
+
+    def resolve(self, hosts: Iterable[str]) -> Deferred[None]:
+        """
+        See L{IHostResolver.resolve}: records the hosts, fires at once.
+        """
+        self.resolved.extend(hosts)
+        return succeed(None)
+
+    def refresh(self) -> None:
+        """
+        See L{IHostResolver.refresh}: nothing to do.
+        """
+
+    def watch(self, hosts: Iterable[str]) -> None:
+        """
+        See L{IHostResolver.watch}: records the hosts.
+        """
+        self.watched = frozenset(hosts)
+
+    def routingTableChanged(self, old: RoutingSnapshot, new: RoutingSnapshot) -> None:
+        """
+        See L{IHostResolver.routingTableChanged}.
+        """
+        self.watch(backend_hosts(new))
+
+    def stats(self) -> Mapping[str, int]:
+        """
+        See L{IHostResolver.stats}.
+        """
+        return {
+            "hosts": len(self._table),
+            "literals": 0,
+            "names": len(self._table),
+            "resolved": len(self._table),
+            "unresolved": 0,
+            "failing": 0,
+            "in_flight": 0,
+            "lookups": 0,
+            "lookup_failures": 0,
+        }
+
+    def __len__(self) -> int:
+        """
+        See L{IHostResolver.__len__}.
+        """
+        return len(self._table)
