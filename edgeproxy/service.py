@@ -18,7 +18,7 @@ raise, so one failure never stops a periodic job.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
@@ -34,10 +34,14 @@ from edgeproxy.interfaces import (
     IBackendRepository,
     IBindingRepository,
     IGeoResolver,
+    IHostResolver,
     IMetricsStore,
     IRouter,
 )
-from edgeproxy.model import Network, RoutingSnapshot
+from edgeproxy.model import RoutingSnapshot
+
+if TYPE_CHECKING:
+    from edgeproxy.net.endpoints import TrustedSender
 
 _log = Logger()
 
@@ -45,6 +49,7 @@ _log = Logger()
 #: Names of the children of an L{EdgeProxyService}, for C{getServiceNamed}.
 RELOAD_SERVICE = "routing-reload"
 GC_SERVICE = "binding-gc"
+RESOLVE_SERVICE = "resolve-hosts"
 
 
 def listener_service_name(index: int) -> str:
@@ -92,6 +97,7 @@ class EdgeProxyService(MultiService):
         self.geo_description = geo_description
         self.factories: List[Any] = []
         self.admission: Any = None
+        self.resolver: Any = None
         self.listeners: List[ListenerSpec] = []
         self._summaryLogged = False
 
@@ -195,13 +201,14 @@ def build_service(
     router: IRouter,
     listeners: Sequence[ListenerSpec],
     settings: ProxySettings,
-    trusted: Sequence[Network],
+    trusted: Sequence[TrustedSender],
     header_timeout: float,
     tls_handshake_timeout: float,
     db_reload: float,
     binding_gc: float,
     region: Optional[str] = None,
     geo_description: Optional[str] = None,
+    resolver: Optional[IHostResolver] = None,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -225,10 +232,16 @@ def build_service(
         (default: the router's C{local_region}, if it has one).
     @param geo_description: What geo database is in use, for the startup
         log line only (default: C{geo.describe()}, if it has that).
+    @param resolver: Where backend host names get their addresses; default
+        a L{edgeproxy.net.resolve.HostResolver} on C{reactor} that follows the
+        repository (names resolved in the background when they appear,
+        refreshed every few seconds past their TTL).  Call its
+        C{resolveBlocking} before starting for names present at startup.
     """
     from edgeproxy.net.admission import Admission
     from edgeproxy.net.endpoints import server_endpoint
     from edgeproxy.net.proxy import ConnectionTable, ProxyFactory
+    from edgeproxy.net.resolve import HostResolver
 
     if region is None:
         region = getattr(router, "local_region", None)
@@ -245,6 +258,9 @@ def build_service(
         region=region,
         geo_description=geo_description,
     )
+    if resolver is None:
+        resolver = HostResolver(reactor)
+    top.resolver = resolver
     live = ConnectionTable()
     admission = Admission(settings.max_connections, metrics)
     top.admission = admission
@@ -267,6 +283,7 @@ def build_service(
             connections=live,
             admission=admission,
             admitsPeers=False,
+            resolver=resolver,
         )
         listener = StreamServerEndpointService(endpoint, factory)
         # As twisted.application.strports.service does: a port that cannot
@@ -288,13 +305,22 @@ def build_service(
     gc.setName(GC_SERVICE)
     gc.setServiceParent(top)
 
+    refresh = getattr(resolver, "refresh", None)
+    if callable(refresh):
+        dns = TimerService(getattr(resolver, "retry", 5.0), refresh)
+        dns.clock = reactor
+        dns.setName(RESOLVE_SERVICE)
+        dns.setServiceParent(top)
+
     repository.addListener(top.routingTableChanged)
+    repository.addListener(resolver.routingTableChanged)
     return top
 
 
 __all__ = [
     "GC_SERVICE",
     "RELOAD_SERVICE",
+    "RESOLVE_SERVICE",
     "EdgeProxyService",
     "build_service",
     "listener_service_name",

@@ -604,6 +604,13 @@ def makeService(
     except (OSError, ValueError) as e:
         raise _fatal(f"cannot use --geo-overrides/--regions: {e}") from None
 
+    from edgeproxy.net.resolve import HostResolver, backend_hosts
+
+    resolver = HostResolver(reactor)
+    # Before listening: names the table uses have addresses from the first
+    # connection on (later names are resolved in the background).
+    resolver.resolveBlocking(backend_hosts(repository.current()))
+
     bindings = BindingTable(ttl=options["binding-ttl"], max_size=options["binding-max"])
     router = Router(repository, bindings, geo, metrics, options["region"], reactor)
 
@@ -623,6 +630,7 @@ def makeService(
         binding_gc=options["binding-gc-interval"],
         region=options["region"],
         geo_description=geo.describe(),
+        resolver=resolver,
     )
 
 

@@ -309,18 +309,24 @@ def test_proxy_v1_header_ipv6(world_factory):
     assert server.value() == b"PROXY TCP6 2001:db8::5 2001:db8::1 40000 443\r\n"
 
 
-def test_proxy_header_impossible_closes_both(world_factory):
+@pytest.mark.parametrize(
+    "version, header", [(1, b"PROXY UNKNOWN\r\n"), (2, b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")]
+)
+def test_proxy_header_for_a_client_without_ip(world_factory, version, header):
     """
-    A client address no PROXY header can carry (a UNIX socket) closes
-    both legs with a warning, not a traceback, and releases the backend.
+    Defect 7 of issue 7: a client with no IP address (a UNIX socket) going
+    to a backend that wants a PROXY header gets v1 UNKNOWN / v2 LOCAL and
+    is relayed, instead of a failed connection after a backend was chosen.
     """
-    w = world_factory([backend("pp1", proxy_protocol=1, host="10.0.0.9", port=80)])
+    w = world_factory([backend("pp", proxy_protocol=version, host="10.0.0.9", port=80)])
     proto, client = w.accept(peer=UNIXAddress(None))
     side, server = w.connected()
-    assert client.disconnected and server.disconnected
-    lost(side, ConnectionLost())
-    lost(proto, ConnectionLost())
-    assert w.logs.causes() == ["backend-error"]
+    assert not client.disconnected and not server.disconnected
+    proto.dataReceived(b"hi")
+    assert server.value() == header + b"hi"
+    lost(side)
+    lost(proto)
+    assert w.logs.causes() == ["backend-closed"]
     w.assert_accounted()
 
 
@@ -1115,3 +1121,50 @@ def test_no_eager_writes_on_non_tcp_transports(world_factory):
     proto.dataReceived(b"up")
     side.dataReceived(b"down")
     assert server.value().endswith(b"up") and client.value() == b"down"
+
+
+def _resolving_world(world_factory, table):
+    from edgeproxy.testing import StaticHostResolver
+
+    w = world_factory(
+        [
+            backend("named", host="backend.example", port=7100, country="BR", region="sa"),
+            backend("other", host="10.0.0.2", port=7200, country="AR", region="sa"),
+        ]
+    )
+    w.factory.resolver = StaticHostResolver(table)
+    return w
+
+
+def test_hostname_backend_connects_to_its_cached_address(world_factory):
+    """
+    Defect 10 of issue 7: a backend named by host name is connected to at
+    the address the resolver holds for it (an IPv6 one here, which
+    Twisted's own per-connection lookup could never give), with no DNS on
+    the connect path.
+    """
+    w = _resolving_world(world_factory, {"backend.example": ["2001:db8::7", "192.0.2.7"]})
+    proto, _ = w.accept()
+    host, port = w.reactor.tcpClients[-1][:2]
+    assert (host, port) == ("2001:db8::7", 7100)
+    lost(proto, ConnectionLost())
+    w.assert_accounted()
+
+
+def test_unresolved_hostname_fails_over_at_once(world_factory):
+    """
+    A backend whose name has no address yet is a failed attempt counted
+    against it (the binding to it cleared), and the client goes to the next
+    best backend at once, without waiting on a lookup.
+    """
+    w = _resolving_world(world_factory, {})
+    proto, _ = w.accept()
+    assert [c[0] for c in w.reactor.tcpClients] == ["10.0.0.2"]
+    assert w.metrics.counter("backend_connect_failures", "named") == 1
+    assert w.router.count("release", "named") == 1
+    side, server = w.connected()
+    proto.dataReceived(b"x")
+    assert server.value() == b"x"
+    lost(proto, ConnectionLost())
+    lost(side, ConnectionLost())
+    w.assert_accounted()

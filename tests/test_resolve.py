@@ -641,3 +641,49 @@ def test_real_localhost():
     found = resolver.addresses("localhost")
     assert found
     assert set(found) <= {"127.0.0.1", "::1"}
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxy_reaches_an_ipv6_only_name_on_real_sockets():
+    """
+    Defect 10 of issue 7, end to end on loopback: a backend whose host name
+    has only an IPv6 address (here ::1) is reached through the proxy, the
+    name is looked up once for many connections, and never on the connect
+    path (Twisted's own lookup, IPv4 only, would fail it).
+    """
+    from faultkit import BackendFactory, Client, Echo, ProxyHarness, connect, wait_until
+
+    from edgeproxy.config import ProxySettings
+    from edgeproxy.testing import backend as make_backend
+
+    calls: list[str] = []
+
+    def getaddrinfo(host: str, port: Any, family: int = 0, type: int = 0, *a: Any) -> Any:
+        calls.append(host)
+        assert host == "v6only.test"
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))]
+
+    echo_factory = BackendFactory(reactor, Echo)
+    port = reactor.listenTCP(0, echo_factory, interface="::1")
+    h = ProxyHarness(
+        reactor,
+        [make_backend("v6", host="v6only.test", port=port.getHost().port)],
+        ProxySettings(connect_timeout=2.0),
+    )
+    resolver = HostResolver(reactor, getaddrinfo=getaddrinfo)
+    assert resolver.resolveBlocking(["v6only.test"]) == 1
+    h.factory.resolver = resolver
+    try:
+        for i in range(5):
+            client = yield connect(reactor, h.port, Client(reactor))
+            client.send(b"ping%d" % i)
+            data = yield client.wait_for(5)
+            assert data == b"ping%d" % i
+            client.transport.loseConnection()
+            yield client.wait_closed()
+        assert calls == ["v6only.test"]
+        yield wait_until(reactor, h.idle)
+        assert h.logs.failures() == []
+    finally:
+        yield h.stop([])
+        yield port.stopListening()

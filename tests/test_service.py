@@ -29,6 +29,7 @@ from edgeproxy.routing.router import Router
 from edgeproxy.service import (
     GC_SERVICE,
     RELOAD_SERVICE,
+    RESOLVE_SERVICE,
     EdgeProxyService,
     build_service,
     listener_service_name,
@@ -105,7 +106,15 @@ def test_children() -> None:
     service = make(reactor)
     verifyObject(IService, service)
     names = [child.name for child in service]
-    assert names == [listener_service_name(0), listener_service_name(1), RELOAD_SERVICE, GC_SERVICE]
+    assert names == [
+        listener_service_name(0),
+        listener_service_name(1),
+        RELOAD_SERVICE,
+        GC_SERVICE,
+        RESOLVE_SERVICE,
+    ]
+    assert all(f.admission is service.admission for f in service.factories)
+    assert all(f.resolver is service.resolver for f in service.factories)
     listeners = [service.getServiceNamed(listener_service_name(i)) for i in (0, 1)]
     assert all(isinstance(s, StreamServerEndpointService) for s in listeners)
     assert [s.factory for s in listeners] == service.factories

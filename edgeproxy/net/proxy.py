@@ -48,7 +48,12 @@ import termios
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.error import ConnectBindError, ConnectionDone, NotConnectingError
+from twisted.internet.error import (
+    ConnectBindError,
+    ConnectionDone,
+    DNSLookupError,
+    NotConnectingError,
+)
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -62,7 +67,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy.config import ProxySettings
-from edgeproxy.interfaces import IMetricsStore, IRouter
+from edgeproxy.interfaces import IHostResolver, IMetricsStore, IRouter
 from edgeproxy.model import Backend
 from edgeproxy.net.admission import Admission, release_admission
 from edgeproxy.net.proxyprotocol import header_for
@@ -350,6 +355,11 @@ class ProxyFactory(Factory):
         for a factory given straight to a port; C{False} when the factory
         sits behind L{edgeproxy.net.endpoints.server_endpoint}, whose
         socket-level admission already counted the connection.
+    @ivar resolver: Where backend host names get their addresses (a
+        dictionary lookup, never DNS on the connect path); a backend whose
+        name has no address yet is a failed attempt (failover).  C{None}:
+        host names go to C{connectTCP} as they are (Twisted resolves them,
+        IPv4 only, per connection).
     """
 
     noisy = False
@@ -364,6 +374,7 @@ class ProxyFactory(Factory):
         connections: ConnectionTable | None = None,
         admission: Admission | None = None,
         admitsPeers: bool = True,
+        resolver: IHostResolver | None = None,
     ) -> None:
         if connections is not None and not isinstance(connections, ConnectionTable):
             raise TypeError(
@@ -384,6 +395,7 @@ class ProxyFactory(Factory):
             admission if admission is not None else Admission(settings.max_connections, metrics)
         )
         self.admitsPeers = admitsPeers
+        self.resolver = resolver
 
     @property
     def openConnections(self) -> int:
@@ -723,10 +735,18 @@ class ProxyClientProtocol(Protocol):
         self._connecting = attempt
         self._backendOpen = True
         timeout = min(settings.connect_timeout, remaining)
+        host = backend.host
+        resolver = factory.resolver
+        if resolver is not None:
+            addresses = resolver.addresses(host)
+            if not addresses:
+                # Never resolved (a lookup is now on its way): this backend
+                # cannot be reached yet; fail over without waiting on DNS.
+                self._connectFailed(attempt, Failure(DNSLookupError(host)))
+                return
+            host = addresses[0]
         try:
-            attempt.connector = factory.tcp.connectTCP(
-                backend.host, backend.port, attempt, timeout=timeout
-            )
+            attempt.connector = factory.tcp.connectTCP(host, backend.port, attempt, timeout=timeout)
         except Exception:
             self._connectFailed(attempt, Failure())
 
@@ -805,8 +825,8 @@ class ProxyClientProtocol(Protocol):
                 destination = _address(client_transport.getHost())
                 header = header_for(
                     backend.proxy_protocol,
-                    (self.clientHost, self.clientPort) if self.clientHost else None,  # type: ignore[arg-type]
-                    destination if destination[0] else None,  # type: ignore[arg-type]
+                    (self.clientHost, self.clientPort) if self.clientHost else None,
+                    destination if destination[0] else None,
                 )
             except ValueError as e:
                 _log.warn(
