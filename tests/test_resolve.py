@@ -667,7 +667,7 @@ def test_proxy_reaches_an_ipv6_only_name_on_real_sockets():
     port = reactor.listenTCP(0, echo_factory, interface="::1")
     h = ProxyHarness(
         reactor,
-        [make_backend("v6", host="v6only.test", port=port.getHost().port)  # type: ignore[attr-defined]],
+        [make_backend("v6", host="v6only.test", port=port.getHost().port)],  # type: ignore[attr-defined]
         ProxySettings(connect_timeout=2.0),
     )
     resolver = HostResolver(reactor, getaddrinfo=getaddrinfo)
