@@ -172,6 +172,16 @@ class AdmissionFactory(WrappingFactory):  # type: ignore[type-arg]
         WrappingFactory.__init__(self, wrappedFactory)  # type: ignore[arg-type]
         self.admission = admission
 
+    def registerProtocol(self, p: ProtocolWrapper) -> None:
+        """
+        Wrappers are not tracked (WrappingFactory would keep a dict of them).
+        """
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        """
+        See L{registerProtocol}.
+        """
+
     def logPrefix(self) -> str:
         wrapped = self.wrappedFactory
         prefix = getattr(wrapped, "logPrefix", None)
