@@ -535,9 +535,10 @@ class NginxStream(Peer):
         return Running(web, bulk, p.pid, [p])
 
 
-def _child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def _child_env(extra: Optional[Dict[str, str]] = None, root: Optional[str] = None) -> Dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    root = root or ROOT
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     if extra:
         env.update(extra)
@@ -590,6 +591,8 @@ class Edgeproxy(Peer):
     --reactor; C{edgeepoll} unless given, C{default} for Twisted's
     default), C{loglevel} (twist --log-level), C{bufsize}, C{sockbuf},
     C{noconnlog}, C{eagerwrite}, C{fastctx} (see C{bench/twist_knobs.py}), C{python} (interpreter),
+    C{root} (another checkout of edgeproxy, e.g. a git worktree of an older
+    commit, to compare two versions in one run),
     C{args} (extra plugin options, C{+}-separated, e.g.
     C{args=--binding-ttl=0.001}).
     """
@@ -605,7 +608,7 @@ class Edgeproxy(Peer):
         try:
             r = subprocess.run(
                 [python, "-c", "import edgeproxy.tap"],
-                env=_child_env(),
+                env=_child_env(root=self.knobs.get("root")),
                 capture_output=True,
                 timeout=60,
             )
@@ -670,7 +673,7 @@ class Edgeproxy(Peer):
         p = procs.start(
             argv,
             PROXY_CPU,
-            env=_child_env(env_extra),
+            env=_child_env(env_extra, self.knobs.get("root")),
             stderr=open(os.path.join(workdir, f"{tag}.stderr"), "ab"),
             stdout=open(os.path.join(workdir, f"{tag}.stdout"), "ab"),
             cwd=workdir,
@@ -1096,7 +1099,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="NAME:KEY=VAL,...",
         help="an extra edgeproxy peer with knobs: reactor=poll|select|asyncio, "
         "loglevel=warn, logformat=json, bufsize=N, sockbuf=N, noconnlog=1, eagerwrite=1, "
-        "fastctx=1, python=PATH, args=--opt=v+--opt2=v (add NAME to --peers, or it is "
+        "fastctx=1, python=PATH, root=CHECKOUT, args=--opt=v+--opt2=v (add NAME to --peers, or it is "
         "appended)",
     )
     ap.add_argument(

@@ -513,3 +513,22 @@ def test_higher_weight_never_lowers_share(rows, geo, local, data, extra, steps, 
     assert _share(high, geo, local, target, steps, tie, start) >= _share(
         low, geo, local, target, steps, tie, start
     )
+
+
+@given(_situations(), st.data())
+def test_blocked_is_like_excluded(situation, data):
+    """
+    The state overlay's C{blocked} set works exactly like C{exclude}: the
+    pick is never blocked, and selecting with (exclude, blocked) finds what
+    a scan with their union finds.
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    ids = [b.id for b in snapshot.backends]
+    blocked = frozenset(i for i in ids if data.draw(st.integers(0, 3)) == 0)
+    chosen = select(snapshot, app, geo, local, load, random.Random(seed), exclude, blocked)
+    best, argmin = select_reference(snapshot, app, geo, local, load, exclude | blocked)
+    if best is None:
+        assert chosen is None
+    else:
+        assert chosen is not None and chosen.id not in blocked
+        assert chosen.id in argmin
