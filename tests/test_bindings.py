@@ -5,11 +5,24 @@ sliding TTL and a bounded size (SPEC section 4).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from edgeproxy.interfaces import IBindingRepository
+from edgeproxy.model import Binding, BindingKey
 from edgeproxy.routing.bindings import BindingTable
 
 K1 = ("10.0.0.1", "app")
@@ -225,3 +238,222 @@ def test_rejects_bad_settings(kwargs):
     """
     with pytest.raises(ValueError, match="binding"):
         BindingTable(**kwargs)
+
+
+def _no_scan(table: BindingTable) -> list[BindingKey]:
+    """
+    Replace C{table._bindings} by a copy that fails on any iteration over
+    the table and records the keys deleted from it.
+    """
+    deleted: list[BindingKey] = []
+    inner = table._bindings
+
+    class NoScan(type(inner)):  # type: ignore[misc]
+        def _scan(self, *args, **kwargs):
+            raise AssertionError("the whole binding table was scanned")
+
+        __iter__ = items = keys = values = _scan  # type: ignore[assignment]
+
+        def __delitem__(self, key):
+            deleted.append(key)
+            super().__delitem__(key)
+
+        def pop(self, key, *default):
+            if key in self:
+                deleted.append(key)
+            return super().pop(key, *default)
+
+    table._bindings = NoScan(inner)
+    return deleted
+
+
+def test_remove_backends_costs_what_it_removes():
+    """
+    C{removeBackends} and C{removeBackend} touch only the bindings they
+    remove: no scan of the table, whether the backend holds some bindings
+    or none, and the other backends' bindings stay.
+    """
+    clock = Clock()
+    table = BindingTable()
+    for i in range(1000):
+        table.bind((f"10.0.{i // 256}.{i % 256}", "app"), "a" if i % 200 == 0 else "b", 0.0)
+    deleted = _no_scan(table)
+    assert table.removeBackends(frozenset({"a", "nobody"})) == {"a": 5}
+    assert sorted(deleted) == sorted(
+        (f"10.0.{i // 256}.{i % 256}", "app") for i in (0, 200, 400, 600, 800)
+    )
+    assert table.removeBackend("nobody") == 0
+    assert table.removeBackends(frozenset({"a"})) == {}
+    assert len(deleted) == 5
+    assert len(table) == 995
+    assert table.lookup(("10.0.0.1", "app"), clock.seconds()) is not None
+    assert table.lookup(("10.0.0.0", "app"), clock.seconds()) is None
+
+
+def test_index_follows_every_removal():
+    """
+    A binding that leaves the table by LRU eviction, expiry on read,
+    collection or C{remove} leaves the backend index too: a later
+    C{removeBackend} counts only bindings still held, and the index keeps
+    no entry for a backend without bindings.
+    """
+    table = BindingTable(ttl=10.0, max_size=3)
+    table.bind(K1, "a", 0.0)
+    table.bind(K2, "a", 1.0)
+    table.bind(K3, "a", 2.0)
+    table.bind(("10.0.0.4", "app"), "b", 3.0)  # evicts K1
+    table._check_invariants()
+    assert table.lookup(K2, 11.0) is None  # expired on read
+    table._check_invariants()
+    table.remove(K3)
+    table._check_invariants()
+    assert table.removeBackend("a") == 0
+    assert table._by_backend.keys() == {"b"}
+    assert table.collect(100.0) == 1
+    table._check_invariants()
+    assert table._by_backend == {}
+    assert table.removeBackend("b") == 0
+
+
+def test_check_invariants_detects_drift():
+    """
+    C{_check_invariants} (the helper of the stateful test) notices an index
+    that has drifted from the table, so the stateful test can fail.
+    """
+    table = BindingTable()
+    table.bind(K1, "a", 0.0)
+    table._check_invariants()
+    del table._by_backend["a"]
+    with pytest.raises(AssertionError):
+        table._check_invariants()
+    table = BindingTable()
+    table.bind(K1, "a", 0.0)
+    table._by_backend["a"][K2] = None
+    with pytest.raises(AssertionError):
+        table._check_invariants()
+
+
+# --------------------------------------------------------------------------
+# A stateful comparison against a simple model: a plain dict of key ->
+# [backend id, created, last seen, use tick], the least recently used being
+# the smallest tick, and everything expired being collected at once (the
+# clock never goes backwards).
+
+TTL = 10.0
+IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "2001:db8::/64", "2001:db8:0:1::/64", "192.0.2.9"]
+APPS = ["app", None]
+BACKENDS = ["a", "b", "c"]
+keys = st.tuples(st.sampled_from(IPS), st.sampled_from(APPS))
+backend_ids = st.sampled_from(BACKENDS)
+
+
+class BindingTableMachine(RuleBasedStateMachine):
+    """
+    L{BindingTable} against the model through bind, lookup, peek, remove,
+    removeBackend(s), collect, time passing and eviction at a small size.
+    """
+
+    created = Bundle("created")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.tick = 0
+        self.model: dict[BindingKey, list] = {}
+        self.table = BindingTable(ttl=TTL, max_size=3)
+
+    @initialize(max_size=st.integers(1, 5))
+    def sized(self, max_size):
+        self.table = BindingTable(ttl=TTL, max_size=max_size)
+
+    def _use(self, key) -> None:
+        self.tick += 1
+        self.model[key][2] = self.now
+        self.model[key][3] = self.tick
+
+    def _model_lookup(self, key) -> list | None:
+        entry = self.model.get(key)
+        if entry is None:
+            return None
+        if self.now - entry[2] >= TTL:
+            del self.model[key]
+            return None
+        self._use(key)
+        return entry
+
+    def _agrees(self, binding: Binding | None, entry: list | None) -> None:
+        if entry is None:
+            assert binding is None
+        else:
+            assert binding is not None
+            assert (binding.backend_id, binding.created, binding.last_seen) == tuple(entry[:3])
+
+    @rule(dt=st.sampled_from([0.0, 1.0, 2.5, 9.0, TTL, 15.0]))
+    def advance(self, dt):
+        self.now += dt
+
+    @rule(target=created, key=keys, backend_id=backend_ids)
+    def bind(self, key, backend_id):
+        entry = self._model_lookup(key)
+        if entry is None:
+            if len(self.model) >= self.table.max_size:
+                del self.model[min(self.model, key=lambda k: self.model[k][3])]
+            self.model[key] = [backend_id, self.now, self.now, 0]
+            self._use(key)
+            entry = self.model[key]
+        self._agrees(self.table.bind(key, backend_id, self.now), entry)
+        return key
+
+    @rule(key=st.one_of(created, keys))
+    def lookup(self, key):
+        self._agrees(self.table.lookup(key, self.now), self._model_lookup(key))
+
+    @rule(key=st.one_of(created, keys))
+    def peek(self, key):
+        entry = self.model.get(key)
+        if entry is not None and self.now - entry[2] >= TTL:
+            entry = None
+        self._agrees(self.table.peek(key, self.now), entry)
+
+    @rule(key=st.one_of(created, keys))
+    def remove(self, key):
+        self.model.pop(key, None)
+        self.table.remove(key)
+
+    @rule(ids=st.frozensets(st.sampled_from([*BACKENDS, "zzz"])))
+    def remove_backends(self, ids):
+        expected: dict[str, int] = {}
+        for key, entry in list(self.model.items()):
+            if entry[0] in ids:
+                del self.model[key]
+                expected[entry[0]] = expected.get(entry[0], 0) + 1
+        assert self.table.removeBackends(ids) == expected
+
+    @rule(backend_id=backend_ids)
+    def remove_backend(self, backend_id):
+        doomed = [k for k, e in self.model.items() if e[0] == backend_id]
+        for key in doomed:
+            del self.model[key]
+        assert self.table.removeBackend(backend_id) == len(doomed)
+
+    @rule()
+    def collect(self):
+        doomed = [k for k, e in self.model.items() if self.now - e[2] >= TTL]
+        for key in doomed:
+            del self.model[key]
+        assert self.table.collect(self.now) == len(doomed)
+
+    @precondition(lambda self: self.model)
+    @rule()
+    def lru_order(self):
+        order = sorted(self.model, key=lambda k: self.model[k][3])
+        assert list(OrderedDict(self.table._bindings)) == order
+
+    @invariant()
+    def consistent(self):
+        self.table._check_invariants()
+        assert len(self.table) == len(self.model) <= self.table.max_size
+
+
+TestBindingTableMachine = BindingTableMachine.TestCase
+TestBindingTableMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

@@ -6,7 +6,7 @@ TTL and a bounded size (SPEC section 4).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import AbstractSet
+from typing import AbstractSet, Dict
 
 from zope.interface import implementer
 
@@ -32,6 +32,11 @@ class BindingTable:
 
     A binding expires when C{now - last_seen >= ttl}.
 
+    An index from backend id to the keys bound to it is kept in step with
+    the table on every insertion and removal, so L{removeBackends} costs
+    what it removes, not the size of the table.  The index relies on a
+    binding's C{backend_id} never changing while it is in the table.
+
     @ivar ttl: Sliding time-to-live in seconds.
     @ivar max_size: Most bindings held; the least recently used goes first.
     """
@@ -44,6 +49,9 @@ class BindingTable:
         self.ttl = float(ttl)
         self.max_size = max_size
         self._bindings: OrderedDict[BindingKey, Binding] = OrderedDict()
+        # backend id -> its keys (a dict used as an ordered set: measured
+        # cheaper than a set); no entry for a backend without bindings.
+        self._by_backend: Dict[str, Dict[BindingKey, None]] = {}
 
     def __repr__(self) -> str:
         return f"<BindingTable ttl={self.ttl} size={len(self._bindings)}/{self.max_size}>"
@@ -58,6 +66,7 @@ class BindingTable:
             return None
         if now - binding.last_seen >= self.ttl:
             del bindings[key]
+            self._unindex(key, binding.backend_id)
             return None
         binding.last_seen = now
         bindings.move_to_end(key)
@@ -82,34 +91,56 @@ class BindingTable:
             return binding
         bindings = self._bindings
         if len(bindings) >= self.max_size:
-            bindings.popitem(last=False)
+            old_key, old = bindings.popitem(last=False)
+            self._unindex(old_key, old.backend_id)
         binding = Binding(backend_id=backend_id, created=now, last_seen=now)
         bindings[key] = binding
+        keys = self._by_backend.get(backend_id)
+        if keys is None:
+            self._by_backend[backend_id] = {key: None}
+        else:
+            keys[key] = None
         return binding
+
+    def _unindex(self, key: BindingKey, backend_id: str) -> None:
+        """
+        Drop C{key} from the index of C{backend_id}, and the backend's
+        entry when it was its last key.
+        """
+        keys = self._by_backend[backend_id]
+        del keys[key]
+        if not keys:
+            del self._by_backend[backend_id]
 
     def remove(self, key: BindingKey) -> None:
         """
         See L{IBindingRepository.remove}.
         """
-        self._bindings.pop(key, None)
+        binding = self._bindings.pop(key, None)
+        if binding is not None:
+            self._unindex(key, binding.backend_id)
 
     def removeBackend(self, backend_id: str) -> int:
         """
-        See L{IBindingRepository.removeBackend}.  Scans the whole table.
+        See L{IBindingRepository.removeBackend}.  Costs what it removes.
         """
         return self.removeBackends({backend_id}).get(backend_id, 0)
 
     def removeBackends(self, backend_ids: AbstractSet[str]) -> dict[str, int]:
         """
-        See L{IBindingRepository.removeBackends}.  One scan of the whole
-        table, however many ids.
+        See L{IBindingRepository.removeBackends}.  Costs what it removes
+        (plus one index probe per id): no scan of the table.
         """
         bindings = self._bindings
-        doomed = [(k, b.backend_id) for k, b in bindings.items() if b.backend_id in backend_ids]
+        by_backend = self._by_backend
         freed: dict[str, int] = {}
-        for k, backend_id in doomed:
-            del bindings[k]
-            freed[backend_id] = freed.get(backend_id, 0) + 1
+        for backend_id in backend_ids:
+            keys = by_backend.pop(backend_id, None)
+            if keys is None:
+                continue
+            for key in keys:
+                del bindings[key]
+            freed[backend_id] = len(keys)
         return freed
 
     def collect(self, now: float) -> int:
@@ -126,11 +157,36 @@ class BindingTable:
         freed = 0
         while bindings:
             key = next(iter(bindings))
-            if now - bindings[key].last_seen < ttl:
+            binding = bindings[key]
+            if now - binding.last_seen < ttl:
                 break
             del bindings[key]
+            self._unindex(key, binding.backend_id)
             freed += 1
         return freed
 
     def __len__(self) -> int:
         return len(self._bindings)
+
+    def _check_invariants(self) -> None:
+        """
+        Raise C{AssertionError} unless the index holds exactly the table's
+        keys, each under its binding's backend id, with no empty entry, and
+        the table is within its size.  For tests; scans everything.
+        """
+        bindings = self._bindings
+        if len(bindings) > self.max_size:
+            raise AssertionError(f"{len(bindings)} bindings > max_size {self.max_size}")
+        indexed = 0
+        for backend_id, keys in self._by_backend.items():
+            if not keys:
+                raise AssertionError(f"empty index entry for {backend_id!r}")
+            for key in keys:
+                binding = bindings.get(key)
+                if binding is None or binding.backend_id != backend_id:
+                    raise AssertionError(
+                        f"index has {key!r} under {backend_id!r}, table {binding!r}"
+                    )
+            indexed += len(keys)
+        if indexed != len(bindings):
+            raise AssertionError(f"index holds {indexed} keys, table {len(bindings)}")
