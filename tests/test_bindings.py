@@ -5,10 +5,11 @@ sliding TTL and a bounded size (SPEC section 4).
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 
 import pytest
-from hypothesis import settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -23,7 +24,7 @@ from zope.interface.verify import verifyObject
 
 from edgeproxy.interfaces import IBindingRepository
 from edgeproxy.model import Binding, BindingKey
-from edgeproxy.routing.bindings import BindingTable
+from edgeproxy.routing.bindings import BindingTable, client_key
 
 K1 = ("10.0.0.1", "app")
 K2 = ("10.0.0.2", "app")
@@ -457,3 +458,139 @@ class BindingTableMachine(RuleBasedStateMachine):
 
 TestBindingTableMachine = BindingTableMachine.TestCase
 TestBindingTableMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+# --------------------------------------------------------------------------
+# client_key: what the binding table is keyed by.
+
+v4 = st.ip_addresses(v=4)
+v6: st.SearchStrategy[ipaddress.IPv6Address] = (
+    st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address).filter(lambda a: a.ipv4_mapped is None)
+)
+prefixes = st.integers(0, 128)
+
+
+@given(v4, prefixes)
+def test_client_key_ipv4_identity(address, prefix):
+    """
+    An IPv4 address is its own key, whatever the IPv6 prefix.
+    """
+    assert client_key(str(address), prefix) == str(address)
+    assert client_key(str(address)) == str(address)
+
+
+@given(v4, prefixes)
+@example(ipaddress.IPv4Address("1.2.3.4"), 64)
+def test_client_key_unwraps_mapped(address, prefix):
+    """
+    An IPv4-mapped IPv6 address, in dotted or hex form and any case, is
+    keyed as the IPv4 address it carries, whatever the prefix.
+    """
+    mapped = ipaddress.IPv6Address(f"::ffff:{address}")
+    assert client_key(f"::ffff:{address}", prefix) == str(address)
+    assert client_key(mapped.exploded.upper(), prefix) == str(address)
+
+
+def test_client_key_examples():
+    """
+    IPv6 clients are keyed by their /64 written as a network, 128 keeps the
+    whole (normalised) address, and 0 puts every IPv6 client in one key.
+    """
+    assert client_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd") == "2001:db8:1:2::/64"
+    assert client_key("2001:DB8:1:2::1") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:2:aaaa::1", 48) == "2001:db8:1::/48"
+    assert client_key("2001:0db8:0000::0001", 128) == "2001:db8::1"
+    assert client_key("2001:db8::1", 0) == "::/0"
+    assert client_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert client_key("::1") == "::/64"
+    assert client_key("fe80::1%eth0") == "fe80::/64"
+    assert client_key("10.0.0.1") == "10.0.0.1"
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_client_key_same_slash64(high, low1, low2):
+    """
+    Two IPv6 addresses in the same /64 have the same key, written in any
+    form, and the key is a network holding both.
+    """
+    a = ipaddress.IPv6Address(high << 64 | low1)
+    b = ipaddress.IPv6Address(high << 64 | low2)
+    assume(a.ipv4_mapped is None and b.ipv4_mapped is None)
+    key = client_key(str(a))
+    assert key == client_key(b.exploded) == client_key(str(b).upper())
+    assert key.endswith("/64")
+    assert a in ipaddress.IPv6Network(key) and b in ipaddress.IPv6Network(key)
+
+
+@given(v6, prefixes, st.integers(0, 127), st.integers(0, 2**128 - 1))
+def test_client_key_prefix_separates(a, prefix, bit, noise):
+    """
+    For any prefix, flipping one bit of an IPv6 address changes its key
+    exactly when the bit is among the prefix's leading bits; changing any
+    bits after the prefix never does.
+    """
+    b = ipaddress.IPv6Address(int(a) ^ (1 << (127 - bit)))
+    assume(b.ipv4_mapped is None)
+    key = client_key(str(a), prefix)
+    assert (client_key(str(b), prefix) == key) == (bit >= prefix)
+    low = (1 << (128 - prefix)) - 1
+    c = ipaddress.IPv6Address(int(a) & ~low | noise & low)
+    assume(c.ipv4_mapped is None)
+    assert client_key(str(c), prefix) == key
+
+
+def _reference_key(text: str, prefix: int) -> str:
+    """
+    The key of SPEC section 4 written the slow, obvious way.
+    """
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    whole = ipaddress.IPv6Address(int(address))  # without any scope id
+    if prefix == 128:
+        return str(whole)
+    return str(ipaddress.IPv6Network(f"{whole}/{prefix}", strict=False))
+
+
+@given(
+    st.one_of(
+        st.text(alphabet="0123456789abcdefABCDEFg:.%/ ", max_size=45),
+        st.ip_addresses().map(str),
+        st.ip_addresses(v=6).map(lambda a: a.exploded + "%eth0"),
+    ),
+    prefixes,
+)
+@example("::ffff:1.2.3", 64)
+@example("2001:db8::1::2", 64)
+@example("", 64)
+@example("1.2.3.4:5", 64)
+@example("::102:304", 128)
+@example("::ffff:0:102:304", 128)
+@example("::1.2.3.4", 112)
+@example("fe80::1%", 64)
+@example("fe80::1%a%b", 64)
+@example("fe80::1%a/b", 64)
+@example("::ffff:1.2.3.4%eth0", 64)
+@example("::\x00", 64)
+@example("::\uff11", 64)
+def test_client_key_matches_reference(text, prefix):
+    """
+    Any text gets the key the reference gives: unparsable text comes back
+    unchanged (never an error), addresses as in SPEC section 4.
+    """
+    assert client_key(text, prefix) == _reference_key(text, prefix)
+
+
+@pytest.mark.parametrize("prefix", [-1, 129, 1000])
+@pytest.mark.parametrize("ip", ["10.0.0.1", "2001:db8::1", "junk"])
+def test_client_key_rejects_bad_prefix(ip, prefix):
+    """
+    A prefix outside 0..128 is refused, for any address.
+    """
+    with pytest.raises(ValueError, match="prefix"):
+        client_key(ip, prefix)
