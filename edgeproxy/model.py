@@ -89,7 +89,9 @@ class Binding:
 
 
 BindingKey = Tuple[str, Optional[str]]
-"""(client IP, app) -- the key of a L{Binding}."""
+"""(client key, app) -- the key of a L{Binding}: the client key is its IPv4
+address, or its IPv6 address masked to a prefix (see
+L{edgeproxy.routing.bindings.client_key})."""
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 """An IPv4 or IPv6 network, as C{ipaddress.ip_network} returns."""

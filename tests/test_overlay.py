@@ -220,7 +220,9 @@ def test_acquire_failure_moves_on_to_the_next_best():
     binds the client to the backend it really got.
     """
     load = _RacingLoad({"a"})
-    router, _, bindings = _router([backend("a"), backend("b", region="eu", country="FR")], load=load)
+    router, _, bindings = _router(
+        [backend("a"), backend("b", region="eu", country="FR")], load=load
+    )
     chosen = router.choose(CLIENT, "app")
     assert chosen is not None and chosen.id == "b"
     assert load.connections == {"b": 1}

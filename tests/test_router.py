@@ -389,3 +389,40 @@ def test_explain_has_no_side_effects():
     binding = w.bindings.peek((CLIENT_FR, "app"), w.clock.seconds())
     assert binding is not None and binding.last_seen == 0
     assert w.router.explain(CLIENT_NOGEO, None)["geo"] is None
+
+
+def test_ipv6_clients_share_a_binding_per_64():
+    """
+    Defect 6 of issue 7: IPv6 clients are bound by their /64, so a host
+    whose privacy address rotates keeps its backend, and a /64 holds one
+    binding per app however many addresses it uses; with a prefix of 128
+    each address has its own.
+    """
+    w = _World([backend("a"), backend("b")])
+    first = w.router.choose("2001:db8:1:2::10", "app")
+    assert first is not None
+    for host in range(11, 200):
+        again = w.router.choose(f"2001:db8:1:2::{host:x}", "app")
+        assert again is not None and again.id == first.id
+    assert len(w.bindings) == 1
+    other = Router(w.repository, BindingTable(), GEO, w.metrics, "sa", w.clock, ipv6_prefix=128)
+    for host in range(10, 20):
+        other.choose(f"2001:db8:1:2::{host:x}", "app")
+    assert len(other._bindings) == 10  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        Router(w.repository, BindingTable(), GEO, w.metrics, "sa", w.clock, ipv6_prefix=129)
+
+
+def test_failover_that_runs_out_is_not_no_backend():
+    """
+    Defect 9 of issue 7: when failover has excluded every candidate, the
+    router returns None without counting C{routing_no_backend} (the
+    connection's one cause is C{connect-failed}); a first attempt with no
+    candidate still counts it.
+    """
+    w = _World([backend("a")])
+    assert w.choose(exclude={"a"}) is None
+    assert w.metrics.counter(NO_BACKEND) == 0
+    w.repository.set([])
+    assert w.choose() is None
+    assert w.metrics.counter(NO_BACKEND) == 1

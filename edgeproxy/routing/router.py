@@ -22,6 +22,7 @@ from edgeproxy.interfaces import (
     IStateOverlay,
 )
 from edgeproxy.model import Backend, BindingKey
+from edgeproxy.routing.bindings import client_key
 from edgeproxy.routing.load import LoadTable
 from edgeproxy.routing.overlay import StateOverlay
 from edgeproxy.routing.selection import geo_tier, score, select
@@ -58,6 +59,10 @@ class Router:
     @ivar load: The per-backend load counts.
     @ivar overlay: The health / breaker / admin verdicts consulted on top of
         the routing table.
+    @ivar ipv6_prefix: Bindings key an IPv6 client by this prefix (64: its
+        /64, inside which privacy addresses rotate, so that one host keeps
+        its backend and cannot fill the binding table); IPv4 clients by
+        their address.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class Router:
         *,
         load: ILoadCounter | None = None,
         overlay: IStateOverlay | None = None,
+        ipv6_prefix: int = 64,
     ) -> None:
         self._repository = repository
         self._bindings = bindings
@@ -82,6 +88,8 @@ class Router:
         self._rng = rng if rng is not None else random.Random()
         self.load: ILoadCounter = load if load is not None else LoadTable(metrics)
         self.overlay: IStateOverlay = overlay if overlay is not None else StateOverlay()
+        client_key("127.0.0.1", ipv6_prefix)  # validates the prefix
+        self.ipv6_prefix = ipv6_prefix
 
     def __repr__(self) -> str:
         return f"<Router local_region={self.local_region!r}>"
@@ -111,7 +119,7 @@ class Router:
         snapshot = self._repository.current()
         load = self.load
         bindings = self._bindings
-        key: BindingKey = (client_ip, app)
+        key: BindingKey = (client_key(client_ip, self.ipv6_prefix), app)
 
         binding = bindings.lookup(key, now)
         if binding is not None:
@@ -159,7 +167,7 @@ class Router:
         See L{IRouter.connectFailed}.  A binding to another backend is left
         alone.
         """
-        key: BindingKey = (client_ip, app)
+        key: BindingKey = (client_key(client_ip, self.ipv6_prefix), app)
         binding = self._bindings.lookup(key, self._clock.seconds())
         if binding is not None and binding.backend_id == backend_id:
             self._bindings.remove(key)
@@ -182,7 +190,11 @@ class Router:
         load = self.load.connections
         geo = self._geo.resolve(client_ip) if self._geo is not None else None
         peek = getattr(self._bindings, "peek", None)
-        binding = peek((client_ip, app), self._clock.seconds()) if peek is not None else None
+        binding = (
+            peek((client_key(client_ip, self.ipv6_prefix), app), self._clock.seconds())
+            if peek is not None
+            else None
+        )
         rows: List[Dict[str, Any]] = []
         for b in snapshot.by_app.get(app, ()):
             current = load.get(b.id, 0)
