@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 import edgeproxy
 from edgeproxy.config import ListenerSpec, ProxySettings
 from edgeproxy.interfaces import (
+    UNAVAILABLE,
     IBackendRepository,
     IBindingRepository,
     IGeoResolver,
@@ -190,6 +191,27 @@ class EdgeProxyService(MultiService):
         except Exception:
             _log.failure("clearing bindings after a routing table change failed")
 
+    def backendStateChanged(self, backend_id: str, old: int, new: int) -> None:
+        """
+        State overlay listener: a backend that became unavailable (health
+        down, breaker open, maintenance) loses its bindings, at a cost
+        proportional to how many it had; one closed to new clients only
+        (drain) keeps them.  Never raises.
+        """
+        if new != UNAVAILABLE or old == UNAVAILABLE:
+            return
+        try:
+            freed = self.bindings.removeBackend(backend_id)
+        except Exception:
+            _log.failure("clearing bindings of {backend} failed", backend=backend_id)
+            return
+        if freed:
+            _log.info(
+                "backend {backend} unavailable: {freed} bindings cleared",
+                backend=backend_id,
+                freed=freed,
+            )
+
 
 def build_service(
     *,
@@ -314,6 +336,9 @@ def build_service(
 
     repository.addListener(top.routingTableChanged)
     repository.addListener(resolver.routingTableChanged)
+    overlay = getattr(router, "overlay", None)
+    if overlay is not None:
+        overlay.addListener(top.backendStateChanged)
     return top
 
 

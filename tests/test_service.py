@@ -432,3 +432,23 @@ def test_twist_help_lists_edgeproxy() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "edgeproxy" in result.stdout
+
+
+def test_bindings_dropped_when_the_overlay_makes_a_backend_unavailable() -> None:
+    """
+    A backend the state overlay makes unavailable loses its bindings (its
+    clients are re-routed on their next connection); one that only drains
+    keeps them.
+    """
+    from edgeproxy.interfaces import NO_NEW_CLIENTS, UNAVAILABLE
+
+    reactor = MemoryReactorClock()
+    service = make(reactor, InMemoryBackendRepository([backend("gru-1"), backend("gru-2")]))
+    bindings = service.bindings
+    for i in range(10):
+        bindings.bind((f"192.0.2.{i}", "app"), "gru-1" if i < 6 else "gru-2", 0.0)
+    overlay = service.router.overlay  # type: ignore[attr-defined]
+    overlay.setVerdict("gru-2", "admin", NO_NEW_CLIENTS)
+    assert len(bindings) == 10
+    overlay.setVerdict("gru-1", "health", UNAVAILABLE)
+    assert len(bindings) == 4
