@@ -234,6 +234,13 @@ class IStateOverlay(Interface):
         the table); listeners are told of effective changes.
         """
 
+    def closedToNewIgnoring(sources: AbstractSet[str]) -> AbstractSet[str]:
+        """
+        The ids that would be closed to new clients if C{sources}' verdicts
+        did not count (e.g. the operator's drain and maint alone, health and
+        breaker aside).
+        """
+
     def addListener(listener: StateListener) -> None:
         """
         Call C{listener(backend_id, old, new)} after every change of a
@@ -264,7 +271,13 @@ class IRouter(Interface):
 
     def connectFailed(client_ip: str, app: Optional[str], backend_id: str) -> None:
         """
-        A connect to C{backend_id} failed: clear the client's binding to it.
+        A connect to C{backend_id} failed: clear the client's binding to it
+        (and tell the circuit breaker, if there is one).
+        """
+
+    def connectSucceeded(backend_id: str) -> None:
+        """
+        A connect to C{backend_id} succeeded (for the circuit breaker).
         """
 
 

@@ -104,6 +104,9 @@ class SpyRouter:
         self.calls.append(("connectFailed", client_ip, app, backend_id))
         self.router.connectFailed(client_ip, app, backend_id)
 
+    def connectSucceeded(self, backend_id: str) -> None:
+        self.router.connectSucceeded(backend_id)
+
     def count(self, name: str, backend_id: str) -> int:
         if name == "choose":
             return sum(1 for c in self.calls if c[0] == "choose" and c[4] == backend_id)

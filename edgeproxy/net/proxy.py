@@ -810,6 +810,8 @@ class ProxyClientProtocol(Protocol):
         """
         attempt = side.factory
         backend_transport: _Transport = side.transport
+        # The backend accepted: that is a success whatever the client does.
+        self.factory.router.connectSucceeded(attempt.backend.id)
         if attempt.cancelled or not self._clientOpen:
             _abort(backend_transport)
             return

@@ -119,6 +119,18 @@ class StateOverlay:
                 del self._verdicts[backend_id]
             self._changed(backend_id, old)
 
+    def closedToNewIgnoring(self, sources: AbstractSet[str]) -> AbstractSet[str]:
+        """
+        See L{IStateOverlay.closedToNewIgnoring}.  Computed on demand (for
+        panic routing, a rare path): cost proportional to the backends that
+        have verdicts.
+        """
+        return frozenset(
+            b
+            for b, by_source in self._verdicts.items()
+            if any(v >= NO_NEW_CLIENTS for s, v in by_source.items() if s not in sources)
+        )
+
     def addListener(self, listener: StateListener) -> None:
         """
         See L{IStateOverlay.addListener}.

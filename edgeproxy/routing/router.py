@@ -7,9 +7,10 @@ synchronous call per connect attempt.
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, FrozenSet, List
+from typing import AbstractSet, Any, Dict, FrozenSet, List
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from edgeproxy.interfaces import (
@@ -21,16 +22,26 @@ from edgeproxy.interfaces import (
     IRouter,
     IStateOverlay,
 )
-from edgeproxy.model import Backend, BindingKey
+from edgeproxy.model import Backend, BindingKey, GeoInfo, RoutingSnapshot
 from edgeproxy.routing.bindings import client_key
+from edgeproxy.routing.breaker import CircuitBreaker
 from edgeproxy.routing.load import LoadTable
 from edgeproxy.routing.overlay import StateOverlay
 from edgeproxy.routing.selection import geo_tier, score, select
 
-__all__ = ["NO_BACKEND", "Router"]
+__all__ = ["NO_BACKEND", "PANIC", "Router"]
+
+_log = Logger()
 
 #: Counter bumped when a connect attempt finds no candidate at all.
 NO_BACKEND = "routing_no_backend"
+
+#: Counter bumped when a client is routed in panic (see L{Router.panic}).
+PANIC = "routing_panic"
+
+#: The overlay sources that panic routing may override (the proxy's own
+#: verdicts; never the operator's admin state).
+_PROXY_SOURCES = frozenset({"health", "breaker"})
 
 _NO_EXCLUDE: FrozenSet[str] = frozenset()
 
@@ -63,6 +74,18 @@ class Router:
         /64, inside which privacy addresses rotate, so that one host keeps
         its backend and cannot fill the binding table); IPv4 clients by
         their address.
+    @ivar breaker: The passive circuit breaker fed by L{connectFailed} and
+        L{connectSucceeded}, or C{None}.
+    @ivar panic: What happens when every backend that could take a client
+        is ejected by the proxy's own verdicts (health checks, breaker):
+        with C{True} (the default, Envoy's panic mode) the client goes to
+        the best of the ejected ones anyway, counted as C{routing_panic}
+        and logged once per episode, because all of a pool failing its
+        checks at once is more often the checks or the network than every
+        backend dead, and a connect that fails still fails over; with
+        C{False} the client is refused (no-backend).  The operator's own
+        word (the table's C{healthy} column, drain and maint) is never
+        overridden.
     """
 
     def __init__(
@@ -78,6 +101,8 @@ class Router:
         load: ILoadCounter | None = None,
         overlay: IStateOverlay | None = None,
         ipv6_prefix: int = 64,
+        breaker: CircuitBreaker | None = None,
+        panic: bool = True,
     ) -> None:
         self._repository = repository
         self._bindings = bindings
@@ -90,6 +115,10 @@ class Router:
         self.overlay: IStateOverlay = overlay if overlay is not None else StateOverlay()
         client_key("127.0.0.1", ipv6_prefix)  # validates the prefix
         self.ipv6_prefix = ipv6_prefix
+        self.breaker = breaker
+        self.panic = panic
+        self._halfOpen: AbstractSet[str] = breaker.halfOpen if breaker is not None else frozenset()
+        self._panicking = False
 
     def __repr__(self) -> str:
         return f"<Router local_region={self.local_region!r}>"
@@ -125,11 +154,56 @@ class Router:
         if binding is not None:
             backend = snapshot.routable.get(binding.backend_id)
             if self._usable(backend, app, exclude) and load.acquire(backend):  # type: ignore[arg-type]
-                return backend
+                return self._started(backend)  # type: ignore[arg-type]
             bindings.remove(key)
 
         geo = self._geo.resolve(client_ip) if self._geo is not None else None
-        blocked = self.overlay.closedToNew
+        chosen = self._select(snapshot, app, geo, key, now, exclude, self.overlay.closedToNew)
+        if chosen is None and self.panic and self.overlay.closedToNew:
+            # Panic: every candidate the proxy itself ejected?  Try them.
+            chosen = self._select(
+                snapshot,
+                app,
+                geo,
+                key,
+                now,
+                exclude,
+                self.overlay.closedToNewIgnoring(_PROXY_SOURCES),
+            )
+            if chosen is not None:
+                self._metrics.increment(PANIC)
+                if not self._panicking:
+                    self._panicking = True
+                    _log.warn(
+                        "panic routing: every candidate for app {app} is ejected by health"
+                        " checks or the circuit breaker; routing to {backend} anyway",
+                        app=app,
+                        backend=chosen.id,
+                    )
+                return chosen
+        elif chosen is not None and self._panicking:
+            self._panicking = False
+            _log.info("panic routing over: app {app} has available backends again", app=app)
+        if chosen is None and not exclude:
+            self._metrics.increment(NO_BACKEND)
+        return chosen
+
+    def _select(
+        self,
+        snapshot: RoutingSnapshot,
+        app: str | None,
+        geo: GeoInfo | None,
+        key: BindingKey,
+        now: float,
+        exclude: FrozenSet[str],
+        blocked: AbstractSet[str],
+    ) -> Backend | None:
+        """
+        Score, bind and acquire, moving on to the next best when the chosen
+        one turns out full at acquire time.
+        """
+        load = self.load
+        bindings = self._bindings
         skip = exclude
         for _ in range(_ACQUIRE_TRIES):
             chosen = select(
@@ -144,17 +218,20 @@ class Router:
                 # it can take the client, so the client has one backend.
                 other = snapshot.routable.get(binding.backend_id)
                 if self._usable(other, app, exclude) and load.acquire(other):  # type: ignore[arg-type]
-                    return other
+                    return self._started(other)  # type: ignore[arg-type]
                 bindings.remove(key)
                 bindings.bind(key, chosen.id, now)
             if load.acquire(chosen):
-                return chosen
+                return self._started(chosen)
             # Full since the scores were read: try the next best.
             bindings.remove(key)
             skip = skip | {chosen.id}
-        if not exclude:
-            self._metrics.increment(NO_BACKEND)
         return None
+
+    def _started(self, backend: Backend) -> Backend:
+        if backend.id in self._halfOpen:
+            self.breaker.trialStarted(backend.id)  # type: ignore[union-attr]
+        return backend
 
     def release(self, backend_id: str) -> None:
         """
@@ -162,11 +239,20 @@ class Router:
         """
         self.load.release(backend_id)
 
+    def connectSucceeded(self, backend_id: str) -> None:
+        """
+        See L{IRouter.connectSucceeded}.
+        """
+        if self.breaker is not None:
+            self.breaker.connectSucceeded(backend_id)
+
     def connectFailed(self, client_ip: str, app: str | None, backend_id: str) -> None:
         """
         See L{IRouter.connectFailed}.  A binding to another backend is left
-        alone.
+        alone; the breaker hears of it.
         """
+        if self.breaker is not None:
+            self.breaker.connectFailed(backend_id)
         key: BindingKey = (client_key(client_ip, self.ipv6_prefix), app)
         binding = self._bindings.lookup(key, self._clock.seconds())
         if binding is not None and binding.backend_id == backend_id:
