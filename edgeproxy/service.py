@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -99,6 +99,9 @@ class EdgeProxyService(MultiService):
         self.factories: List[Any] = []
         self.admission: Any = None
         self.resolver: Any = None
+        self.live: Any = None
+        #: Seconds a graceful shutdown waits for open connections.
+        self.shutdownTimeout = 30.0
         self.listeners: List[ListenerSpec] = []
         self._summaryLogged = False
 
@@ -118,6 +121,69 @@ class EdgeProxyService(MultiService):
     def startService(self) -> None:
         self._logSummary()
         super().startService()
+
+    def stopService(self) -> "Deferred[None]":
+        """
+        The graceful shutdown (FAULTS F15): stop accepting at once (every
+        listener stops listening first), let open connections finish for
+        up to C{shutdownTimeout} seconds, then close the rest (cause
+        C{shutdown}, how many logged), then stop the periodic jobs.  The
+        returned L{Deferred} holds the reactor's shutdown until then.
+        """
+        Service.stopService(self)
+        listeners = [s for s in self if isinstance(s, StreamServerEndpointService)]
+        others = [s for s in reversed(list(self)) if s not in listeners]
+        stopping: Deferred[Any] = gatherResults(
+            [maybeDeferred(s.stopService) for s in listeners], consumeErrors=True
+        )
+        stopping.addErrback(lambda f: _log.failure("stopping a listener failed", f))
+        stopping.addCallback(lambda _: self._drain())
+        stopping.addErrback(lambda f: _log.failure("draining connections failed", f))
+
+        def rest(_: object) -> "Deferred[Any]":
+            return gatherResults([maybeDeferred(s.stopService) for s in others], consumeErrors=True)
+
+        stopping.addCallback(rest)
+        stopping.addErrback(lambda f: _log.failure("stopping a periodic job failed", f))
+        stopping.addCallback(lambda _: None)
+        return stopping
+
+    def _drain(self) -> "Deferred[None]":
+        live = self.live
+        if live is None or not live:
+            return succeed(None)
+        timeout = self.shutdownTimeout
+        _log.info(
+            "stopped accepting; waiting up to {timeout}s for {count} open connections",
+            timeout=timeout,
+            count=len(live),
+        )
+        done: Deferred[None] = Deferred()
+        started = self.clock.seconds()
+
+        def finished(_: object) -> None:
+            if call.active():
+                call.cancel()
+            if not done.called:
+                _log.info(
+                    "all connections finished after {elapsed}s",
+                    elapsed=round(self.clock.seconds() - started, 3),
+                )
+                done.callback(None)
+
+        def deadline() -> None:
+            cut = live.abortAll("shutdown")
+            _log.warn(
+                "shutdown deadline of {timeout}s reached: closed {cut} connections",
+                timeout=timeout,
+                cut=cut,
+            )
+            if not done.called:
+                done.callback(None)
+
+        call = self.clock.callLater(timeout, deadline)
+        live.whenEmpty().addCallback(finished)
+        return done
 
     def _logSummary(self) -> None:
         if self._summaryLogged:
@@ -231,6 +297,7 @@ def build_service(
     region: Optional[str] = None,
     geo_description: Optional[str] = None,
     resolver: Optional[IHostResolver] = None,
+    shutdown_timeout: float = 30.0,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -254,6 +321,8 @@ def build_service(
         (default: the router's C{local_region}, if it has one).
     @param geo_description: What geo database is in use, for the startup
         log line only (default: C{geo.describe()}, if it has that).
+    @param shutdown_timeout: Seconds a graceful shutdown (stopping the
+        service) lets open connections finish before closing them.
     @param resolver: Where backend host names get their addresses; default
         a L{edgeproxy.net.resolve.HostResolver} on C{reactor} that follows the
         repository (names resolved in the background when they appear,
@@ -284,6 +353,8 @@ def build_service(
         resolver = HostResolver(reactor)
     top.resolver = resolver
     live = ConnectionTable()
+    top.live = live
+    top.shutdownTimeout = shutdown_timeout
     admission = Admission(settings.max_connections, metrics)
     top.admission = admission
     for index, spec in enumerate(listeners):

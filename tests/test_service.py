@@ -452,3 +452,90 @@ def test_bindings_dropped_when_the_overlay_makes_a_backend_unavailable() -> None
     assert len(bindings) == 10
     overlay.setVerdict("gru-1", "health", UNAVAILABLE)
     assert len(bindings) == 4
+
+
+def _session(service: EdgeProxyService, peer_port: int) -> Any:
+    """
+    A live proxied session on the first listener's factory (a memory
+    transport, its backend connect pending), admitted as the socket-level
+    admission would.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    factory = service.factories[0]
+    peer = IPv4Address("TCP", "192.0.2.1", peer_port)
+    proto = factory.buildProtocol(peer)
+    assert service.admission.acceptPeer(peer)
+    proto.admission = service.admission
+    transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "10.0.0.1", 80))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def _lose(proto: Any) -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    proto.connectionLost(Failure(ConnectionDone()))
+
+
+def test_graceful_shutdown_waits_then_cuts(events: List[dict[str, Any]]) -> None:
+    """
+    F15 on a memory reactor: stopping the service stops every listener at
+    once, lets open connections finish until the shutdown timeout, then
+    closes the rest (cause shutdown, the count logged); only then do the
+    periodic jobs stop and the stop Deferred fire.
+    """
+    reactor = MemoryReactorClock()
+    service = make(reactor)
+    service.shutdownTimeout = 30.0
+    start(service)
+    (p1, _), (p2, t2) = _session(service, 1), _session(service, 2)
+    fired: list[object] = []
+    service.stopService().addCallback(fired.append)
+    listeners = [service.getServiceNamed(listener_service_name(i)) for i in (0, 1)]
+    assert not any(s.running for s in listeners)
+    assert not fired
+    _lose(p1)
+    reactor.advance(29.0)
+    assert not fired and not t2.disconnecting
+    reactor.advance(1.0)
+    assert t2.disconnecting
+    _lose(p2)
+    assert fired
+    cut = [e for e in events if e.get("cut") is not None]
+    assert [e["cut"] for e in cut] == [1]
+    causes = [e["cause"] for e in events if e.get("log_namespace") == "edgeproxy.net.proxy"]
+    assert sorted(causes) == ["client-closed", "shutdown"]
+    assert not service.getServiceNamed(RELOAD_SERVICE).running
+
+
+def test_graceful_shutdown_ends_when_the_last_connection_does() -> None:
+    """
+    When every open connection finishes before the deadline, the shutdown
+    completes at once, with nothing cut and no timer left behind.
+    """
+    reactor = MemoryReactorClock()
+    service = make(reactor)
+    start(service)
+    p1, _ = _session(service, 1)
+    fired: list[object] = []
+    service.stopService().addCallback(fired.append)
+    assert not fired
+    reactor.advance(3.0)
+    _lose(p1)
+    assert fired
+    assert [c for c in reactor.getDelayedCalls() if c.active()] == []
+
+
+def test_shutdown_with_nothing_open_is_immediate() -> None:
+    """
+    With no open connection the shutdown completes at once.
+    """
+    reactor = MemoryReactorClock()
+    service = make(reactor)
+    start(service)
+    fired: list[object] = []
+    service.stopService().addCallback(fired.append)
+    assert fired

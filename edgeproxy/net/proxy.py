@@ -48,6 +48,7 @@ import termios
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import (
     ConnectBindError,
     ConnectionDone,
@@ -96,6 +97,9 @@ CAUSES = (
     "limit",
     "client-error",
     "backend-error",
+    "shutdown",
+    "maint",
+    "drain-deadline",
 )
 
 #: The idle sweep looks at the byte counters this many times per idle
@@ -283,11 +287,36 @@ class ConnectionTable(set["ProxyClientProtocol"]):
     session started it).
     """
 
-    __slots__ = ("_sweepCall",)
+    __slots__ = ("_emptyWaiters", "_sweepCall")
 
     def __init__(self) -> None:
         super().__init__()
         self._sweepCall: IDelayedCall | None = None
+        self._emptyWaiters: list[Deferred[None]] = []
+
+    def whenEmpty(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires once no session is left (at once if none
+        is); for a graceful shutdown.
+        """
+        if not self:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._emptyWaiters.append(d)
+        return d
+
+    def abortAll(self, cause: str) -> int:
+        """
+        Drop every session at once with C{cause} (the end of a graceful
+        shutdown, or of a drain deadline); return how many there were.
+        """
+        sessions = list(self)
+        for session in sessions:
+            try:
+                session._abortBoth(cause)
+            except Exception:
+                _log.failure("closing a connection failed")
+        return len(sessions)
 
     @property
     def sweeping(self) -> bool:
@@ -313,6 +342,9 @@ class ConnectionTable(set["ProxyClientProtocol"]):
             if call is not None:
                 self._sweepCall = None
                 call.cancel()
+            waiters, self._emptyWaiters = self._emptyWaiters, []
+            for d in waiters:
+                d.callback(None)
 
     def _sweep(self, clock: IReactorTime, interval: float) -> None:
         self._sweepCall = None
