@@ -35,6 +35,6 @@ setup(
             "tox>=4.11",
         ],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["edgeproxy-ctl = edgeproxy.ctl:main_exit"]},
     zip_safe=False,
 )

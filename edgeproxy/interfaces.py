@@ -103,6 +103,12 @@ class IBindingRepository(Interface):
         how many went per backend id (ids with none are left out).
         """
 
+    def keysFor(backend_id: str) -> FrozenSet["BindingKey"]:
+        """
+        The keys of every binding to C{backend_id} (live or not yet
+        collected), at a cost proportional to how many there are.
+        """
+
     def collect(now: float) -> int:
         """
         Free expired bindings; return how many were freed.

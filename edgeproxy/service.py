@@ -40,6 +40,9 @@ from edgeproxy.interfaces import (
     IRouter,
 )
 from edgeproxy.model import RoutingSnapshot
+from edgeproxy.net.backendops import BackendOperations
+from edgeproxy.routing.admin import AdminState, AdminStates
+from edgeproxy.stores.statefile import StateFile
 
 if TYPE_CHECKING:
     from edgeproxy.net.endpoints import TrustedSender
@@ -51,6 +54,7 @@ _log = Logger()
 RELOAD_SERVICE = "routing-reload"
 GC_SERVICE = "binding-gc"
 RESOLVE_SERVICE = "resolve-hosts"
+STATE_SERVICE = "state-file"
 
 
 def listener_service_name(index: int) -> str:
@@ -100,6 +104,9 @@ class EdgeProxyService(MultiService):
         self.admission: Any = None
         self.resolver: Any = None
         self.live: Any = None
+        self.admin: Any = None
+        self.operations: Any = None
+        self.stateFile: Any = None
         #: Seconds a graceful shutdown waits for open connections.
         self.shutdownTimeout = 30.0
         self.listeners: List[ListenerSpec] = []
@@ -298,6 +305,9 @@ def build_service(
     geo_description: Optional[str] = None,
     resolver: Optional[IHostResolver] = None,
     shutdown_timeout: float = 30.0,
+    admin_states: Optional[AdminStates] = None,
+    state_file: Optional[StateFile] = None,
+    state_poll: float = 1.0,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -321,6 +331,13 @@ def build_service(
         (default: the router's C{local_region}, if it has one).
     @param geo_description: What geo database is in use, for the startup
         log line only (default: C{geo.describe()}, if it has that).
+    @param admin_states: The operator's admin states (ready / drain /
+        maint per backend); default an empty set on the router's overlay.
+        Their effects on open connections and bindings are wired here
+        (L{edgeproxy.net.backendops}).
+    @param state_file: Where the admin states are kept (already loaded);
+        polled every C{state_poll} seconds for changes made by another
+        process (C{edgeproxy-ctl state}).
     @param shutdown_timeout: Seconds a graceful shutdown (stopping the
         service) lets open connections finish before closing them.
     @param resolver: Where backend host names get their addresses; default
@@ -354,6 +371,7 @@ def build_service(
     top.resolver = resolver
     live = ConnectionTable()
     top.live = live
+    watched: set[str] = set()
     top.shutdownTimeout = shutdown_timeout
     admission = Admission(settings.max_connections, metrics)
     top.admission = admission
@@ -410,6 +428,26 @@ def build_service(
     overlay = getattr(router, "overlay", None)
     if overlay is not None:
         overlay.addListener(top.backendStateChanged)
+        if admin_states is None:
+            admin_states = AdminStates(overlay)
+    if admin_states is not None:
+        operations = BackendOperations(
+            reactor, live, bindings, watched, getattr(router, "ipv6_prefix", 64)
+        )
+        for factory in top.factories:
+            factory.watched = watched
+            factory.watcher = operations
+        admin_states.addListener(operations.changed)
+        for backend_id, state in admin_states.all().items():
+            operations.changed(backend_id, AdminState(), state)
+        top.admin = admin_states
+        top.operations = operations
+    if state_file is not None:
+        poll = TimerService(state_poll, state_file.poll)
+        poll.clock = reactor
+        poll.setName(STATE_SERVICE)
+        poll.setServiceParent(top)
+        top.stateFile = state_file
     return top
 
 
@@ -417,6 +455,7 @@ __all__ = [
     "GC_SERVICE",
     "RELOAD_SERVICE",
     "RESOLVE_SERVICE",
+    "STATE_SERVICE",
     "EdgeProxyService",
     "build_service",
     "listener_service_name",

@@ -428,6 +428,12 @@ class ProxyFactory(Factory):
         )
         self.admitsPeers = admitsPeers
         self.resolver = resolver
+        #: Backend ids whose sessions the C{watcher} hears about (usually
+        #: empty: a draining backend's); shared by a service's factories.
+        self.watched: set[str] = set()
+        #: Told C{started(session)} when a session joins a watched backend
+        #: and C{ended(session)} when it ends.
+        self.watcher: Any = None
 
     @property
     def openConnections(self) -> int:
@@ -593,6 +599,7 @@ class ProxyClientProtocol(Protocol):
         "_outSocket",
         "_pending",
         "_started",
+        "_watched",
         "admission",
         "attempts",
         "backend",
@@ -638,6 +645,7 @@ class ProxyClientProtocol(Protocol):
         self._cause: str | None = None
         self._finCause: str | None = None
         self._done = False
+        self._watched = False
         # Idle sweeps in a row that saw no byte; -1 until the legs are
         # joined (and the first sweep after that counts as activity).
         self._idleTicks = -1
@@ -876,6 +884,9 @@ class ProxyClientProtocol(Protocol):
             backend_transport.write(header)
         side.out = client_transport
         self._out = backend_transport
+        if backend.id in self.factory.watched:
+            self._watched = True
+            self.factory.watcher.started(self)
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -1088,6 +1099,12 @@ class ProxyClientProtocol(Protocol):
                 call.cancel()
         cause = self._cause or self._finCause or "client-closed"
         factory = self.factory
+        if self._watched:
+            self._watched = False
+            try:
+                factory.watcher.ended(self)
+            except Exception:
+                _log.failure("session watcher failed")
         factory.metrics.increment("connections_closed", cause)
         side = self._backendSide
         backend = self.backend

@@ -130,6 +130,12 @@ class BindingTable:
         """
         return self.removeBackends({backend_id}).get(backend_id, 0)
 
+    def keysFor(self, backend_id: str) -> frozenset[BindingKey]:
+        """
+        See L{IBindingRepository.keysFor}: read from the index.
+        """
+        return frozenset(self._by_backend.get(backend_id, ()))
+
     def removeBackends(self, backend_ids: AbstractSet[str]) -> dict[str, int]:
         """
         See L{IBindingRepository.removeBackends}.  Costs what it removes
