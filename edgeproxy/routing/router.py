@@ -124,10 +124,15 @@ class Router:
         @return: A JSON-friendly dict: C{client_ip}, C{app}, C{geo}
             (C{{"country", "region"}} or C{None}), C{local_region},
             C{binding} (the bound backend id, when the binding repository
-            can be read without refreshing it, else C{None}) and
+            can be read without refreshing it, else C{None}),
             C{candidates}: the best C{limit} candidates by score, each
             C{{"id", "tier", "score", "load", "weight", "soft_limit",
-            "hard_limit"}}.
+            "hard_limit"}}, and C{excluded}: the first C{limit} other
+            backends of the table in table order, each C{{"id", "reason"}}
+            with the reason it is no candidate: C{"deleted"},
+            C{"unhealthy"}, C{"draining"}, C{"other app"} (the listener is
+            bound to another app) or C{"at hard limit"} (the first that
+            applies, in that order).
         """
         snapshot = self._repository.current()
         load = self._metrics.connections
@@ -135,9 +140,11 @@ class Router:
         peek = getattr(self._bindings, "peek", None)
         binding = peek((client_ip, app), self._clock.seconds()) if peek is not None else None
         rows: List[Dict[str, Any]] = []
+        reasons: Dict[str, str] = {}
         for b in snapshot.by_app.get(app, ()):
             current = load.get(b.id, 0)
             if b.hard_limit > 0 and current >= b.hard_limit:
+                reasons[b.id] = "at hard limit"
                 continue
             rows.append(
                 {
@@ -151,6 +158,22 @@ class Router:
                 }
             )
         rows.sort(key=lambda r: (r["score"], r["id"]))
+        candidates = {r["id"] for r in rows}
+        excluded: List[Dict[str, Any]] = []
+        for b in snapshot.backends:
+            if b.id in candidates or len(excluded) >= limit:
+                continue
+            if b.deleted:
+                reason = "deleted"
+            elif not b.healthy:
+                reason = "unhealthy"
+            elif b.draining:
+                reason = "draining"
+            elif app is not None and b.app != app:
+                reason = "other app"
+            else:
+                reason = reasons.get(b.id, "not routable")
+            excluded.append({"id": b.id, "reason": reason})
         return {
             "client_ip": client_ip,
             "app": app,
@@ -158,4 +181,5 @@ class Router:
             "local_region": self.local_region,
             "binding": None if binding is None else binding.backend_id,
             "candidates": rows[:limit],
+            "excluded": excluded,
         }
