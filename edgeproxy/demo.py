@@ -30,8 +30,9 @@ import time
 from typing import Any, BinaryIO, List, Optional, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -40,6 +41,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy.net.proxyprotocol import ProxyHeaderError, header_for, parse
@@ -479,7 +481,24 @@ def main(reactor: Any, *argv: str) -> "Deferred[Any]":
 
     d = start_backends(reactor, backends, args.interface)
     d.addCallback(listening)
+    d.addErrback(_cannot_listen)
     return d
+
+
+def _cannot_listen(failure: Failure) -> Failure:
+    """
+    Turn a port that is taken into a one-line exit instead of a traceback.
+    """
+    error: Any = failure.value
+    if isinstance(error, FirstError):
+        error = error.subFailure.value
+    if isinstance(error, CannotListenError):
+        reason = getattr(error.socketError, "strerror", None) or error.socketError
+        raise SystemExit(
+            f"python -m edgeproxy.demo: cannot listen on {error.interface}:{error.port}:"
+            f" {reason} (is the demo already running?)"
+        )
+    return failure
 
 
 if __name__ == "__main__":  # pragma: no cover

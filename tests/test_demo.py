@@ -319,3 +319,21 @@ def test_demo_connection_cap_fits_common_descriptor_limits() -> None:
     caps = re.findall(r"--max-connections[ =](\d+)", code)
     assert len(caps) == 1
     assert 2 * int(caps[0]) + 64 <= 1024
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_backend_port_taken_is_one_line() -> None:
+    """
+    When a demo backend's port is taken (the demo already runs), the
+    backends exit non-zero with one line naming the address instead of a
+    traceback.
+    """
+    taken, target = serve(Factory.forProtocol(_CloseAtOnce))
+    try:
+        result = await deferToThread(demo_command, "--base-port", target.rsplit(":", 1)[1])
+    finally:
+        await maybeDeferred(taken.stopListening)
+    line = one_error_line(result)
+    assert f"cannot listen on {target}" in line
+    assert "Traceback" not in result.stderr
