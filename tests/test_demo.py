@@ -23,8 +23,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
+from zope.interface import implementer
 
 from edgeproxy.demo import DemoBackend, IdentifyFactory, address_port, explain, host_port, unescape
 
@@ -175,6 +177,20 @@ class _CloseAtOnce(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
+@implementer(IHalfCloseableProtocol)
+class _CloseAtEOF(Protocol):
+    """
+    Reads until the client half-closes, then closes without a byte (closing
+    before that would race the client's send into a reset).
+    """
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_connect_closed_without_data_says_so() -> None:
@@ -183,7 +199,7 @@ async def test_connect_closed_without_data_says_so() -> None:
     backend for the client) exits 0 with nothing on stdout and a note on
     stderr, so that the silence is not mistaken for a hang.
     """
-    port, target = serve(Factory.forProtocol(_CloseAtOnce))
+    port, target = serve(Factory.forProtocol(_CloseAtEOF))
     try:
         result = await deferToThread(demo_command, "--connect", target)
     finally:
