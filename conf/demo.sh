@@ -43,8 +43,11 @@ cleanup() {
 trap cleanup EXIT
 
 echo "==> starting edgeproxy (Ctrl-C to stop)"
+# --max-connections 100: plenty for trying it by hand, and its 264 file
+# descriptors fit any usual limit, where the default 10000 needs a hard limit
+# of 20064 and warns below it (as it should in production).
 .venv/bin/twistd -n --pidfile= --reactor=edgeepoll edgeproxy \
-    --db routing.db --region sa --db-reload 2 \
+    --db routing.db --region sa --db-reload 2 --max-connections 100 \
     --listen tcp:8080:interface=127.0.0.1 \
     --listen haproxy:tcp:8081:interface=127.0.0.1 \
     "$@"

@@ -10,18 +10,29 @@ PROXY header, then echoes whatever it receives::
     gru-1 (country BR, region sa) here; you are 2.2.2.2 port 40000 (PROXY v1 header from the proxy)
 
 C{conf/demo.sh} starts these and the proxy together.
+
+C{python -m edgeproxy.demo --connect HOST:PORT} is a small client for trying
+the proxy without C{nc}: it connects, optionally sends a PROXY v1 header as if
+the connection came from elsewhere (C{--proxy-from IP:PORT}), sends a line,
+half-closes and prints what comes back until the other side closes.
+C{--explain IP} shows how the proxy would route a client at IP.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
+import socket
 import sys
-from typing import Any, List, Optional, Sequence
+import time
+from typing import Any, BinaryIO, List, Optional, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -30,9 +41,10 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from edgeproxy.net.proxyprotocol import ProxyHeaderError, parse
+from edgeproxy.net.proxyprotocol import ProxyHeaderError, header_for, parse
 
 _log = Logger()
 
@@ -81,7 +93,7 @@ class IdentifyProtocol(Protocol):
     starts with one (edgeproxy sends it when the row's C{proxy_protocol} is 1
     or 2), else from the socket peer.  Without any data the greeting goes
     out after C{factory.greetDelay} seconds.  When the peer half-closes
-    (C{nc} does at the end of its input) the greeting and the echo are
+    (C{--connect} does after sending) the greeting and the echo are
     still delivered, then the connection closes.
     """
 
@@ -201,7 +213,8 @@ def explain(db: str, client_ip: str, region: str, app: Optional[str] = None) -> 
     """
     Why a new client at C{client_ip} would get the backend it gets from the
     routing table in C{db} (nothing is bound or counted): the client's geo,
-    then the candidates by score, best first.
+    then the candidates by score, best first, then the backends that are no
+    candidate (unhealthy, deleted, draining...) with the reason.
     """
     from edgeproxy.geo import GeoIPResolver
     from edgeproxy.metrics import MetricsStore
@@ -236,16 +249,155 @@ def explain(db: str, client_ip: str, region: str, app: Optional[str] = None) -> 
             f"  {c['id']:<8} tier {c['tier']}  score {c['score']:.3f}  "
             f"(load {c['load']}, soft_limit {c['soft_limit']}, weight {c['weight']})"
         )
+    for e in why["excluded"]:
+        lines.append(f"  {e['id']:<8} not a candidate: {e['reason']}")
     return "\n".join(lines)
 
 
-def main(reactor: Any, *argv: str) -> "Deferred[Any]":
+class ClientError(Exception):
     """
-    Run the demo backends until interrupted (or, with C{--explain}, print
-    why a client would get the backend it gets, and exit).
+    C{--connect} could not do its job; the message is one line for humans.
     """
+
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})$")
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """
+    Parse C{HOST:PORT} or C{[IPV6]:PORT}.
+
+    @raise ValueError: If C{value} is not in that form or the port is not
+        1-65535.
+    """
+    match = _HOST_PORT.match(value.strip())
+    if match is None:
+        raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {value!r}")
+    port = int(match.group("port"))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return (match.group("v6") or match.group("host"), port)
+
+
+def address_port(value: str) -> tuple[str, int]:
+    """
+    Parse C{IP:PORT} or C{[IPV6]:PORT} with a literal address (for
+    C{--proxy-from}).
+
+    @raise ValueError: If the host is not an IP address.
+    """
+    host, port = host_port(value)
+    try:
+        return (str(ipaddress.ip_address(host)), port)
+    except ValueError:
+        raise ValueError(f"not an IP address in {value!r}") from None
+
+
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> bytes:
+    """
+    C{text} as UTF-8 bytes, with the escapes C{\\n}, C{\\r}, C{\\t} and
+    C{\\\\} (so that a shell argument can hold a line break).
+
+    @raise ValueError: On any other backslash escape.
+    """
+
+    def replace(match: "re.Match[str]") -> str:
+        escaped = match.group(1)
+        if escaped not in _ESCAPES:
+            raise ValueError(f"unknown escape \\{escaped} (use \\n, \\r, \\t or \\\\)")
+        return _ESCAPES[escaped]
+
+    return re.sub(r"\\(.?)", replace, text, flags=re.DOTALL).encode("utf-8")
+
+
+def connect(
+    target: tuple[str, int],
+    data: bytes,
+    out: BinaryIO,
+    proxy_from: Optional[tuple[str, int]] = None,
+    timeout: float = 10.0,
+) -> int:
+    """
+    Connect to C{target}, send a PROXY v1 header announcing C{proxy_from} as
+    the client (if given) and then C{data}, half-close, and copy everything
+    received to C{out} until the other side closes.
+
+    A plain blocking client, for the command line: not for a reactor thread.
+
+    @param timeout: Seconds for the whole exchange, connecting included.
+    @return: The number of bytes received.
+    @raise ClientError: If the connection is refused, fails, or does not
+        end within C{timeout}.
+    """
+    where = f"{target[0]}:{target[1]}"
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection(target, timeout=timeout)
+    except TimeoutError:
+        raise ClientError(f"cannot connect to {where}: no answer within {timeout:g}s") from None
+    except OSError as e:
+        raise ClientError(f"cannot connect to {where}: {e.strerror or e}") from None
+    received = 0
+    with sock:
+        try:
+            header = b""
+            if proxy_from is not None:
+                header = header_for(1, proxy_from, sock.getpeername()[:2])
+            sock.sendall(header + data)
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return received
+                received += len(chunk)
+                out.write(chunk)
+                out.flush()
+        except TimeoutError:
+            raise ClientError(
+                f"{where} did not close the connection within {timeout:g}s"
+                f" ({received} bytes received)"
+            ) from None
+        except OSError as e:
+            raise ClientError(
+                f"connection to {where} failed: {e.strerror or e} ({received} bytes received)"
+            ) from None
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m edgeproxy.demo", description="Sample backends for the edgeproxy demo."
+        prog="python -m edgeproxy.demo",
+        description="Sample backends for the edgeproxy demo, and a client to try the proxy.",
+    )
+    parser.add_argument(
+        "--connect",
+        metavar="HOST:PORT",
+        type=host_port,
+        help="do not start backends: connect to HOST:PORT, send --send, half-close"
+        " and print everything received until the connection closes",
+    )
+    parser.add_argument(
+        "--proxy-from",
+        metavar="IP:PORT",
+        type=address_port,
+        help="with --connect: first send a PROXY v1 header saying the client is IP:PORT",
+    )
+    parser.add_argument(
+        "--send",
+        metavar="TEXT",
+        default="hello\\n",
+        help="with --connect: what to send (UTF-8; \\n, \\r, \\t and \\\\ escapes);"
+        " default: hello\\n",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECS",
+        type=float,
+        default=10.0,
+        help="with --connect: seconds for the whole exchange (default: 10)",
     )
     parser.add_argument(
         "--explain",
@@ -261,7 +413,58 @@ def main(reactor: Any, *argv: str) -> "Deferred[Any]":
         default=DEMO_BACKENDS[0].port,
         help="port of the first backend; the others follow",
     )
+    return parser
+
+
+def run(argv: Sequence[str]) -> None:
+    """
+    The command line, C{python -m edgeproxy.demo ARGV}: C{--connect} and
+    C{--explain} do their job without a reactor and return; otherwise the
+    demo backends run until interrupted (L{main}).
+
+    @raise SystemExit: With a one-line message when C{--connect} fails, and
+        from argparse on a bad argument.
+    """
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.connect is not None:
+        if args.explain is not None:
+            parser.error("--connect and --explain do not go together")
+        try:
+            data = unescape(args.send)
+        except ValueError as e:
+            parser.error(f"--send: {e}")
+        try:
+            received = connect(args.connect, data, sys.stdout.buffer, args.proxy_from, args.timeout)
+        except ClientError as e:
+            raise SystemExit(f"{parser.prog}: {e}") from None
+        if not received:
+            print(
+                f"{parser.prog}: the connection closed without any data",
+                file=sys.stderr,
+            )
+        return
+    if args.proxy_from is not None:
+        parser.error("--proxy-from needs --connect")
+    if args.explain is not None:
+        print(explain(args.db, args.explain, args.region))
+        return
+    from twisted.internet.task import react
+
+    react(main, argv)
+
+
+def main(reactor: Any, *argv: str) -> "Deferred[Any]":
+    """
+    Run the demo backends until interrupted (or, with C{--explain}, print
+    why a client would get the backend it gets, and exit); for
+    C{twisted.internet.task.react}.  C{--connect} is L{run}'s alone: it
+    blocks.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.connect is not None:
+        parser.error("--connect is for the command line (edgeproxy.demo.run), not a reactor")
     if args.explain is not None:
         print(explain(args.db, args.explain, args.region))
         return succeed(None)
@@ -278,10 +481,25 @@ def main(reactor: Any, *argv: str) -> "Deferred[Any]":
 
     d = start_backends(reactor, backends, args.interface)
     d.addCallback(listening)
+    d.addErrback(_cannot_listen)
     return d
 
 
-if __name__ == "__main__":  # pragma: no cover
-    from twisted.internet.task import react
+def _cannot_listen(failure: Failure) -> Failure:
+    """
+    Turn a port that is taken into a one-line exit instead of a traceback.
+    """
+    error: Any = failure.value
+    if isinstance(error, FirstError):
+        error = error.subFailure.value
+    if isinstance(error, CannotListenError):
+        reason = getattr(error.socketError, "strerror", None) or error.socketError
+        raise SystemExit(
+            f"python -m edgeproxy.demo: cannot listen on {error.interface}:{error.port}:"
+            f" {reason} (is the demo already running?)"
+        )
+    return failure
 
-    react(main, sys.argv[1:])
+
+if __name__ == "__main__":  # pragma: no cover
+    run(sys.argv[1:])

@@ -17,6 +17,7 @@ import ipaddress
 import math
 import os
 import re
+import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
@@ -42,21 +43,42 @@ NO_GEOIP = "none"
 #: Marker for "use the GeoLite2 database that ships with the install".
 SHIPPED_GEOIP = "shipped"
 
+#: The description under C{twistd edgeproxy --help}, printed exactly as it is
+#: written here (see L{Options.getUsage}); keep lines within 79 columns.
 LONGDESC = """\
 edgeproxy accepts TCP connections on one or more listeners and relays each one
 to the best backend of a SQLite routing table: the client's country first,
 then its region, then this POP's region, then anything, and within a tier the
 least loaded backend relative to its soft limit and weight.  A client sticks
-to the backend it got for --binding-ttl seconds.  The routing table is
-re-read every --db-reload seconds without a restart.
+to the backend it got for --binding-ttl seconds.
 
-Listeners are Twisted endpoint descriptions: tcp:8080, tcp:8080:interface=
-127.0.0.1, haproxy:tcp:8081 (requires a PROXY v1/v2 header from a sender in
---proxy-protocol-trusted).  APP=DESC routes that listener to APP's backends
-only.  host:port (0.0.0.0:8080, [::]:8080) is accepted too.
+Listeners (--listen, repeatable; default tcp:8080):
+  tcp:PORT[:interface=ADDR]   plain TCP, e.g. tcp:8080:interface=127.0.0.1;
+                              any Twisted endpoint description works (tcp6:,
+                              unix:, systemd:)
+  haproxy:DESC                DESC, where each connection must start with a
+                              PROXY v1/v2 header from a sender in
+                              --proxy-protocol-trusted (haproxy:tcp:8081)
+  txsni:CERTDIR:DESC          terminate TLS on DESC; the certificate is
+                              CERTDIR/<SNI name>.pem, else DEFAULT.pem
+  txsni:CERTDIR:haproxy:DESC  a PROXY header first, then the TLS handshake
+  APP=DESC                    route this listener to APP's backends only
+  HOST:PORT                   0.0.0.0:8080 or [::]:8080, the same as tcp:
+
+Routing table (--db): the SQLite table "backends", one row per backend,
+re-read every --db-reload seconds (no restart needed).  Columns:
+  id (unique), app, region, country (ISO code or NULL), wg_ip and port (where
+  to connect), healthy (1 or 0), weight, soft_limit, hard_limit (0 for no
+  limit), deleted (1 for soft-deleted), proxy_protocol (0 off, 1 or 2 to send
+  a PROXY v1 or v2 header to the backend), draining (optional; 1 takes no
+  new connections).
+Its schema is conf/schema.sql in the source tree, installed with the package
+as edgeproxy/data/schema.sql; a missing --db file is created from it (empty,
+with a warning).
 
 Every option can also be set with an EDGEPROXY_* environment variable (shown
-with each option); the command line wins.
+with each option); the command line wins.  A bad option or value stops
+twistd edgeproxy with one line on stderr and exit status 1.
 """
 
 
@@ -368,6 +390,8 @@ _BY_NAME = {o.name: o for o in _OPTIONS}
 
 
 def _describe_default(option: _Option) -> str:
+    if option.flag:
+        return "off"
     if option.name == "listen":
         return "tcp:8080"
     if option.name == "proxy-protocol-trusted":
@@ -397,7 +421,9 @@ class Options(usage.Options):
     """
 
     synopsis = "[options]"
-    longdesc = LONGDESC
+    # Not LONGDESC: usage.Options would reflow it into one paragraph (see
+    # getUsage).
+    longdesc = ""
 
     optFlags = [["debug", None, _help(_BY_NAME["debug"])]]
     optParameters = [[o.name, None, None, _help(o)] for o in _OPTIONS if not (o.repeat or o.flag)]
@@ -407,6 +433,75 @@ class Options(usage.Options):
         self._repeated: dict[str, list[str]] = {"listen": [], "proxy-protocol-trusted": []}
         self.sources: dict[str, str] = {}
         self.given: set[str] = set()
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """
+        Parse C{options} (the command line by default), as
+        L{usage.Options.parseOptions} does.
+
+        Run by twistd (as its C{edgeproxy} subcommand, so with a C{parent}),
+        a bad option or value ends the process with one line naming it and a
+        hint on stderr and status 1: twistd itself would print the whole
+        help on stdout first, and before Twisted 26.10 exit with status 0.
+
+        @raise usage.UsageError: For a bad option or value, when parsed
+            without a parent command (by a program or a test).
+        @raise SystemExit: Instead, under twistd.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            raise SystemExit(f"edgeproxy: {e}\nsee: twistd edgeproxy --help") from None
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        """
+        The options, one per entry with its help wrapped beside it, then
+        L{LONGDESC} exactly as written.
+
+        usage.Options renders the same layout but wraps help text at hyphens
+        and inside long words (C{comma-} / C{separated},
+        C{EDGEPROXY_BINDING_G} / C{C_INTERVAL_SECS}) and reflows a
+        C{longdesc} into one paragraph (C{interface=} / C{127.0.0.1}).
+
+        @param width: Columns to wrap the help to; by default C{$COLUMNS}
+            or 80, as usage.Options does.
+        """
+        if not width:
+            width = int(os.environ.get("COLUMNS", "80"))
+        shorts = {long: key for key, long in self.synonyms.items() if len(key) == 1}
+        names = sorted(self.longOpt, key=lambda n: shorts.get(n.rstrip("="), n.rstrip("=")))
+        name_width = max(len(n) for n in names)
+        indent = " " * (name_width + len("  -s, --  "))
+        lines = ["Options:"]
+        for name in names:
+            short = shorts.get(name.rstrip("="))
+            lead = f"  -{short}, --" if short else "      --"
+            doc = textwrap.wrap(
+                " ".join((self.docs.get(name.rstrip("=")) or "").split()),
+                max(width - len(indent), 20),
+                break_on_hyphens=False,
+                break_long_words=False,
+            ) or [""]
+            lines.append(f"{lead}{name:<{name_width}}  {doc[0]}".rstrip())
+            lines.extend(indent + more for more in doc[1:])
+        return "\n".join(lines) + "\n\n" + LONGDESC
+
+    def opt_version(self) -> None:
+        """
+        Display edgeproxy's version (and Twisted's) and exit.
+        """
+        import platform
+
+        from edgeproxy import __version__
+        from twisted import copyright
+
+        print(
+            f"edgeproxy {__version__} (Twisted {copyright.version},"
+            f" Python {platform.python_version()})"
+        )
+        raise SystemExit(0)
 
     def opt_listen(self, value: str) -> None:
         """
@@ -532,7 +627,8 @@ def raise_nofile_limit(max_connections: int) -> int:
     if max_connections and hard != infinity and hard < needed:
         _log.warn(
             "file descriptor hard limit {hard} is below the {needed} that"
-            " --max-connections {cap} needs; raise LimitNOFILE / ulimit -Hn",
+            " --max-connections {cap} needs; raise LimitNOFILE / ulimit -Hn,"
+            " or lower --max-connections",
             hard=hard,
             needed=needed,
             cap=max_connections,

@@ -255,3 +255,24 @@ def test_get_or_create_result_is_followed():
     chosen = router.choose(CLIENT, "app")
     assert chosen is not None and chosen.id == "b"
     assert router.load.connections == {"b": 1}
+
+
+def test_explain_names_the_overlay_verdicts():
+    """
+    C{explain} lists backends the overlay closes with the reason: health
+    check down, circuit breaker open, admin drain or maint.
+    """
+    rows = [backend(i) for i in ("h", "b", "d", "m", "ok")]
+    router, overlay, _ = _router(rows)
+    overlay.setVerdict("h", "health", UNAVAILABLE)
+    overlay.setVerdict("b", "breaker", UNAVAILABLE)
+    overlay.setVerdict("d", "admin", NO_NEW_CLIENTS)
+    overlay.setVerdict("m", "admin", UNAVAILABLE)
+    report = router.explain(CLIENT, "app")
+    assert [c["id"] for c in report["candidates"]] == ["ok"]
+    assert {e["id"]: e["reason"] for e in report["excluded"]} == {
+        "h": "health check down",
+        "b": "circuit breaker open",
+        "d": "admin drain",
+        "m": "admin maint",
+    }

@@ -426,3 +426,46 @@ def test_failover_that_runs_out_is_not_no_backend():
     w.repository.set([])
     assert w.choose() is None
     assert w.metrics.counter(NO_BACKEND) == 1
+
+
+def test_explain_lists_excluded_backends_with_their_reason():
+    """
+    C{explain} lists every backend that is not a candidate after the
+    candidates, in table order, each with why: deleted, unhealthy,
+    draining, another app's, or at its hard limit; the candidates are
+    unchanged (backward compatible shape, one key more).
+    """
+    w = _World(
+        [
+            backend("cdg", country="FR", region="eu", hard_limit=1),
+            backend("gone", deleted=True, healthy=False),
+            backend("sick", healthy=False),
+            backend("drain", draining=True),
+            backend("other", app="other-app"),
+            backend("gru"),
+        ]
+    )
+    assert _id(w.choose(CLIENT_FR)) == "cdg"  # cdg is now at its hard limit of 1
+    report = w.router.explain(CLIENT_FR, "app")
+    assert [c["id"] for c in report["candidates"]] == ["gru"]
+    assert report["excluded"] == [
+        {"id": "cdg", "reason": "at hard limit"},
+        {"id": "gone", "reason": "deleted"},
+        {"id": "sick", "reason": "unhealthy"},
+        {"id": "drain", "reason": "draining"},
+        {"id": "other", "reason": "other app"},
+    ]
+    everywhere = w.router.explain(CLIENT_FR, None)
+    assert [c["id"] for c in everywhere["candidates"]] == ["gru", "other"]
+    assert {e["id"] for e in everywhere["excluded"]} == {"cdg", "gone", "sick", "drain"}
+
+
+def test_explain_excluded_respects_the_limit():
+    """
+    Like the candidates, at most C{limit} excluded backends are listed (the
+    first ones in table order).
+    """
+    w = _World([backend(f"sick-{i}", healthy=False) for i in range(8)] + [backend("gru")])
+    report = w.router.explain(CLIENT_BR, "app", limit=3)
+    assert [e["id"] for e in report["excluded"]] == ["sick-0", "sick-1", "sick-2"]
+    assert [c["id"] for c in report["candidates"]] == ["gru"]

@@ -6,22 +6,18 @@ environment variables and their validation.
 from __future__ import annotations
 
 import ipaddress
-import os
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from faultkit import edgeproxy_argv, edgeproxy_env
 from twisted.python import usage
 
 from edgeproxy.config import ListenerSpec, ProxySettings
-from edgeproxy.tap import Options, parse_listener, parse_network
-from twisted import version as twisted_version
+from edgeproxy.tap import LONGDESC, Options, parse_listener, parse_network
 
 ROOT = Path(__file__).resolve().parent.parent
-
-#: twistd exits with status 1 on a usage error only since Twisted 26.10.
-TWISTD_EXITS_1_ON_USAGE_ERROR = (twisted_version.major, twisted_version.minor) >= (26, 10)
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -490,14 +486,18 @@ def test_help_lists_environment_variables() -> None:
     assert "[default: 600; env EDGEPROXY_IDLE_TIMEOUT]" in " ".join(text.split())
 
 
-def twistd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [environment.get("PYTHONPATH")])]
-    )
+def run_edgeproxy(
+    *options: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """
+    Run the real C{twistd -n edgeproxy OPTIONS} (as L{faultkit.edgeproxy_argv}
+    builds it) to completion and collect its output.
+    """
+    environment = edgeproxy_env()
+    environment.pop("COLUMNS", None)
     environment.update(env or {})
     return subprocess.run(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args],
+        edgeproxy_argv(*options),
         capture_output=True,
         text=True,
         env=environment,
@@ -506,18 +506,131 @@ def twistd(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
+#: What C{--help} must teach: the listener forms, the routing table's columns
+#: and where its schema lives.
+HELP_MUST_SHOW = [
+    "tcp:8080:interface=127.0.0.1",
+    "haproxy:DESC",
+    "txsni:CERTDIR:DESC",
+    "txsni:CERTDIR:haproxy:DESC",
+    "APP=DESC",
+    "HOST:PORT",
+    "conf/schema.sql",
+    "edgeproxy/data/schema.sql",
+]
+
+#: The routing table's columns, which C{--help} names.
+COLUMNS = (
+    "id",
+    "app",
+    "region",
+    "country",
+    "wg_ip",
+    "port",
+    "healthy",
+    "weight",
+    "soft_limit",
+    "hard_limit",
+    "deleted",
+    "proxy_protocol",
+    "draining",
+)
+
+
+@pytest.mark.parametrize("columns", [None, "60", "80", "200"])
+def test_help_describes_listeners_and_table_unbroken(
+    columns: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    C{--help} shows the listener syntax, the routing table's columns and the
+    schema's whereabouts, with the description exactly as written (at any
+    terminal width: usage.Options would otherwise reflow it into one
+    paragraph and break C{tcp:8080:interface= 127.0.0.1}); every option's
+    help survives wrapping without a word broken at a hyphen.
+    """
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    text = str(Options())
+    assert LONGDESC in text
+    for needle in HELP_MUST_SHOW:
+        assert needle in LONGDESC, needle
+    for column in COLUMNS:
+        assert re.search(rf"\b{column}\b", LONGDESC), column
+    assert "= " not in LONGDESC
+    assert max(len(line) for line in LONGDESC.splitlines()) <= 79
+    flat = " ".join(text.split())
+    for doc in Options().docs.values():
+        assert " ".join(doc.split()) in flat, doc
+
+
 @pytest.mark.slow
-def test_twistd_rejects_invalid_option() -> None:
+def test_twistd_help_shows_listeners_and_schema() -> None:
     """
-    C{twistd edgeproxy --idle-timeout=-1} stops with a message naming
-    C{--idle-timeout}, before anything starts (with status 1 from Twisted
-    26.10 on; older twistd exits 0 after printing a usage error).
+    The real C{twistd edgeproxy --help} prints the edgeproxy description
+    intact (with the listener syntax and the schema's location) and exits 0.
     """
-    result = twistd("-n", "--pidfile=", "edgeproxy", "--idle-timeout=-1")
-    if TWISTD_EXITS_1_ON_USAGE_ERROR:
-        assert result.returncode == 1
-    assert "--idle-timeout" in result.stdout + result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
+    result = run_edgeproxy("--help")
+    assert result.returncode == 0, result.stderr
+    assert LONGDESC in result.stdout
+    assert "tcp:8080:interface= 127.0.0.1" not in result.stdout
+
+
+@pytest.mark.slow
+def test_twistd_version_is_edgeproxy_version() -> None:
+    """
+    C{twistd edgeproxy --version} prints edgeproxy's version (and Twisted's)
+    in one line, not Twisted's C{--version} text, and exits 0.
+    """
+    import edgeproxy
+    from twisted import copyright
+
+    result = run_edgeproxy("--version")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"edgeproxy {edgeproxy.__version__} (Twisted {copyright.version}")
+    assert "Twisted version:" not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--bogus"], "--bogus"),
+        (["--idle-timeout=-1"], "--idle-timeout: must be a positive number of seconds, got '-1'"),
+        (["--idle-timeout"], "--idle-timeout"),
+        (["--listen=nonsense:8080"], "--listen"),
+        (["stray-argument"], "arguments"),
+    ],
+)
+def test_twistd_bad_option_is_one_line_on_stderr(argv: list[str], named: str) -> None:
+    """
+    A bad command-line option or value stops C{twistd edgeproxy} with one
+    error line naming it on stderr (plus a hint line pointing at --help),
+    nothing on stdout (no 75-line help), no traceback, and a non-zero exit
+    status on every supported Twisted (twistd itself exits 0 on a usage
+    error before 26.10).
+    """
+    result = run_edgeproxy(*argv)
+    assert result.returncode != 0
+    assert result.stdout.strip() == ""
+    lines = result.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 2, result.stderr
+    assert lines[0].startswith("edgeproxy: ") and named in lines[0]
+    assert lines[1:] in ([], ["see: twistd edgeproxy --help"])
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_option_raises_usage_error_outside_twistd() -> None:
+    """
+    Parsed directly (no parent command, as another program or a test would),
+    a bad option still raises L{usage.UsageError}: only under twistd is it
+    turned into the one-line exit.
+    """
+    with pytest.raises(usage.UsageError, match="bogus"):
+        Options().parseOptions(["--bogus"])
 
 
 @pytest.mark.slow
@@ -526,10 +639,7 @@ def test_twistd_rejects_invalid_environment(tmp_path: Path) -> None:
     An invalid C{EDGEPROXY_*} value stops C{twistd edgeproxy} with one line
     naming the option and the variable, and no traceback.
     """
-    result = twistd(
-        "-n",
-        "--pidfile=",
-        "edgeproxy",
+    result = run_edgeproxy(
         f"--db={tmp_path / 'r.db'}",
         env={"EDGEPROXY_CONNECT_ATTEMPTS": "lots"},
     )
@@ -563,3 +673,50 @@ def test_nofile_limit_raised_for_the_connection_cap() -> None:
         assert raise_nofile_limit(10) == needed
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class _FakeRlimits:
+    """
+    Stands in for the C{resource} module's NOFILE limits.
+    """
+
+    def __init__(self, soft: int, hard: int) -> None:
+        self.limits = (soft, hard)
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        self.limits = limits
+
+
+@pytest.mark.parametrize("cap, warns", [(100, False), (480, False), (481, True), (10000, True)])
+def test_nofile_warning_only_when_the_hard_limit_is_too_low(
+    cap: int, warns: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Under a hard limit of 1024 descriptors, a cap that fits (two per
+    connection plus 64) raises the soft limit without a word, and one that
+    does not is warned about, naming the cap and how to fix it: the warning
+    stays for operators whose limit really is too low.
+    """
+    import resource
+
+    from faultkit import LogCapture
+
+    from edgeproxy.tap import raise_nofile_limit
+
+    fake = _FakeRlimits(256, 1024)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    capture = LogCapture().start()
+    try:
+        soft = raise_nofile_limit(cap)
+    finally:
+        capture.stop()
+    assert soft == fake.limits[0] == min(2 * cap + 64, 1024)
+    warnings = [e for e in capture.events if e.get("log_namespace") == "edgeproxy.tap"]
+    assert len(warnings) == int(warns)
+    if warns:
+        assert warnings[0]["cap"] == cap
+        assert "--max-connections" in warnings[0]["log_format"]

@@ -7,13 +7,14 @@ synchronous call per connect attempt.
 from __future__ import annotations
 
 import random
-from typing import AbstractSet, Any, Dict, FrozenSet, List
+from typing import AbstractSet, Any, Dict, FrozenSet, List, Mapping
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from edgeproxy.interfaces import (
+    UNAVAILABLE,
     IBackendRepository,
     IBindingRepository,
     IGeoResolver,
@@ -267,10 +268,17 @@ class Router:
         @return: A JSON-friendly dict: C{client_ip}, C{app}, C{geo}
             (C{{"country", "region"}} or C{None}), C{local_region},
             C{binding} (the bound backend id, when the binding repository
-            can be read without refreshing it, else C{None}) and
+            can be read without refreshing it, else C{None}),
             C{candidates}: the best C{limit} candidates by score, each
             C{{"id", "tier", "score", "load", "weight", "soft_limit",
-            "hard_limit"}}.
+            "hard_limit"}}, and C{excluded}: the first C{limit} other
+            backends of the table in table order, each C{{"id", "reason"}}
+            with the reason it is no candidate: C{"deleted"},
+            C{"unhealthy"}, C{"draining"}, C{"other app"} (the listener is
+            bound to another app) or C{"at hard limit"} (the first that
+            applies, in that order), or what the state overlay says
+            (C{"health check down"}, C{"circuit breaker open"},
+            C{"admin drain"}, C{"admin maint"}).
         """
         snapshot = self._repository.current()
         load = self.load.connections
@@ -282,9 +290,15 @@ class Router:
             else None
         )
         rows: List[Dict[str, Any]] = []
+        reasons: Dict[str, str] = {}
+        closed = self.overlay.closedToNew
         for b in snapshot.by_app.get(app, ()):
             current = load.get(b.id, 0)
+            if b.id in closed:
+                reasons[b.id] = _overlay_reason(self.overlay.sources(b.id))
+                continue
             if b.hard_limit > 0 and current >= b.hard_limit:
+                reasons[b.id] = "at hard limit"
                 continue
             rows.append(
                 {
@@ -298,6 +312,22 @@ class Router:
                 }
             )
         rows.sort(key=lambda r: (r["score"], r["id"]))
+        candidates = {r["id"] for r in rows}
+        excluded: List[Dict[str, Any]] = []
+        for b in snapshot.backends:
+            if b.id in candidates or len(excluded) >= limit:
+                continue
+            if b.deleted:
+                reason = "deleted"
+            elif not b.healthy:
+                reason = "unhealthy"
+            elif b.draining:
+                reason = "draining"
+            elif app is not None and b.app != app:
+                reason = "other app"
+            else:
+                reason = reasons.get(b.id, "not routable")
+            excluded.append({"id": b.id, "reason": reason})
         return {
             "client_ip": client_ip,
             "app": app,
@@ -305,4 +335,22 @@ class Router:
             "local_region": self.local_region,
             "binding": None if binding is None else binding.backend_id,
             "candidates": rows[:limit],
+            "excluded": excluded,
         }
+
+
+def _overlay_reason(sources: Mapping[str, int]) -> str:
+    """
+    Why the state overlay closes a backend, for humans.
+    """
+    parts = []
+    for source, verdict in sorted(sources.items()):
+        if source == "health":
+            parts.append("health check down")
+        elif source == "breaker":
+            parts.append("circuit breaker open")
+        elif source == "admin":
+            parts.append("admin maint" if verdict == UNAVAILABLE else "admin drain")
+        else:
+            parts.append(f"{source} says no")
+    return ", ".join(parts) or "closed"

@@ -1,0 +1,1 @@
+`python -m edgeproxy.demo --connect HOST:PORT [--proxy-from IP:PORT] [--send TEXT]` is a small client for trying the proxy without `nc`: it sends a PROXY v1 header pretending to come from IP:PORT (if asked) and the text, half-closes and prints the reply until the connection closes; a refused or timed-out connection is one line on stderr and a non-zero status.

@@ -1,0 +1,1 @@
+`twistd edgeproxy --help` shows the listener forms (`tcp:`, `haproxy:`, `txsni:`, `APP=`, `HOST:PORT`), the routing table's columns and where its schema lives, laid out as written (no more `interface= 127.0.0.1` or words split at hyphens); `twistd edgeproxy --version` prints edgeproxy's version with Twisted's and Python's.

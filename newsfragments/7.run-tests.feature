@@ -1,0 +1,1 @@
+`./run-tests` runs the whole test suite from a fresh clone with nothing but Python 3: it sets up tox in its own virtualenv (`.tox/.bootstrap`, reused later) and passes its arguments to tox (`./run-tests -e py3-twlatest -- -k e2e`); CI (`.ci/run`) runs the same script.
