@@ -105,6 +105,32 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = _int_at_least(low)(value)
+        if number > high:
+            raise ValueError(f"must be at most {high}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _state_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a file name, got an empty value")
+    if os.path.isdir(value):
+        raise ValueError(f"{value!r} is a directory")
+    return value
+
+
+def default_state_file(db: str) -> str:
+    """
+    Where the admin states live when --state-file is not given: beside the
+    routing database.
+    """
+    return os.path.join(os.path.dirname(os.path.abspath(db)), "edgeproxy-state.json")
+
+
 def _region(value: str) -> str:
     region = value.strip()
     if not region or any(c.isspace() for c in region):
@@ -377,6 +403,51 @@ _OPTIONS: tuple[_Option, ...] = (
         "Seconds for a TLS handshake on txsni: listeners",
     ),
     _Option(
+        "binding-ipv6-prefix",
+        "EDGEPROXY_BINDING_IPV6_PREFIX",
+        64,
+        _int_between(0, 128),
+        "IPv6 clients are bound to a backend by this prefix (64: their /64, inside"
+        " which privacy addresses rotate; 128: each address)",
+    ),
+    _Option(
+        "breaker-failures",
+        "EDGEPROXY_BREAKER_FAILURES",
+        5,
+        _int_at_least(0),
+        "Consecutive connect failures that open a backend's circuit breaker (0 = off)",
+    ),
+    _Option(
+        "breaker-cooldown",
+        "EDGEPROXY_BREAKER_COOLDOWN",
+        30.0,
+        _positive_float,
+        "Seconds an open breaker waits before one trial connection",
+    ),
+    _Option(
+        "panic-routing",
+        "EDGEPROXY_PANIC_ROUTING",
+        True,
+        _flag,
+        "on: when health checks or breakers eject every candidate, route to the best"
+        " of them anyway (Envoy's panic mode); off: refuse the client",
+    ),
+    _Option(
+        "state-file",
+        "EDGEPROXY_STATE_FILE",
+        None,
+        _state_path,
+        "JSON file keeping the backends' admin states (drain, maint) across reloads and"
+        " restarts; edgeproxy-ctl state writes it",
+    ),
+    _Option(
+        "shutdown-timeout",
+        "EDGEPROXY_SHUTDOWN_TIMEOUT",
+        30.0,
+        _positive_float,
+        "On SIGTERM, seconds open connections may take to finish before they are closed",
+    ),
+    _Option(
         "debug",
         "EDGEPROXY_DEBUG",
         False,
@@ -398,6 +469,10 @@ def _describe_default(option: _Option) -> str:
         return ", ".join(DEFAULT_TRUSTED)
     if option.name == "geoip-db":
         return "shipped GeoLite2"
+    if option.name == "state-file":
+        return "edgeproxy-state.json beside --db"
+    if option.default is True:
+        return "on"
     if option.default is None:
         return "none"
     if isinstance(option.default, float) and option.default.is_integer():
@@ -707,8 +782,43 @@ def makeService(
     # connection on (later names are resolved in the background).
     resolver.resolveBlocking(backend_hosts(repository.current()))
 
+    from edgeproxy.routing.admin import AdminStates
+    from edgeproxy.routing.breaker import CircuitBreaker
+    from edgeproxy.routing.overlay import StateOverlay
+    from edgeproxy.stores.statefile import StateFile, StateFileError
+
+    overlay = StateOverlay()
+    admin = AdminStates(overlay)
+    state_path = options["state-file"] or default_state_file(options["db"])
+    state_file = StateFile(state_path, admin, reactor)
+    try:
+        held = state_file.loadInitial()
+    except StateFileError as e:
+        raise _fatal(f"cannot use the admin state file (--state-file): {e}") from None
+    if held:
+        _log.info(
+            "{count} admin states from {path}: {states}",
+            count=held,
+            path=state_path,
+            states=", ".join(f"{b} {s.state}" for b, s in sorted(admin.all().items())),
+        )
+    breaker = CircuitBreaker(
+        overlay, reactor, options["breaker-failures"], options["breaker-cooldown"], metrics
+    )
     bindings = BindingTable(ttl=options["binding-ttl"], max_size=options["binding-max"])
-    router = Router(repository, bindings, geo, metrics, options["region"], reactor)
+    router = Router(
+        repository,
+        bindings,
+        geo,
+        metrics,
+        options["region"],
+        reactor,
+        overlay=overlay,
+        ipv6_prefix=options["binding-ipv6-prefix"],
+        breaker=breaker,
+        panic=options["panic-routing"],
+    )
+    reactor.callWhenRunning(_exit_zero_on_sigterm, reactor)
 
     return build_service(
         reactor=reactor,
@@ -727,7 +837,28 @@ def makeService(
         region=options["region"],
         geo_description=geo.describe(),
         resolver=resolver,
+        shutdown_timeout=options["shutdown-timeout"],
+        admin_states=admin,
+        state_file=state_file,
     )
+
+
+def _exit_zero_on_sigterm(reactor: Any) -> None:
+    """
+    Replace twistd's SIGTERM handler (stop, then die by the signal) with one
+    that stops the reactor, which runs the graceful shutdown, and then lets
+    the process exit with status 0 (FAULTS F15).
+    """
+    import signal
+
+    def terminate(signum: int, frame: Any) -> None:
+        _log.info("SIGTERM: shutting down gracefully")
+        reactor.callFromThread(reactor.stop)
+
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (an embedding application)
+        pass
 
 
 __all__: Sequence[str] = [

@@ -42,6 +42,12 @@ ENV_NAMES = {
     "max-connections": "EDGEPROXY_MAX_CONNECTIONS",
     "proxy-protocol-trusted": "EDGEPROXY_PROXY_PROTOCOL_TRUSTED",
     "tls-handshake-timeout": "EDGEPROXY_TLS_HANDSHAKE_TIMEOUT",
+    "binding-ipv6-prefix": "EDGEPROXY_BINDING_IPV6_PREFIX",
+    "breaker-failures": "EDGEPROXY_BREAKER_FAILURES",
+    "breaker-cooldown": "EDGEPROXY_BREAKER_COOLDOWN",
+    "panic-routing": "EDGEPROXY_PANIC_ROUTING",
+    "state-file": "EDGEPROXY_STATE_FILE",
+    "shutdown-timeout": "EDGEPROXY_SHUTDOWN_TIMEOUT",
     "debug": "EDGEPROXY_DEBUG",
 }
 
@@ -92,6 +98,12 @@ def test_defaults() -> None:
     assert options["max-connections"] == 10000
     assert options["proxy-protocol-trusted"] == LOOPBACK
     assert options["tls-handshake-timeout"] == 10.0
+    assert options["binding-ipv6-prefix"] == 64
+    assert options["breaker-failures"] == 5
+    assert options["breaker-cooldown"] == 30.0
+    assert options["panic-routing"] is True
+    assert options["state-file"] is None
+    assert options["shutdown-timeout"] == 30.0
     assert options["debug"] is False
     assert set(options.sources) == set(ENV_NAMES)
     assert set(options.sources.values()) == {"default"}
@@ -125,6 +137,12 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--proxy-protocol-trusted=10.0.0.0/8",
         "--proxy-protocol-trusted=192.0.2.7",
         "--tls-handshake-timeout=6",
+        "--binding-ipv6-prefix=56",
+        "--breaker-failures=0",
+        "--breaker-cooldown=7",
+        "--panic-routing=off",
+        f"--state-file={tmp_path / 's.json'}",
+        "--shutdown-timeout=9",
         "--debug",
     )
     assert options["listen"] == (
@@ -152,6 +170,12 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         ipaddress.ip_network("192.0.2.7/32"),
     )
     assert options["tls-handshake-timeout"] == 6.0
+    assert options["binding-ipv6-prefix"] == 56
+    assert options["breaker-failures"] == 0
+    assert options["breaker-cooldown"] == 7.0
+    assert options["panic-routing"] is False
+    assert options["state-file"] == str(tmp_path / "s.json")
+    assert options["shutdown-timeout"] == 9.0
     assert options["debug"] is True
     assert set(options.sources.values()) == {"command line"}
 
@@ -204,6 +228,12 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_MAX_CONNECTIONS": "123",
         "EDGEPROXY_PROXY_PROTOCOL_TRUSTED": "10.1.0.0/16,fd00::/8",
         "EDGEPROXY_TLS_HANDSHAKE_TIMEOUT": "4",
+        "EDGEPROXY_BINDING_IPV6_PREFIX": "128",
+        "EDGEPROXY_BREAKER_FAILURES": "9",
+        "EDGEPROXY_BREAKER_COOLDOWN": "0.5",
+        "EDGEPROXY_PANIC_ROUTING": "no",
+        "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
+        "EDGEPROXY_SHUTDOWN_TIMEOUT": "2",
         "EDGEPROXY_DEBUG": "true",
     }
     assert set(environ) == set(ENV_NAMES.values())
@@ -230,6 +260,12 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         ipaddress.ip_network("fd00::/8"),
     )
     assert options["tls-handshake-timeout"] == 4.0
+    assert options["binding-ipv6-prefix"] == 128
+    assert options["breaker-failures"] == 9
+    assert options["breaker-cooldown"] == 0.5
+    assert options["panic-routing"] is False
+    assert options["state-file"] == str(tmp_path / "env-state.json")
+    assert options["shutdown-timeout"] == 2.0
     assert options["debug"] is True
     assert options.sources == ENV_NAMES
 
