@@ -221,6 +221,7 @@ class Proxy:
         log: Path,
         max_connections: int,
         fd_limit: Optional[int] = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.log = log
@@ -236,6 +237,7 @@ class Proxy:
             "sa",
             "--max-connections",
             str(max_connections),
+            *extra,
         )
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
