@@ -2,15 +2,16 @@
 --
 -- edgeproxy reads this table read-only and reloads it periodically; edit it
 -- with any SQLite client.  A database created with the original schema
--- (without `country` and `proxy_protocol`) still loads: those columns are
--- then treated as NULL and 0.  Every other column must be there: a table
--- without one of them is refused as a whole (at startup a fatal error, on
--- reload the last good table stays).  Rows with an invalid value (NULL or
--- empty id, port outside 1-65535, negative weight or limits, a non-integer
--- where an integer is required, healthy/deleted other than 0/1,
--- proxy_protocol other than 0/1/2, missing region, wg_ip that is not a
--- bare address or host name) are skipped and logged with their id; the
--- other rows still load.
+-- (without `country`, `proxy_protocol` and `health_check`) still loads:
+-- those columns are then treated as NULL, 0 and NULL.  Every other column
+-- must be there: a table without one of them is refused as a whole (at
+-- startup a fatal error, on reload the last good table stays).  Rows with an
+-- invalid value (NULL or empty id, port outside 1-65535, negative weight or
+-- limits, a non-integer where an integer is required, healthy/deleted other
+-- than 0/1, proxy_protocol other than 0/1/2, missing region, wg_ip that is
+-- not a bare address or host name, health_check other than
+-- tcp/off/http:/path) are skipped and logged with their id; the other rows
+-- still load.
 --
 --   wg_ip           an IPv4 address, an IPv6 address without brackets, or a
 --                   host name; no port (that is the port column), no scheme
@@ -19,6 +20,9 @@
 --   hard_limit      absolute maximum of connections; 0 (or NULL) = unlimited
 --   deleted         soft delete: NULL or 0 active, 1 deleted
 --   proxy_protocol  0 off, 1 send a PROXY v1 header, 2 send PROXY v2
+--   health_check    this backend's active check: tcp (a TCP connect),
+--                   http:/path (GET; 2xx/3xx is up), off (never checked);
+--                   NULL = the proxy's default (--health-check, tcp)
 
 CREATE TABLE IF NOT EXISTS backends (
     id             TEXT PRIMARY KEY NOT NULL,
@@ -32,5 +36,6 @@ CREATE TABLE IF NOT EXISTS backends (
     soft_limit     INTEGER NOT NULL DEFAULT 100,
     hard_limit     INTEGER NOT NULL DEFAULT 0,
     deleted        INTEGER DEFAULT 0,
-    proxy_protocol INTEGER NOT NULL DEFAULT 0
+    proxy_protocol INTEGER NOT NULL DEFAULT 0,
+    health_check   TEXT
 );

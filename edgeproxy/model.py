@@ -38,6 +38,9 @@ class Backend:
     @ivar deleted: Soft-delete flag.
     @ivar proxy_protocol: L{PROXY_OFF}, L{PROXY_V1} or L{PROXY_V2}.
     @ivar draining: Finish open connections, take no new ones.
+    @ivar health_check: This backend's active health check in the canonical
+        text form of L{parse_check} (C{tcp}, C{off} or C{http:/path}), or
+        C{None} for the proxy's default (C{--health-check}).
     """
 
     id: str
@@ -53,6 +56,7 @@ class Backend:
     deleted: bool = False
     proxy_protocol: int = PROXY_OFF
     draining: bool = False
+    health_check: Optional[str] = None
 
     @property
     def routable(self) -> bool:
@@ -60,6 +64,72 @@ class Backend:
         Whether new connections may be sent here at all (load aside).
         """
         return self.healthy and not self.deleted and not self.draining
+
+
+#: Kinds of active health check (see L{HealthCheckSpec}).
+CHECK_TCP = "tcp"
+CHECK_HTTP = "http"
+CHECK_OFF = "off"
+
+#: The longest path an HTTP health check may ask for.
+MAX_CHECK_PATH = 1024
+
+
+@attrs.frozen(slots=True)
+class HealthCheckSpec:
+    """
+    How a backend is checked (C{--health-check}, the C{health_check}
+    column): see L{parse_check}.
+
+    @ivar kind: L{CHECK_TCP} (a TCP connect), L{CHECK_HTTP} (a GET of
+        C{path}; 2xx and 3xx are up) or L{CHECK_OFF} (never checked, always
+        up).
+    @ivar path: The path (and query) of an HTTP check; C{None} otherwise.
+    """
+
+    kind: str
+    path: Optional[str] = None
+
+    def __str__(self) -> str:
+        """
+        The canonical text form, which L{parse_check} reads back.
+        """
+        return f"{CHECK_HTTP}:{self.path}" if self.kind == CHECK_HTTP else self.kind
+
+
+def parse_check(text: str) -> HealthCheckSpec:
+    """
+    Read a health check: C{tcp}, C{off} or C{http:/path}.
+
+    The keyword is case-insensitive; the path is kept as given.  It must
+    start with C{/} (and not C{//}, which would read as a host), be
+    printable ASCII without spaces (percent-encode anything else), carry no
+    C{#fragment} (never sent) and be at most L{MAX_CHECK_PATH} characters.
+
+    @raise ValueError: C{text} is none of these; the message says why, in
+        words that fit after "C{'text' is not a health check: }".
+    """
+    if type(text) is not str:
+        raise ValueError(f"{type(text).__name__} is not text")
+    keyword, colon, path = text.partition(":")
+    keyword = keyword.lower()
+    if not colon:
+        if keyword in (CHECK_TCP, CHECK_OFF):
+            return HealthCheckSpec(keyword)
+        raise ValueError("expected tcp, off or http:/PATH")
+    if keyword != CHECK_HTTP:
+        raise ValueError("expected tcp, off or http:/PATH")
+    if not path.startswith("/"):
+        raise ValueError("the path of an HTTP check must start with /")
+    if path.startswith("//"):
+        raise ValueError("an HTTP check takes a path, not a URL")
+    if len(path) > MAX_CHECK_PATH:
+        raise ValueError(f"the path is longer than {MAX_CHECK_PATH} characters")
+    if not all("!" <= c <= "~" for c in path):
+        raise ValueError("the path must be printable ASCII without spaces")
+    if "#" in path:
+        raise ValueError("the path must not have a #fragment")
+    return HealthCheckSpec(CHECK_HTTP, path)
 
 
 @attrs.frozen(slots=True)

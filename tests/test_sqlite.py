@@ -27,7 +27,7 @@ from zope.interface.verify import verifyObject
 
 from edgeproxy.interfaces import IBackendRepository
 from edgeproxy.metrics import MetricsStore
-from edgeproxy.model import PROXY_OFF, PROXY_V2, Backend, RoutingSnapshot
+from edgeproxy.model import PROXY_OFF, PROXY_V2, Backend, RoutingSnapshot, parse_check
 from edgeproxy.stores import sqlite as edgesqlite
 from edgeproxy.stores.sqlite import (
     MANDATORY_COLUMNS,
@@ -56,6 +56,7 @@ COLUMNS = (
     "hard_limit",
     "deleted",
     "proxy_protocol",
+    "health_check",
 )
 
 # The original's schema: no country, no proxy_protocol.
@@ -71,8 +72,9 @@ CREATE TABLE backends (
 # exactly as inserted (TEXT '12' stays text, REAL stays real).
 UNTYPED_SCHEMA = "CREATE TABLE backends ({});".format(", ".join(COLUMNS))
 
-# SPEC section 1: the only SPEC columns a table may lack.
-SPEC_OPTIONAL = ("country", "proxy_protocol")
+# SPEC section 1: the only SPEC columns a table may lack (health_check, an
+# optional column added later, included).
+SPEC_OPTIONAL = ("country", "proxy_protocol", "health_check")
 
 # SPEC section 1: every other SPEC column must be there.
 SPEC_MANDATORY = tuple(c for c in COLUMNS if c not in SPEC_OPTIONAL)
@@ -200,8 +202,8 @@ def test_original_schema_loads(tmp_path: Path) -> None:
     write_db(db, [row], ORIGINAL_SCHEMA)
     backends, skipped = load_backends(str(db), 0.1)
     assert skipped == []
-    assert [(b.id, b.country, b.proxy_protocol, b.port) for b in backends] == [
-        ("old-1", None, PROXY_OFF, 8080)
+    assert [(b.id, b.country, b.proxy_protocol, b.port, b.health_check) for b in backends] == [
+        ("old-1", None, PROXY_OFF, 8080, None)
     ]
 
 
@@ -289,6 +291,14 @@ BAD_ROWS = [
     ({"country": 55}, "bad", "country: int 55 is not text"),
     ({"app": 5}, "bad", "app: int 5 is not text"),
     ({"app": b"web"}, "bad", "app: a blob is not text"),
+    ({"health_check": "udp"}, "bad", "health_check: str 'udp' is not a health check: expected"),
+    ({"health_check": "tcp:80"}, "bad", "health_check: str 'tcp:80' is not a health check"),
+    ({"health_check": "http:healthz"}, "bad", "health_check: str 'http:healthz' is not a"),
+    ({"health_check": "http://b/hz"}, "bad", "health_check: str 'http://b/hz' is not a"),
+    ({"health_check": "http:/a b"}, "bad", "health_check: str 'http:/a b' is not a health"),
+    ({"health_check": "http:/" + "a" * 1024}, "bad", "health_check: str 'http:/aaaa"),
+    ({"health_check": 1}, "bad", "health_check: int 1 is not text"),
+    ({"health_check": b"tcp"}, "bad", "health_check: a blob is not text"),
 ]
 
 
@@ -397,6 +407,46 @@ def test_accepted_hosts_are_addresses_or_names(wg_ip: str) -> None:
         assert host == str(ipaddress.ip_address(wg_ip.strip()))
 
 
+@pytest.mark.parametrize(
+    ("value", "check"),
+    [
+        (None, None),
+        ("", None),
+        ("  ", None),
+        ("tcp", "tcp"),
+        (" TCP ", "tcp"),
+        ("off", "off"),
+        ("http:/healthz", "http:/healthz"),
+        ("Http:/Ready?deep=1", "http:/Ready?deep=1"),
+    ],
+)
+def test_health_check_column(tmp_path: Path, value: object, check: str | None) -> None:
+    """
+    The optional health_check column (issue 8): NULL or empty is the
+    proxy's default check (None); tcp, off and http:/path are read in their
+    canonical form (keyword lower-cased, surrounding spaces stripped, the
+    path as written).
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a", health_check=value)])
+    backends, skipped = load_backends(str(db), 0.1)
+    assert skipped == []
+    assert [b.health_check for b in backends] == [check]
+
+
+def test_table_without_health_check_loads(tmp_path: Path) -> None:
+    """
+    A table made with the schema shipped before the health_check column
+    (every other SPEC column) loads, every backend on the default check.
+    """
+    db = tmp_path / "routing.db"
+    columns = ", ".join(c for c in COLUMNS if c != "health_check")
+    write_db(db, [good_row("a"), good_row("b")], f"CREATE TABLE backends ({columns});")
+    backends, skipped = load_backends(str(db), 0.1)
+    assert skipped == []
+    assert [(b.id, b.health_check) for b in backends] == [("a", None), ("b", None)]
+
+
 def test_undecodable_text_skips_only_its_row(tmp_path: Path) -> None:
     """
     TEXT that is not valid UTF-8 fails its own row, not the whole query.
@@ -459,11 +509,11 @@ def test_spec_columns_other_than_country_and_proxy_protocol_are_mandatory(
 
 def test_column_sets_follow_the_spec() -> None:
     """
-    Only country, proxy_protocol and the undocumented draining column are
-    optional; every other SPEC column is mandatory.
+    Only country, proxy_protocol, health_check and the undocumented
+    draining column are optional; every other SPEC column is mandatory.
     """
     assert set(MANDATORY_COLUMNS) == set(SPEC_MANDATORY)
-    assert set(OPTIONAL_COLUMNS) == {"country", "proxy_protocol", "draining"}
+    assert set(OPTIONAL_COLUMNS) == {"country", "proxy_protocol", "draining", "health_check"}
     assert not set(MANDATORY_COLUMNS) & set(OPTIONAL_COLUMNS)
 
 
@@ -537,7 +587,11 @@ def _mostlyGood(column: str) -> st.SearchStrategy[object]:
     """
     The value of C{good_row} for C{column} three times in four, else anything.
     """
-    good = st.just(good_row("a", draining=0)[column])
+    good: st.SearchStrategy[object]
+    if column == "health_check":
+        good = st.sampled_from([None, "tcp", "off", "HTTP:/healthz", " http:/ "])
+    else:
+        good = st.just(good_row("a", draining=0)[column])
     return st.one_of(good, good, good, _VALUES)
 
 
@@ -548,7 +602,7 @@ _ROWS = st.one_of(
         {c: _mostlyGood(c) for c in SPEC_MANDATORY if c not in ("healthy", "deleted")},
         optional={
             c: _mostlyGood(c)
-            for c in ("healthy", "deleted", "country", "proxy_protocol", "draining")
+            for c in ("healthy", "deleted", "country", "proxy_protocol", "draining", "health_check")
         },
     ),
 )
@@ -574,6 +628,9 @@ def test_validate_row_only_ever_skips(row: Dict[str, object]) -> None:
     assert backend.proxy_protocol in (0, 1, 2)
     assert backend.id == row["id"] and backend.id.strip()
     assert backend.country is None or (len(backend.country) == 2 and backend.country.isupper())
+    assert backend.health_check is None or str(parse_check(backend.health_check)) == (
+        backend.health_check
+    )
 
 
 @pytest.mark.parametrize("column", SPEC_MANDATORY)
@@ -593,12 +650,13 @@ def test_validate_row_missing_mandatory_key(column: str) -> None:
 def test_validate_row_defaults_only_optional_columns() -> None:
     """
     A mapping without the optional columns takes their documented defaults:
-    country NULL, proxy_protocol off, not draining.
+    country NULL, proxy_protocol off, not draining, the default health check.
     """
     row = good_row("a")
     del row["country"], row["proxy_protocol"]
     backend = validate_row(row)
     assert (backend.country, backend.proxy_protocol, backend.draining) == (None, PROXY_OFF, False)
+    assert backend.health_check is None
     assert backend == attrs.evolve(validate_row(good_row("a")), country=None)
 
 

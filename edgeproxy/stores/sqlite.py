@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy.interfaces import IBackendRepository, IMetricsStore, SnapshotListener
-from edgeproxy.model import PROXY_OFF, Backend, RoutingSnapshot
+from edgeproxy.model import PROXY_OFF, Backend, RoutingSnapshot, parse_check
 
 __all__ = [
     "MANDATORY_COLUMNS",
@@ -72,11 +72,13 @@ MANDATORY_COLUMNS: Tuple[str, ...] = (
 #: The only columns that may be missing; a missing one takes its default.
 #: C{country} (NULL) and C{proxy_protocol} (0, off) are not in the original
 #: edgeProxy schema; C{draining} (0) is not in the SPEC schema and is honoured
-#: if an operator adds it.  Optional columns added later belong here.
+#: if an operator adds it; C{health_check} (NULL, the proxy's default check)
+#: came later.  Optional columns added later belong here.
 OPTIONAL_COLUMNS: Tuple[str, ...] = (
     "country",
     "proxy_protocol",
     "draining",
+    "health_check",
 )
 
 _TABLE = "backends"
@@ -257,14 +259,20 @@ def validate_row(row: Mapping[str, object]) -> Backend:
 
     Every column of L{MANDATORY_COLUMNS} must be in the mapping.  Only the
     L{OPTIONAL_COLUMNS} may be missing, taking their defaults: C{country}
-    NULL, C{proxy_protocol} 0 (off), C{draining} 0.  NULL in C{app} or
-    C{country} means none; NULL in C{weight}, C{soft_limit}, C{hard_limit},
-    C{deleted}, C{proxy_protocol} and C{draining} means the same as 0; NULL
-    in C{id}, C{region}, C{wg_ip}, C{port} or C{healthy} is invalid.
+    NULL, C{proxy_protocol} 0 (off), C{draining} 0, C{health_check} NULL.
+    NULL in C{app} or C{country} means none; NULL (or empty text) in
+    C{health_check} means the proxy's default check; NULL in C{weight},
+    C{soft_limit}, C{hard_limit}, C{deleted}, C{proxy_protocol} and
+    C{draining} means the same as 0; NULL in C{id}, C{region}, C{wg_ip},
+    C{port} or C{healthy} is invalid.
 
     C{wg_ip} must be an IPv4 literal, an IPv6 literal without brackets
     (optionally with a C{%zone} index; normalised to its compressed form) or
     an RFC 1123 host name; a port, brackets, a scheme or a path is invalid.
+
+    C{health_check} must be C{tcp}, C{off} or C{http:/path} as
+    L{edgeproxy.model.parse_check} reads them (normalised to its canonical
+    form).
 
     @raise InvalidRowError: For a missing mandatory column or any invalid
         value; nothing else is raised whatever the values are.
@@ -296,6 +304,14 @@ def validate_row(row: Mapping[str, object]) -> Backend:
     if proxy_protocol not in (0, 1, 2):
         raise InvalidRowError("proxy_protocol", f"{proxy_protocol} is not 0, 1 or 2")
     draining = _flag(row, "draining", 0)
+    health_check = _optionalText(row, "health_check")
+    if health_check is not None:
+        try:
+            health_check = str(parse_check(health_check))
+        except ValueError as e:
+            raise InvalidRowError(
+                "health_check", f"{_show(health_check)} is not a health check: {e}"
+            ) from None
     return Backend(
         id=backend_id,
         app=app,
@@ -310,6 +326,7 @@ def validate_row(row: Mapping[str, object]) -> Backend:
         deleted=deleted,
         proxy_protocol=proxy_protocol,
         draining=draining,
+        health_check=health_check,
     )
 
 
