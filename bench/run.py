@@ -535,7 +535,9 @@ class NginxStream(Peer):
         return Running(web, bulk, p.pid, [p])
 
 
-def _child_env(extra: Optional[Dict[str, str]] = None, root: Optional[str] = None) -> Dict[str, str]:
+def _child_env(
+    extra: Optional[Dict[str, str]] = None, root: Optional[str] = None
+) -> Dict[str, str]:
     env = dict(os.environ)
     root = root or ROOT
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -1099,8 +1101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="NAME:KEY=VAL,...",
         help="an extra edgeproxy peer with knobs: reactor=poll|select|asyncio, "
         "loglevel=warn, logformat=json, bufsize=N, sockbuf=N, noconnlog=1, eagerwrite=1, "
-        "fastctx=1, python=PATH, root=CHECKOUT, args=--opt=v+--opt2=v (add NAME to --peers, or it is "
-        "appended)",
+        "fastctx=1, python=PATH, root=CHECKOUT, args=--opt=v+--opt2=v "
+        "(add NAME to --peers, or it is appended)",
     )
     ap.add_argument(
         "--idle-conns",
