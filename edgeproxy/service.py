@@ -55,6 +55,7 @@ RELOAD_SERVICE = "routing-reload"
 GC_SERVICE = "binding-gc"
 RESOLVE_SERVICE = "resolve-hosts"
 STATE_SERVICE = "state-file"
+HEALTH_SERVICE = "health-checks"
 
 
 def listener_service_name(index: int) -> str:
@@ -107,6 +108,7 @@ class EdgeProxyService(MultiService):
         self.admin: Any = None
         self.operations: Any = None
         self.stateFile: Any = None
+        self.health: Any = None
         #: Seconds a graceful shutdown waits for open connections.
         self.shutdownTimeout = 30.0
         self.listeners: List[ListenerSpec] = []
@@ -308,6 +310,7 @@ def build_service(
     admin_states: Optional[AdminStates] = None,
     state_file: Optional[StateFile] = None,
     state_poll: float = 1.0,
+    health_checker: Optional[Any] = None,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -338,6 +341,9 @@ def build_service(
     @param state_file: Where the admin states are kept (already loaded);
         polled every C{state_poll} seconds for changes made by another
         process (C{edgeproxy-ctl state}).
+    @param health_checker: An L{edgeproxy.net.health.HealthChecker} feeding
+        the router's overlay, or C{None} for no active checks; it follows
+        the repository and runs while the service runs.
     @param shutdown_timeout: Seconds a graceful shutdown (stopping the
         service) lets open connections finish before closing them.
     @param resolver: Where backend host names get their addresses; default
@@ -442,6 +448,12 @@ def build_service(
             operations.changed(backend_id, AdminState(), state)
         top.admin = admin_states
         top.operations = operations
+    if health_checker is not None:
+        health_checker.update(repository.current())
+        repository.addListener(health_checker.routingTableChanged)
+        health_checker.setName(HEALTH_SERVICE)
+        health_checker.setServiceParent(top)
+        top.health = health_checker
     if state_file is not None:
         poll = TimerService(state_poll, state_file.poll)
         poll.clock = reactor
@@ -453,6 +465,7 @@ def build_service(
 
 __all__ = [
     "GC_SERVICE",
+    "HEALTH_SERVICE",
     "RELOAD_SERVICE",
     "RESOLVE_SERVICE",
     "STATE_SERVICE",

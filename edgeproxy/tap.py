@@ -105,6 +105,13 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _health_check(value: str) -> str:
+    from edgeproxy.model import parse_check
+
+    parse_check(value)
+    return value.strip().lower()
+
+
 def _int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(value: str) -> int:
         number = _int_at_least(low)(value)
@@ -409,6 +416,42 @@ _OPTIONS: tuple[_Option, ...] = (
         _int_between(0, 128),
         "IPv6 clients are bound to a backend by this prefix (64: their /64, inside"
         " which privacy addresses rotate; 128: each address)",
+    ),
+    _Option(
+        "health-check",
+        "EDGEPROXY_HEALTH_CHECK",
+        "tcp",
+        _health_check,
+        "Active check of every backend: tcp (connect), http:PATH (GET, 2xx/3xx is up,"
+        " no redirect followed) or off; the health_check column overrides it per backend",
+    ),
+    _Option(
+        "health-interval",
+        "EDGEPROXY_HEALTH_INTERVAL",
+        2.0,
+        _positive_float,
+        "Seconds between checks of one backend (each spread by up to 10%)",
+    ),
+    _Option(
+        "health-timeout",
+        "EDGEPROXY_HEALTH_TIMEOUT",
+        1.0,
+        _positive_float,
+        "Seconds one check may take",
+    ),
+    _Option(
+        "health-rise",
+        "EDGEPROXY_HEALTH_RISE",
+        2,
+        _int_at_least(1),
+        "Passed checks in a row that bring a down backend back",
+    ),
+    _Option(
+        "health-fall",
+        "EDGEPROXY_HEALTH_FALL",
+        3,
+        _int_at_least(1),
+        "Failed checks that take an up backend out of routing",
     ),
     _Option(
         "breaker-failures",
@@ -818,6 +861,21 @@ def makeService(
         breaker=breaker,
         panic=options["panic-routing"],
     )
+    from edgeproxy.net.health import HealthChecker
+
+    # Always there: with --health-check off it still checks the backends
+    # whose health_check column asks for it.
+    health = HealthChecker(
+        reactor,
+        overlay,
+        default=options["health-check"],
+        interval=options["health-interval"],
+        timeout=options["health-timeout"],
+        rise=options["health-rise"],
+        fall=options["health-fall"],
+        resolver=resolver,
+        metrics=metrics,
+    )
     reactor.callWhenRunning(_exit_zero_on_sigterm, reactor)
 
     return build_service(
@@ -840,6 +898,7 @@ def makeService(
         shutdown_timeout=options["shutdown-timeout"],
         admin_states=admin,
         state_file=state_file,
+        health_checker=health,
     )
 
 

@@ -1027,6 +1027,8 @@ def test_killed_backend_stops_getting_connections_and_gets_them_back(
     server = listen(reactor, Echo)
     port = server.port
     harness = ProxyHarness(reactor, [backend("a", port=port)], ProxySettings())
+    # The only backend: without panic routing (which would still try it).
+    harness.router.panic = False
     metrics = MetricsStore()
     overlay = harness.router.overlay
     assert isinstance(overlay, StateOverlay)
@@ -1081,7 +1083,7 @@ def test_http_backend_answering_503_is_down_and_200_up():
     server = web(503)
     repository = InMemoryBackendRepository([backend("w", port=server.port)])
     metrics = MetricsStore()
-    router = Router(repository, BindingTable(ttl=600.0), None, metrics, "sa", reactor)
+    router = Router(repository, BindingTable(ttl=600.0), None, metrics, "sa", reactor, panic=False)
     overlay = router.overlay
     assert isinstance(overlay, StateOverlay)
     checker = real_checker(

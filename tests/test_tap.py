@@ -43,6 +43,11 @@ ENV_NAMES = {
     "proxy-protocol-trusted": "EDGEPROXY_PROXY_PROTOCOL_TRUSTED",
     "tls-handshake-timeout": "EDGEPROXY_TLS_HANDSHAKE_TIMEOUT",
     "binding-ipv6-prefix": "EDGEPROXY_BINDING_IPV6_PREFIX",
+    "health-check": "EDGEPROXY_HEALTH_CHECK",
+    "health-interval": "EDGEPROXY_HEALTH_INTERVAL",
+    "health-timeout": "EDGEPROXY_HEALTH_TIMEOUT",
+    "health-rise": "EDGEPROXY_HEALTH_RISE",
+    "health-fall": "EDGEPROXY_HEALTH_FALL",
     "breaker-failures": "EDGEPROXY_BREAKER_FAILURES",
     "breaker-cooldown": "EDGEPROXY_BREAKER_COOLDOWN",
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
@@ -99,6 +104,11 @@ def test_defaults() -> None:
     assert options["proxy-protocol-trusted"] == LOOPBACK
     assert options["tls-handshake-timeout"] == 10.0
     assert options["binding-ipv6-prefix"] == 64
+    assert options["health-check"] == "tcp"
+    assert options["health-interval"] == 2.0
+    assert options["health-timeout"] == 1.0
+    assert options["health-rise"] == 2
+    assert options["health-fall"] == 3
     assert options["breaker-failures"] == 5
     assert options["breaker-cooldown"] == 30.0
     assert options["panic-routing"] is True
@@ -138,6 +148,11 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--proxy-protocol-trusted=192.0.2.7",
         "--tls-handshake-timeout=6",
         "--binding-ipv6-prefix=56",
+        "--health-check=http:/healthz",
+        "--health-interval=0.5",
+        "--health-timeout=0.25",
+        "--health-rise=4",
+        "--health-fall=5",
         "--breaker-failures=0",
         "--breaker-cooldown=7",
         "--panic-routing=off",
@@ -171,6 +186,11 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     )
     assert options["tls-handshake-timeout"] == 6.0
     assert options["binding-ipv6-prefix"] == 56
+    assert options["health-check"] == "http:/healthz"
+    assert options["health-interval"] == 0.5
+    assert options["health-timeout"] == 0.25
+    assert options["health-rise"] == 4
+    assert options["health-fall"] == 5
     assert options["breaker-failures"] == 0
     assert options["breaker-cooldown"] == 7.0
     assert options["panic-routing"] is False
@@ -229,6 +249,11 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_PROXY_PROTOCOL_TRUSTED": "10.1.0.0/16,fd00::/8",
         "EDGEPROXY_TLS_HANDSHAKE_TIMEOUT": "4",
         "EDGEPROXY_BINDING_IPV6_PREFIX": "128",
+        "EDGEPROXY_HEALTH_CHECK": "off",
+        "EDGEPROXY_HEALTH_INTERVAL": "3",
+        "EDGEPROXY_HEALTH_TIMEOUT": "2",
+        "EDGEPROXY_HEALTH_RISE": "1",
+        "EDGEPROXY_HEALTH_FALL": "1",
         "EDGEPROXY_BREAKER_FAILURES": "9",
         "EDGEPROXY_BREAKER_COOLDOWN": "0.5",
         "EDGEPROXY_PANIC_ROUTING": "no",
@@ -261,6 +286,11 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     )
     assert options["tls-handshake-timeout"] == 4.0
     assert options["binding-ipv6-prefix"] == 128
+    assert options["health-check"] == "off"
+    assert options["health-interval"] == 3.0
+    assert options["health-timeout"] == 2.0
+    assert options["health-rise"] == 1
+    assert options["health-fall"] == 1
     assert options["breaker-failures"] == 9
     assert options["breaker-cooldown"] == 0.5
     assert options["panic-routing"] is False
