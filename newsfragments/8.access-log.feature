@@ -1,0 +1,1 @@
+`--access-log PATH` writes one JSON object per connection (times, client, listener, backend, geo tier, cause, bytes each way, attempts, connect and total durations) to a file, buffered off the connection path and written in batches from a thread, reopened on SIGUSR1 for logrotate; the one log line per connection stays.
