@@ -117,8 +117,10 @@ class ClientLimiter:
 
     Every admitted connection costs a dict lookup or two and a few float
     operations (the clock is read only when the rate is limited); nothing
-    is allocated for a client already tracked, apart from the new bucket
-    time.
+    is allocated for a client already tracked but the new bucket time (a
+    float) and, when its last open connection closes, its link in the
+    idle table (an C{OrderedDict} node).  Only a new client allocates an
+    entry.
 
     Memory is bounded by C{max_clients} entries.  Clients are held in two
     tables: those holding connections (C{open > 0}), which are never
@@ -202,13 +204,17 @@ class ClientLimiter:
         @param burst: Tokens in a full bucket, at least 1; default
             C{max(1, rate)}.  Ignored when C{rate} is 0.
         @param clock: Where time comes from (the reactor).
-        @param max_clients: Most clients tracked (at about 200 bytes
-            each, see C{bench/bench_limits.py}).
+        @param max_clients: Most clients tracked, at 160 to 240 bytes
+            each, address included (C{bench/bench_limits.py}): about 24 MB
+            at the default, which is ten times the default global
+            connection cap, so L{TABLE_FULL} needs a configured cap above
+            it.
         @param log_interval: Seconds between two log lines about one
             client.
         @param log_lines: Most refusal lines logged per C{log_interval}.
         @param metrics: Where refusals are counted, if given.
-        @raise ValueError: For a negative limit, a C{burst} below 1, a
+        @raise ValueError: For a negative limit or C{log_lines}, a
+            non-finite rate, a C{burst} below 1 (with a rate), a
             C{max_clients} below 1 or a C{log_interval} not above 0.
         """
         if max_connections < 0:
