@@ -260,6 +260,11 @@ class IRouter(Interface):
     load accounting in one synchronous call per connect attempt.
     """
 
+    lastTier = Attribute(
+        "The geo tier (0-3) of the backend the last choose() returned, or None "
+        "(read by the session right after choose(), for its access-log record)."
+    )
+
     def choose(client_ip: str, app: Optional[str], exclude: FrozenSet[str]) -> Optional["Backend"]:
         """
         Pick the backend for a new connect attempt from C{client_ip} on a

@@ -56,6 +56,7 @@ GC_SERVICE = "binding-gc"
 RESOLVE_SERVICE = "resolve-hosts"
 STATE_SERVICE = "state-file"
 HEALTH_SERVICE = "health-checks"
+LIMITER_SERVICE = "client-limits"
 
 
 def listener_service_name(index: int) -> str:
@@ -109,6 +110,7 @@ class EdgeProxyService(MultiService):
         self.operations: Any = None
         self.stateFile: Any = None
         self.health: Any = None
+        self.accessLog: Any = None
         #: Seconds a graceful shutdown waits for open connections.
         self.shutdownTimeout = 30.0
         self.listeners: List[ListenerSpec] = []
@@ -171,8 +173,9 @@ class EdgeProxyService(MultiService):
         started = self.clock.seconds()
 
         def finished(_: object) -> None:
-            if call.active():
-                call.cancel()
+            if not call.active():
+                return  # the deadline came first and does the rest
+            call.cancel()
             if not done.called:
                 _log.info(
                     "all connections finished after {elapsed}s",
@@ -187,8 +190,18 @@ class EdgeProxyService(MultiService):
                 timeout=timeout,
                 cut=cut,
             )
-            if not done.called:
-                done.callback(None)
+            # The aborted connections end in the next reactor turns: give
+            # them a moment, so that their log lines (and access-log
+            # records) are written before the periodic jobs stop.
+            settle = self.clock.callLater(2.0, lambda: None if done.called else done.callback(None))
+
+            def settled(_: object) -> None:
+                if settle.active():
+                    settle.cancel()
+                if not done.called:
+                    done.callback(None)
+
+            live.whenEmpty().addCallback(settled)
 
         call = self.clock.callLater(timeout, deadline)
         live.whenEmpty().addCallback(finished)
@@ -311,6 +324,8 @@ def build_service(
     state_file: Optional[StateFile] = None,
     state_poll: float = 1.0,
     health_checker: Optional[Any] = None,
+    access_log: Optional[Any] = None,
+    client_limiter: Optional[Any] = None,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -341,6 +356,12 @@ def build_service(
     @param state_file: Where the admin states are kept (already loaded);
         polled every C{state_poll} seconds for changes made by another
         process (C{edgeproxy-ctl state}).
+    @param client_limiter: An L{edgeproxy.net.limits.ClientLimiter} (per
+        client concurrent connections and connection rate) consulted by the
+        admission for every client, or C{None}; swept every 10 seconds.
+    @param access_log: An L{edgeproxy.net.accesslog.AccessLog} given one
+        JSON record per finished connection, flushed every second and
+        reopened on SIGUSR1 while the service runs; C{None} for none.
     @param health_checker: An L{edgeproxy.net.health.HealthChecker} feeding
         the router's overlay, or C{None} for no active checks; it follows
         the repository and runs while the service runs.
@@ -375,11 +396,28 @@ def build_service(
     if resolver is None:
         resolver = HostResolver(reactor)
     top.resolver = resolver
+    if access_log is not None:
+        from edgeproxy.net.accesslog import AccessLogService
+
+        # Before the listeners: it stops after them (and after the graceful
+        # shutdown), so the connections they close are logged.
+        AccessLogService(access_log).setServiceParent(top)
+        top.accessLog = access_log
     live = ConnectionTable()
     top.live = live
     watched: set[str] = set()
     top.shutdownTimeout = shutdown_timeout
-    admission = Admission(settings.max_connections, metrics)
+    admission = Admission(
+        settings.max_connections,
+        metrics,
+        client_limiter,
+        getattr(router, "ipv6_prefix", 64),
+    )
+    if admission.limiter is not None:
+        sweep = TimerService(10.0, admission.limiter.sweep)
+        sweep.clock = reactor
+        sweep.setName(LIMITER_SERVICE)
+        sweep.setServiceParent(top)
     top.admission = admission
     for index, spec in enumerate(listeners):
         endpoint = server_endpoint(
@@ -402,6 +440,7 @@ def build_service(
             admitsPeers=False,
             resolver=resolver,
         )
+        factory.accessLog = access_log
         listener = StreamServerEndpointService(endpoint, factory)
         # As twisted.application.strports.service does: a port that cannot
         # be bound fails startup instead of leaving a proxy that listens on

@@ -112,6 +112,23 @@ def _health_check(value: str) -> str:
     return value.strip().lower()
 
 
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"must be a number >= 0, got {value!r}")
+    return number
+
+
+def _positive_float_value(value: str) -> float:
+    number = _non_negative_float(value)
+    if number <= 0:
+        raise ValueError(f"must be a positive number, got {value!r}")
+    return number
+
+
 def _int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(value: str) -> int:
         number = _int_at_least(low)(value)
@@ -395,6 +412,27 @@ _OPTIONS: tuple[_Option, ...] = (
         "Concurrent client connections across all listeners (0 = unlimited)",
     ),
     _Option(
+        "client-max-connections",
+        "EDGEPROXY_CLIENT_MAX_CONNECTIONS",
+        0,
+        _int_at_least(0),
+        "Concurrent connections one client (IPv6: one /64) may hold (0 = no limit)",
+    ),
+    _Option(
+        "client-rate",
+        "EDGEPROXY_CLIENT_RATE",
+        0.0,
+        _non_negative_float,
+        "New connections per second one client may open, a token bucket (0 = no limit)",
+    ),
+    _Option(
+        "client-burst",
+        "EDGEPROXY_CLIENT_BURST",
+        None,
+        _positive_float_value,
+        "Connections a client may open at once, refilled at --client-rate",
+    ),
+    _Option(
         "proxy-protocol-trusted",
         "EDGEPROXY_PROXY_PROTOCOL_TRUSTED",
         tuple(ipaddress.ip_network(n) for n in DEFAULT_TRUSTED),
@@ -484,6 +522,14 @@ _OPTIONS: tuple[_Option, ...] = (
         " restarts; edgeproxy-ctl state writes it",
     ),
     _Option(
+        "access-log",
+        "EDGEPROXY_ACCESS_LOG",
+        None,
+        _state_path,
+        "Also write one JSON object per connection to this file (buffered, off the"
+        " reactor thread; reopened on SIGUSR1 for logrotate)",
+    ),
+    _Option(
         "shutdown-timeout",
         "EDGEPROXY_SHUTDOWN_TIMEOUT",
         30.0,
@@ -512,6 +558,8 @@ def _describe_default(option: _Option) -> str:
         return ", ".join(DEFAULT_TRUSTED)
     if option.name == "geoip-db":
         return "shipped GeoLite2"
+    if option.name == "client-burst":
+        return "the rate, at least 1"
     if option.name == "state-file":
         return "edgeproxy-state.json beside --db"
     if option.default is True:
@@ -876,6 +924,24 @@ def makeService(
         resolver=resolver,
         metrics=metrics,
     )
+    from edgeproxy.net.limits import ClientLimiter
+
+    limiter = ClientLimiter(
+        options["client-max-connections"],
+        options["client-rate"],
+        options["client-burst"],
+        clock=reactor,
+        max_clients=max(100_000, options["max-connections"]),
+        metrics=metrics,
+    )
+    access_log = None
+    if options["access-log"]:
+        from edgeproxy.net.accesslog import AccessLog, AccessLogError
+
+        try:
+            access_log = AccessLog(options["access-log"], reactor, metrics)
+        except AccessLogError as e:
+            raise _fatal(f"--access-log: {e}") from None
     reactor.callWhenRunning(_exit_zero_on_sigterm, reactor)
 
     return build_service(
@@ -899,6 +965,8 @@ def makeService(
         admin_states=admin,
         state_file=state_file,
         health_checker=health,
+        access_log=access_log,
+        client_limiter=limiter,
     )
 
 

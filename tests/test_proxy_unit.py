@@ -107,6 +107,10 @@ class SpyRouter:
     def connectSucceeded(self, backend_id: str) -> None:
         self.router.connectSucceeded(backend_id)
 
+    @property
+    def lastTier(self) -> int | None:
+        return self.router.lastTier
+
     def count(self, name: str, backend_id: str) -> int:
         if name == "choose":
             return sum(1 for c in self.calls if c[0] == "choose" and c[4] == backend_id)

@@ -52,6 +52,10 @@ ENV_NAMES = {
     "breaker-cooldown": "EDGEPROXY_BREAKER_COOLDOWN",
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
     "state-file": "EDGEPROXY_STATE_FILE",
+    "access-log": "EDGEPROXY_ACCESS_LOG",
+    "client-max-connections": "EDGEPROXY_CLIENT_MAX_CONNECTIONS",
+    "client-rate": "EDGEPROXY_CLIENT_RATE",
+    "client-burst": "EDGEPROXY_CLIENT_BURST",
     "shutdown-timeout": "EDGEPROXY_SHUTDOWN_TIMEOUT",
     "debug": "EDGEPROXY_DEBUG",
 }
@@ -113,6 +117,10 @@ def test_defaults() -> None:
     assert options["breaker-cooldown"] == 30.0
     assert options["panic-routing"] is True
     assert options["state-file"] is None
+    assert options["access-log"] is None
+    assert options["client-max-connections"] == 0
+    assert options["client-rate"] == 0.0
+    assert options["client-burst"] is None
     assert options["shutdown-timeout"] == 30.0
     assert options["debug"] is False
     assert set(options.sources) == set(ENV_NAMES)
@@ -157,6 +165,10 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--breaker-cooldown=7",
         "--panic-routing=off",
         f"--state-file={tmp_path / 's.json'}",
+        f"--access-log={tmp_path / 'access.jsonl'}",
+        "--client-max-connections=8",
+        "--client-rate=2.5",
+        "--client-burst=10",
         "--shutdown-timeout=9",
         "--debug",
     )
@@ -195,6 +207,10 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["breaker-cooldown"] == 7.0
     assert options["panic-routing"] is False
     assert options["state-file"] == str(tmp_path / "s.json")
+    assert options["access-log"] == str(tmp_path / "access.jsonl")
+    assert options["client-max-connections"] == 8
+    assert options["client-rate"] == 2.5
+    assert options["client-burst"] == 10.0
     assert options["shutdown-timeout"] == 9.0
     assert options["debug"] is True
     assert set(options.sources.values()) == {"command line"}
@@ -258,6 +274,10 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_BREAKER_COOLDOWN": "0.5",
         "EDGEPROXY_PANIC_ROUTING": "no",
         "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
+        "EDGEPROXY_ACCESS_LOG": str(tmp_path / "env-access.jsonl"),
+        "EDGEPROXY_CLIENT_MAX_CONNECTIONS": "3",
+        "EDGEPROXY_CLIENT_RATE": "100",
+        "EDGEPROXY_CLIENT_BURST": "200",
         "EDGEPROXY_SHUTDOWN_TIMEOUT": "2",
         "EDGEPROXY_DEBUG": "true",
     }
@@ -295,6 +315,10 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["breaker-cooldown"] == 0.5
     assert options["panic-routing"] is False
     assert options["state-file"] == str(tmp_path / "env-state.json")
+    assert options["access-log"] == str(tmp_path / "env-access.jsonl")
+    assert options["client-max-connections"] == 3
+    assert options["client-rate"] == 100.0
+    assert options["client-burst"] == 200.0
     assert options["shutdown-timeout"] == 2.0
     assert options["debug"] is True
     assert options.sources == ENV_NAMES

@@ -38,6 +38,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy.interfaces import IMetricsStore
+from edgeproxy.net.limits import ClientLimiter
+from edgeproxy.routing.bindings import client_key
 
 __all__ = [
     "REJECTED",
@@ -65,13 +67,29 @@ class Admission:
     @ivar refused: Connections refused since the cap was last logged.
     """
 
-    __slots__ = ("_refusing", "maxConnections", "metrics", "open", "refused")
+    __slots__ = (
+        "_refusing",
+        "ipv6Prefix",
+        "limiter",
+        "maxConnections",
+        "metrics",
+        "open",
+        "refused",
+    )
 
-    def __init__(self, max_connections: int, metrics: IMetricsStore) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        metrics: IMetricsStore,
+        limiter: ClientLimiter | None = None,
+        ipv6_prefix: int = 64,
+    ) -> None:
         if max_connections < 0:
             raise ValueError(f"max_connections must be >= 0, got {max_connections!r}")
         self.maxConnections = max_connections
         self.metrics = metrics
+        self.limiter = limiter if limiter is not None and limiter.enabled else None
+        self.ipv6Prefix = ipv6_prefix
         self.open = 0
         self.refused = 0
         self._refusing = False
@@ -122,16 +140,29 @@ class Admission:
 
     def admitClient(self, host: str) -> bool:
         """
-        The proxied session knows its real client C{host} (the socket peer,
-        or a PROXY header's source): may it go on?  No per-client limit is
-        configured yet, so always C{True}.
+        The proxied session knows its real client C{host} (the socket peer
+        on a plain listener, a PROXY header's source, or the peer after a
+        TLS handshake): may it go on?  The per-client limits
+        (L{edgeproxy.net.limits.ClientLimiter}: concurrent connections and
+        new connections per second, IPv6 clients by their /64) decide;
+        a refusal is counted and logged by the limiter, and the caller
+        closes the connection before any backend connect.
+
+        @return: C{True} if admitted (the caller must call L{clientLeft}
+            exactly once later).
         """
-        return True
+        limiter = self.limiter
+        if limiter is None:
+            return True
+        return limiter.admit(client_key(host, self.ipv6Prefix)) is None
 
     def clientLeft(self, host: str) -> None:
         """
         A session admitted by L{admitClient} for C{host} is over.
         """
+        limiter = self.limiter
+        if limiter is not None:
+            limiter.release(client_key(host, self.ipv6Prefix))
 
 
 def release_admission(protocol: Any) -> None:

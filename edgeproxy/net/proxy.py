@@ -434,6 +434,9 @@ class ProxyFactory(Factory):
         #: Told C{started(session)} when a session joins a watched backend
         #: and C{ended(session)} when it ends.
         self.watcher: Any = None
+        #: An L{edgeproxy.net.accesslog.AccessLog} given one record per
+        #: finished session, or C{None}.
+        self.accessLog: Any = None
 
     @property
     def openConnections(self) -> int:
@@ -456,7 +459,7 @@ class BackendConnectFactory(ClientFactory):
     """
 
     noisy = False
-    __slots__ = ("backend", "cancelled", "connector", "numPorts", "released", "session")
+    __slots__ = ("backend", "cancelled", "connector", "numPorts", "released", "session", "started")
 
     def __init__(self, session: "ProxyClientProtocol", backend: Backend) -> None:
         self.numPorts = 0
@@ -465,6 +468,8 @@ class BackendConnectFactory(ClientFactory):
         self.connector: Any = None
         self.cancelled = False
         self.released = False
+        #: When this attempt started (the clock's seconds).
+        self.started = 0.0
 
     def release(self) -> bool:
         """
@@ -585,6 +590,7 @@ class ProxyClientProtocol(Protocol):
         "_clientHasProducer",
         "_clientOpen",
         "_clientReadDone",
+        "_connectedAt",
         "_connecting",
         "_done",
         "_exclude",
@@ -599,6 +605,7 @@ class ProxyClientProtocol(Protocol):
         "_outSocket",
         "_pending",
         "_started",
+        "_tier",
         "_watched",
         "admission",
         "attempts",
@@ -646,6 +653,8 @@ class ProxyClientProtocol(Protocol):
         self._finCause: str | None = None
         self._done = False
         self._watched = False
+        self._tier: int | None = None
+        self._connectedAt = 0.0
         # Idle sweeps in a row that saw no byte; -1 until the legs are
         # joined (and the first sweep after that counts as activity).
         self._idleTicks = -1
@@ -771,7 +780,9 @@ class ProxyClientProtocol(Protocol):
             return
         self.attempts += 1
         self.backend = backend
+        self._tier = factory.router.lastTier
         attempt = BackendConnectFactory(self, backend)
+        attempt.started = factory.clock.seconds()
         self._connecting = attempt
         self._backendOpen = True
         timeout = min(settings.connect_timeout, remaining)
@@ -858,6 +869,8 @@ class ProxyClientProtocol(Protocol):
         self._connecting = None
         attempt.connector = None
         self._backendSide = side
+        self._connectedAt = now = self.factory.clock.seconds()
+        self.factory.metrics.observe("backend_connect_seconds", now - attempt.started)
         client_transport: _Transport = self.transport
         backend = attempt.backend
         if backend.proxy_protocol:
@@ -1105,9 +1118,33 @@ class ProxyClientProtocol(Protocol):
                 factory.watcher.ended(self)
             except Exception:
                 _log.failure("session watcher failed")
-        factory.metrics.increment("connections_closed", cause)
+        metrics = factory.metrics
+        metrics.increment("connections_closed", cause)
         side = self._backendSide
         backend = self.backend
+        up = self.bytesToBackend
+        down = side.bytesToClient if side is not None else 0
+        if up:
+            metrics.increment("bytes_to_backend", "", up)
+        if down:
+            metrics.increment("bytes_to_client", "", down)
+        now = factory.clock.seconds()
+        access_log = factory.accessLog
+        if access_log is not None:
+            access_log.record(
+                self._started,
+                now,
+                self.clientHost,
+                self.clientPort,
+                backend.id if backend is not None else None,
+                self._tier,
+                cause,
+                up,
+                down,
+                self.attempts,
+                self._connectedAt - self._started if side is not None else None,
+                factory.app,
+            )
         _log.info(
             "{client}:{client_port} via {backend}: {cause} after {duration}s,"
             " {bytes_to_backend} bytes up, {bytes_to_client} bytes down,"
@@ -1115,9 +1152,9 @@ class ProxyClientProtocol(Protocol):
             client=self.clientHost,
             client_port=self.clientPort,
             backend=backend.id if backend is not None else None,
-            bytes_to_backend=self.bytesToBackend,
-            bytes_to_client=side.bytesToClient if side is not None else 0,
-            duration=round(factory.clock.seconds() - self._started, 3),
+            bytes_to_backend=up,
+            bytes_to_client=down,
+            duration=round(now - self._started, 3),
             attempts=self.attempts,
             cause=cause,
         )

@@ -37,6 +37,12 @@ _log = Logger()
 #: Counter bumped when a connect attempt finds no candidate at all.
 NO_BACKEND = "routing_no_backend"
 
+#: Counter of routing decisions, labelled with the geo tier ("0"-"3"): the
+#: POP's geo mix.
+DECISIONS = "routing_decisions"
+
+_TIER_LABELS = ("0", "1", "2", "3")
+
 #: Counter bumped when a client is routed in panic (see L{Router.panic}).
 PANIC = "routing_panic"
 
@@ -120,6 +126,9 @@ class Router:
         self.panic = panic
         self._halfOpen: AbstractSet[str] = breaker.halfOpen if breaker is not None else frozenset()
         self._panicking = False
+        #: The geo tier of the backend the last L{choose} returned (0-3),
+        #: for the session's access-log record; C{None} after no choice.
+        self.lastTier: int | None = None
 
     def __repr__(self) -> str:
         return f"<Router local_region={self.local_region!r}>"
@@ -155,7 +164,8 @@ class Router:
         if binding is not None:
             backend = snapshot.routable.get(binding.backend_id)
             if self._usable(backend, app, exclude) and load.acquire(backend):  # type: ignore[arg-type]
-                return self._started(backend)  # type: ignore[arg-type]
+                geo = self._geo.resolve(client_ip) if self._geo is not None else None
+                return self._started(backend, geo)  # type: ignore[arg-type]
             bindings.remove(key)
 
         geo = self._geo.resolve(client_ip) if self._geo is not None else None
@@ -219,19 +229,25 @@ class Router:
                 # it can take the client, so the client has one backend.
                 other = snapshot.routable.get(binding.backend_id)
                 if self._usable(other, app, exclude) and load.acquire(other):  # type: ignore[arg-type]
-                    return self._started(other)  # type: ignore[arg-type]
+                    return self._started(other, geo)  # type: ignore[arg-type]
                 bindings.remove(key)
                 bindings.bind(key, chosen.id, now)
             if load.acquire(chosen):
-                return self._started(chosen)
+                return self._started(chosen, geo)
             # Full since the scores were read: try the next best.
             bindings.remove(key)
             skip = skip | {chosen.id}
         return None
 
-    def _started(self, backend: Backend) -> Backend:
+    def _started(self, backend: Backend, geo: GeoInfo | None) -> Backend:
+        """
+        A backend was taken: the breaker's trial, the tier, the geo mix.
+        """
         if backend.id in self._halfOpen:
             self.breaker.trialStarted(backend.id)  # type: ignore[union-attr]
+        tier = geo_tier(backend, geo, self.local_region)
+        self.lastTier = tier
+        self._metrics.increment(DECISIONS, _TIER_LABELS[tier])
         return backend
 
     def release(self, backend_id: str) -> None:
