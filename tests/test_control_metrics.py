@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any, Dict, Iterable, Tuple
 
 import pytest
@@ -673,3 +674,20 @@ def test_counters_of_real_traffic():
             assert "127.0.0.1" not in v
     finally:
         yield harness.stop([echo, refusing])
+
+
+def test_example_scrape_config_is_valid():
+    """
+    C{conf/prometheus-scrape.yml} is a valid Prometheus configuration
+    (C{promtool check config}).
+    """
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not found: apt-get install prometheus")
+    path = Path(__file__).resolve().parent.parent / "conf" / "prometheus-scrape.yml"
+    result = subprocess.run(
+        [promtool, "check", "config", "--syntax-only", str(path)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
