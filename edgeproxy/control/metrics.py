@@ -147,7 +147,7 @@ from edgeproxy.interfaces import (
     SnapshotListener,
 )
 from edgeproxy.metrics import HistogramSnapshot
-from edgeproxy.model import RoutingSnapshot
+from edgeproxy.model import Backend, RoutingSnapshot
 from edgeproxy.net.proxy import CAUSES
 
 __all__ = [
@@ -485,68 +485,76 @@ class MetricsState:
             yield _gauge("bindings", "Client bindings held.", self.bindings)
 
     def _backends(self, snapshot: RoutingSnapshot) -> Iterator[Metric]:
+        # One family at a time, each yielded (and encoded, and freed) before
+        # the next is built: with many backends this keeps the live samples,
+        # and so the garbage collector's pauses, small.
+        backends = snapshot.backends
         info = GaugeMetricFamily(
             PREFIX + "backend_info",
             "Backends of the routing table (always 1), with their app, region and country.",
             labels=["backend", "app", "region", "country"],
         )
-        routable = GaugeMetricFamily(
-            PREFIX + "backend_routable",
-            "1 if the routing table lets the backend take new clients.",
-            labels=["backend"],
-        )
-        families: List[Metric] = [info, routable]
-        add_info = info.add_metric
-        add_routable = routable.add_metric
+        add = info.add_metric
+        for b in backends:
+            add((b.id, b.app or "", b.region, b.country or ""), 1)
+        yield info
         in_routable = snapshot.routable
-        for b in snapshot.backends:
-            bid = b.id
-            add_info((bid, b.app or "", b.region, b.country or ""), 1)
-            add_routable((bid,), 1 if bid in in_routable else 0)
-        if self.connections is not None:
-            gauge = GaugeMetricFamily(
-                PREFIX + "backend_connections",
-                "Open connections plus connects in flight to the backend.",
-                labels=["backend"],
-            )
-            add = gauge.add_metric
-            get = self.connections.get
-            for b in snapshot.backends:
-                add((b.id,), get(b.id, 0))
-            families.append(gauge)
-        if self.verdicts is not None:
-            families.extend(self._overlay(snapshot, self.verdicts))
-        yield from families
-
-    def _overlay(
-        self, snapshot: RoutingSnapshot, verdicts: Mapping[str, Mapping[str, int]]
-    ) -> List[Metric]:
-        up = GaugeMetricFamily(
-            PREFIX + "backend_up",
-            "1 unless the health checks hold the backend down.",
-            labels=["backend"],
+        yield self._perBackend(
+            "backend_routable",
+            "1 if the routing table lets the backend take new clients.",
+            backends,
+            lambda bid: 1 if bid in in_routable else 0,
         )
-        breaker = GaugeMetricFamily(
-            PREFIX + "backend_breaker_open",
+        if self.connections is not None:
+            get = self.connections.get
+            yield self._perBackend(
+                "backend_connections",
+                "Open connections plus connects in flight to the backend.",
+                backends,
+                lambda bid: get(bid, 0),
+            )
+        if self.verdicts is None:
+            return
+        verdicts = self.verdicts
+        empty: Mapping[str, int] = {}
+
+        def verdict(bid: str, source: str) -> int:
+            return verdicts.get(bid, empty).get(source, AVAILABLE)
+
+        yield self._perBackend(
+            "backend_up",
+            "1 unless the health checks hold the backend down.",
+            backends,
+            lambda bid: 1 if verdict(bid, "health") == AVAILABLE else 0,
+        )
+        yield self._perBackend(
+            "backend_breaker_open",
             "1 if the circuit breaker holds the backend out.",
-            labels=["backend"],
+            backends,
+            lambda bid: 0 if verdict(bid, "breaker") == AVAILABLE else 1,
         )
         admin = GaugeMetricFamily(
             PREFIX + "backend_admin_state",
             "The operator's admin state of the backend (one-hot: ready, drain, maint).",
             labels=["backend", "state"],
         )
-        empty: Mapping[str, int] = {}
-        get = verdicts.get
-        for b in snapshot.backends:
+        add = admin.add_metric
+        for b in backends:
             bid = b.id
-            sources = get(bid, empty)
-            up.add_metric((bid,), 0 if sources.get("health", AVAILABLE) != AVAILABLE else 1)
-            breaker.add_metric((bid,), 1 if sources.get("breaker", AVAILABLE) != AVAILABLE else 0)
-            verdict = sources.get("admin", AVAILABLE)
+            in_force = verdict(bid, "admin")
             for state, value in ADMIN_STATES:
-                admin.add_metric((bid, state), 1 if verdict == value else 0)
-        return [up, breaker, admin]
+                add((bid, state), 1 if in_force == value else 0)
+        yield admin
+
+    @staticmethod
+    def _perBackend(
+        name: str, doc: str, backends: Iterable[Backend], read: Callable[[str], float]
+    ) -> GaugeMetricFamily:
+        gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["backend"])
+        add = gauge.add_metric
+        for b in backends:
+            add((b.id,), read(b.id))
+        return gauge
 
     def _resolver(self) -> Iterator[Metric]:
         stats = self.resolver
