@@ -13,8 +13,11 @@ down (FAULTS F24):
     connection is closed after the same time.
   - At most C{maxConnections} connections are open at once; one over the
     cap is closed at once (counted as C{admin_connections_rejected}).
-  - No access log line per request, no session, no thread: each page is
-    rendered on the reactor thread from in-memory state.
+  - No access log line per request and no session.  C{/health} is
+    rendered on the reactor thread; C{/metrics} freezes the state there
+    (dictionary copies) and encodes it in the reactor's thread pool, at
+    most once per second however many scrapes come (see
+    L{edgeproxy.control.metrics.Exposition}).
 
 Every error is JSON: C{404} for an unknown path, C{405} (with C{Allow})
 for a method a resource does not serve.  The tree is plain
