@@ -19,6 +19,7 @@ setup(
         "maxminddb-geolite2>=2018.703",
         "txsni>=0.2.0",
         "treq>=23.11.0",
+        "prometheus_client>=0.16.0",
     ],
     extras_require={
         "test": [

@@ -1,0 +1,434 @@
+"""
+The admin HTTP listener (C{--admin DESC}): C{/metrics} and C{/health} now,
+the control API and the status page later, on one C{twisted.web} site.
+
+It shares the reactor with the data plane, so it is built not to slow it
+down (FAULTS F24):
+
+  - Every request must arrive whole (request line, headers and body)
+    within C{requestTimeout} seconds of the connection opening or of the
+    previous response: a client that trickles its headers (a slowloris) is
+    cut then, however steadily it sends.  Twisted's own idle timeout alone
+    would not do it, as it restarts at every byte.  An idle keep-alive
+    connection is closed after the same time.
+  - At most C{maxConnections} connections are open at once; one over the
+    cap is closed at once (counted as C{admin_connections_rejected}).
+  - No access log line per request and no session.  C{/health} is
+    rendered on the reactor thread; C{/metrics} freezes the state there
+    (dictionary copies) and encodes it in the reactor's thread pool, at
+    most once per second however many scrapes come (see
+    L{edgeproxy.control.metrics.Exposition}).
+
+Every error is JSON: C{404} for an unknown path, C{405} (with C{Allow})
+for a method a resource does not serve.  The tree is plain
+L{twisted.web.resource.Resource}s, so the integrator adds pages with
+C{putChild} on L{AdminRoot} (C{root.putChild(b"api", api)}); subclass
+L{JSONResource} for the same error behaviour.
+
+    from twisted.application.internet import StreamServerEndpointService
+
+    collector = EdgeproxyCollector(metrics, repository=..., load=..., ...)
+    exposition = Exposition(collector, reactor=reactor)
+    site = admin_site(exposition, reactor=reactor, metrics=metrics)
+    endpoint = admin_endpoint(reactor, options["admin"])   # None for "none"
+    if endpoint is not None:
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, List, Mapping, Optional, Tuple
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, IDelayedCall, IStreamServerEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, Request
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site, UnsupportedMethod
+
+from edgeproxy import __version__
+from edgeproxy.control.metrics import Exposition
+from edgeproxy.interfaces import IMetricsStore
+
+__all__ = [
+    "ADMIN_REJECTED",
+    "DEFAULT_ADMIN",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "AdminRoot",
+    "AdminSite",
+    "HealthResource",
+    "JSONResource",
+    "MetricsResource",
+    "NotFound",
+    "admin_endpoint",
+    "admin_resource",
+    "admin_site",
+    "json_body",
+    "json_error",
+]
+
+_log = Logger()
+
+#: The default C{--admin}: loopback only.
+DEFAULT_ADMIN = "tcp:8090:interface=127.0.0.1"
+
+#: Concurrent admin connections allowed by default.
+DEFAULT_MAX_CONNECTIONS = 64
+
+#: Seconds a whole request may take to arrive, by default.
+DEFAULT_REQUEST_TIMEOUT = 10.0
+
+#: Seconds without a byte from the client, by default (Twisted's own
+#: timeout; a response stuck behind a client that does not read ends then).
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+#: Counter (no label) of admin connections closed at once over the cap.
+ADMIN_REJECTED = "admin_connections_rejected"
+
+_JSON = b"application/json"
+
+
+def json_body(request: Request, code: int, body: Mapping[str, Any]) -> bytes:
+    """
+    Set C{code} and a JSON content type on C{request}; return C{body} as
+    compact JSON (UTF-8, newline-terminated).
+    """
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", _JSON)
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8") + b"\n"
+
+
+def json_error(request: Request, code: int, message: str) -> bytes:
+    """
+    A JSON error response: C{{"error": message, "status": code}}.
+    """
+    return json_body(request, code, {"error": message, "status": code})
+
+
+def _allowed_methods(resource: Resource) -> List[bytes]:
+    methods = [
+        name[len("render_") :].encode("ascii")
+        for name in dir(resource)
+        if name.startswith("render_") and name[len("render_") :].isupper()
+    ]
+    if b"GET" in methods and b"HEAD" not in methods:
+        methods.append(b"HEAD")
+    return sorted(methods)
+
+
+class JSONResource(Resource):
+    """
+    A resource whose errors are JSON: an unknown child is L{NotFound}, a
+    method without a C{render_METHOD} is a 405 with C{Allow} (C{HEAD} is
+    served by C{render_GET}, as twisted.web does).
+    """
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        return NotFound()
+
+    def render(self, request: Any) -> bytes:
+        method = request.method
+        handler = getattr(self, "render_" + method.decode("ascii", "replace"), None)
+        if handler is not None:
+            result: bytes = handler(request)
+            return result
+        allowed = _allowed_methods(self)
+        if method == b"HEAD" and b"GET" in allowed:
+            # twisted.web answers HEAD by rendering GET without the body.
+            raise UnsupportedMethod(allowed)
+        request.setHeader(b"Allow", b", ".join(allowed))
+        return json_error(request, 405, "method not allowed")
+
+
+class NotFound(JSONResource):
+    """
+    A JSON 404 for every method and every path below it.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return json_error(request, 404, "not found")
+
+
+class MetricsResource(JSONResource):
+    """
+    C{/metrics}: the Prometheus exposition from C{exposition} (an
+    L{edgeproxy.control.metrics.Exposition}), in the text format
+    (C{text/plain; version=0.0.4}) or, when the scraper's C{Accept} asks
+    for it, OpenMetrics.  (C{prometheus_client.twisted.MetricsResource}
+    would collect in a thread, racing the data plane's dictionaries; the
+    exposition freezes them on the reactor thread first.)  A failed
+    generation is a JSON 500.
+    """
+
+    def __init__(self, exposition: Exposition) -> None:
+        Resource.__init__(self)
+        self.exposition = exposition
+
+    def render_GET(self, request: Any) -> Any:
+        accept = request.getHeader(b"accept")
+        d = self.exposition.render(accept.decode("latin-1") if accept is not None else "")
+        gone: List[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def write(result: Tuple[bytes, str]) -> None:
+            if gone:
+                return
+            body, content_type = result
+            request.setHeader(b"Content-Type", content_type.encode("ascii"))
+            request.setHeader(b"Cache-Control", b"no-store")
+            request.setHeader(b"Content-Length", b"%d" % (len(body),))
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            if gone:
+                return
+            request.write(json_error(request, 500, "metrics exposition failed"))
+            request.finish()
+
+        d.addCallbacks(write, failed)
+        return NOT_DONE_YET
+
+    #: HEAD: the same headers (Content-Length included), no body.
+    render_HEAD = render_GET
+
+
+class HealthResource(JSONResource):
+    """
+    C{/health}: 200 and C{{"status": "ok", "version": ...}} while the
+    process serves, plus whatever C{details} returns (JSON-serialisable
+    values, e.g. the number of backends or the routing table's age).  If
+    C{details} raises, the answer is a 500 with C{"status": "error"}.
+    """
+
+    def __init__(self, details: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
+        Resource.__init__(self)
+        self.details = details
+
+    def render_GET(self, request: Any) -> bytes:
+        body: dict[str, Any] = {}
+        if self.details is not None:
+            try:
+                body.update(self.details())
+            except Exception:
+                _log.failure("admin /health details failed")
+                return json_body(request, 500, {"status": "error", "version": __version__})
+        body["status"] = "ok"
+        body["version"] = __version__
+        return json_body(request, 200, body)
+
+
+class AdminRoot(JSONResource):
+    """
+    The root of the admin site: C{GET /} lists the paths served (until the
+    status page takes C{/} with C{putChild(b"", page)}); anything unknown
+    is a JSON 404.
+    """
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        if path == b"":
+            return self
+        return NotFound()
+
+    def render_GET(self, request: Any) -> bytes:
+        paths = sorted("/" + name.decode("utf-8", "replace") for name in self.children if name)
+        return json_body(request, 200, {"service": "edgeproxy", "paths": paths})
+
+
+def admin_resource(
+    exposition: Exposition,
+    health: Optional[Callable[[], Mapping[str, Any]]] = None,
+) -> AdminRoot:
+    """
+    An L{AdminRoot} with C{/metrics} (L{MetricsResource} of C{exposition}) and
+    C{/health} (L{HealthResource} with C{health} as its details).
+    """
+    root = AdminRoot()
+    root.putChild(b"metrics", MetricsResource(exposition))
+    root.putChild(b"health", HealthResource(health))
+    return root
+
+
+class _Refused(Protocol):
+    """
+    Stands in for a connection over the cap: closes it at once.
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class AdminChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} with a deadline for each whole request (see the
+    module docstring), and that gives its L{AdminSite} slot back.
+
+    @ivar requestTimeout: Seconds for a whole request; C{None}: no deadline.
+    """
+
+    requestTimeout: Optional[float] = None
+    _deadline: Optional[IDelayedCall] = None
+    _adminSite: Optional["AdminSite"] = None
+
+    def connectionMade(self) -> None:
+        HTTPChannel.connectionMade(self)
+        self._startDeadline()
+
+    def allContentReceived(self) -> None:
+        # The request is whole: no deadline while it is answered.
+        self._stopDeadline()
+        HTTPChannel.allContentReceived(self)
+
+    def requestDone(self, request: Any) -> None:
+        # Armed before the base class parses any pipelined data, which may
+        # complete (and disarm it for) the next request at once.
+        if self.persistent:
+            self._startDeadline()
+        HTTPChannel.requestDone(self, request)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._stopDeadline()
+        site, self._adminSite = self._adminSite, None
+        if site is not None:
+            site._channelLost()
+        HTTPChannel.connectionLost(self, reason)
+
+    def _startDeadline(self) -> None:
+        self._stopDeadline()
+        if self.requestTimeout is not None:
+            self._deadline = self.callLater(self.requestTimeout, self._requestTimedOut)
+
+    def _stopDeadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _requestTimedOut(self) -> None:
+        self._deadline = None
+        # Closes (and aborts after abortTimeout if the close cannot finish).
+        self.timeoutConnection()
+
+
+class AdminSite(Site):
+    """
+    The admin listener's factory: a L{Site} of L{AdminChannel}s, capped.
+
+    @param resource: The root resource (see L{admin_resource}).
+    @param reactor: Its reactor (timeouts); the global one when C{None}.
+    @param requestTimeout: Seconds for a whole request (C{None}: none).
+    @param idleTimeout: Twisted's idle timeout (seconds without a byte).
+    @param maxConnections: Concurrent connections allowed (0: unlimited).
+    @param metrics: Where connections over the cap are counted
+        (L{ADMIN_REJECTED}), if given.
+    @param accessLog: Log one line per request (off: a flood of requests
+        would flood the log too).
+
+    @ivar openConnections: Connections open now.
+    """
+
+    protocol = AdminChannel  # type: ignore[assignment]
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: Resource,
+        *,
+        reactor: Any = None,
+        requestTimeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT,
+        idleTimeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
+        maxConnections: int = DEFAULT_MAX_CONNECTIONS,
+        metrics: Optional[IMetricsStore] = None,
+        accessLog: bool = False,
+    ) -> None:
+        if maxConnections < 0:
+            raise ValueError(f"maxConnections must be >= 0, got {maxConnections!r}")
+        Site.__init__(self, resource, timeout=idleTimeout, reactor=reactor)
+        self.requestTimeout = requestTimeout
+        self.maxConnections = maxConnections
+        self.metrics = metrics
+        self.accessLog = accessLog
+        self.openConnections = 0
+        self._refusing = False
+
+    def __repr__(self) -> str:
+        return f"<AdminSite open={self.openConnections}/{self.maxConnections or 'unlimited'}>"
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        cap = self.maxConnections
+        if cap and self.openConnections >= cap:
+            if self.metrics is not None:
+                self.metrics.increment(ADMIN_REJECTED)
+            if not self._refusing:
+                self._refusing = True
+                _log.warn(
+                    "admin listener: {cap} connections open, closing new ones until one ends",
+                    cap=cap,
+                )
+            return _Refused()
+        channel = Site.buildProtocol(self, addr)
+        if isinstance(channel, AdminChannel):
+            channel.requestTimeout = self.requestTimeout
+            channel._adminSite = self
+        self.openConnections += 1
+        self._refusing = False
+        return channel
+
+    def _channelLost(self) -> None:
+        if self.openConnections > 0:
+            self.openConnections -= 1
+
+    def startFactory(self) -> None:
+        # Without an access log there is nothing to set up (and no
+        # once-a-second timer for the log's date).
+        if self.accessLog:
+            Site.startFactory(self)
+
+    def log(self, request: Any) -> None:
+        if self.accessLog:
+            Site.log(self, request)
+
+
+def admin_site(
+    exposition: Exposition,
+    *,
+    health: Optional[Callable[[], Mapping[str, Any]]] = None,
+    reactor: Any = None,
+    requestTimeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT,
+    idleTimeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
+    maxConnections: int = DEFAULT_MAX_CONNECTIONS,
+    metrics: Optional[IMetricsStore] = None,
+) -> AdminSite:
+    """
+    The admin site: an L{AdminSite} over L{admin_resource}C{(exposition,
+    health)}.  Its root is C{site.resource} (an L{AdminRoot}) for
+    C{putChild}.
+    """
+    return AdminSite(
+        admin_resource(exposition, health),
+        reactor=reactor,
+        requestTimeout=requestTimeout,
+        idleTimeout=idleTimeout,
+        maxConnections=maxConnections,
+        metrics=metrics,
+    )
+
+
+def admin_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint | None:
+    """
+    The endpoint of C{--admin DESC}: C{None} for C{none} (no admin
+    listener), else C{serverFromString(reactor, description)}.
+
+    @raise ValueError: A malformed description.
+    """
+    if description.strip().lower() == "none":
+        return None
+    return serverFromString(reactor, description)

@@ -1,0 +1,1 @@
+An admin HTTP site (`edgeproxy.control.admin`) serving `/metrics` and `/health`, with JSON errors, a deadline for each whole request (a slowloris is cut) and a cap on concurrent connections, so that it cannot slow the data plane.
