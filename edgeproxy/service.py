@@ -57,6 +57,7 @@ RESOLVE_SERVICE = "resolve-hosts"
 STATE_SERVICE = "state-file"
 HEALTH_SERVICE = "health-checks"
 LIMITER_SERVICE = "client-limits"
+ADMIN_SERVICE = "admin"
 
 
 def listener_service_name(index: int) -> str:
@@ -111,6 +112,8 @@ class EdgeProxyService(MultiService):
         self.stateFile: Any = None
         self.health: Any = None
         self.accessLog: Any = None
+        self.adminSite: Any = None
+        self.adminDescription: Optional[str] = None
         #: Seconds a graceful shutdown waits for open connections.
         self.shutdownTimeout = 30.0
         self.listeners: List[ListenerSpec] = []
@@ -132,6 +135,20 @@ class EdgeProxyService(MultiService):
     def startService(self) -> None:
         self._logSummary()
         super().startService()
+        admin = self.namedServices.get(ADMIN_SERVICE)
+        waiting = getattr(admin, "_waitingForPort", None)
+        if isinstance(waiting, Deferred):
+
+            def listening(port: Any) -> Any:
+                address = port.getHost()
+                _log.info(
+                    "admin listener on {host}:{port} (/metrics, /health)",
+                    host=getattr(address, "host", address),
+                    port=getattr(address, "port", ""),
+                )
+                return port
+
+            waiting.addCallback(listening)
 
     def stopService(self) -> "Deferred[None]":
         """
@@ -215,7 +232,7 @@ class EdgeProxyService(MultiService):
         _log.info(
             "edgeproxy {version} starting: region {region}, {backends} backends "
             "({routable} routable) in the routing table, geo database {geo}, "
-            "listeners {listeners}",
+            "listeners {listeners}, admin {admin}",
             version=edgeproxy.__version__,
             region=self.region if self.region is not None else "(not given)",
             backends=len(snapshot.backends),
@@ -227,6 +244,7 @@ class EdgeProxyService(MultiService):
                 s.description if s.app is None else f"{s.app}={s.description}"
                 for s in self.listeners
             ),
+            admin=self.adminDescription or "none",
         )
 
     def reloadRoutingTable(self) -> "Deferred[None]":
@@ -326,6 +344,7 @@ def build_service(
     health_checker: Optional[Any] = None,
     access_log: Optional[Any] = None,
     client_limiter: Optional[Any] = None,
+    admin: Optional[str] = None,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -356,6 +375,9 @@ def build_service(
     @param state_file: Where the admin states are kept (already loaded);
         polled every C{state_poll} seconds for changes made by another
         process (C{edgeproxy-ctl state}).
+    @param admin: The endpoint description of the admin HTTP listener
+        (C{/metrics}, C{/health}; see L{edgeproxy.control.admin}), e.g.
+        C{tcp:8090:interface=127.0.0.1}; C{None} or C{"none"} for none.
     @param client_limiter: An L{edgeproxy.net.limits.ClientLimiter} (per
         client concurrent connections and connection rate) consulted by the
         admission for every client, or C{None}; swept every 10 seconds.
@@ -493,6 +515,9 @@ def build_service(
         health_checker.setName(HEALTH_SERVICE)
         health_checker.setServiceParent(top)
         top.health = health_checker
+    if admin is not None and admin.strip().lower() != "none":
+        _addAdmin(top, reactor, admin, repository, router, bindings, metrics, resolver)
+    repository.addListener(_pruner(metrics))
     if state_file is not None:
         poll = TimerService(state_poll, state_file.poll)
         poll.clock = reactor
@@ -502,7 +527,64 @@ def build_service(
     return top
 
 
+def _pruner(metrics: IMetricsStore) -> Any:
+    from edgeproxy.control.metrics import backend_counter_pruner
+
+    return backend_counter_pruner(metrics)
+
+
+def _addAdmin(
+    top: EdgeProxyService,
+    reactor: Any,
+    description: str,
+    repository: IBackendRepository,
+    router: IRouter,
+    bindings: IBindingRepository,
+    metrics: IMetricsStore,
+    resolver: Any,
+) -> None:
+    """
+    The admin HTTP listener: Prometheus metrics of every part, and a
+    health page saying what the proxy has.
+    """
+    from edgeproxy.control.admin import admin_endpoint, admin_site
+    from edgeproxy.control.metrics import EdgeproxyCollector, Exposition
+
+    collector = EdgeproxyCollector(
+        metrics,
+        repository=repository,
+        load=getattr(router, "load", None),
+        overlay=getattr(router, "overlay", None),
+        bindings=bindings,
+        admission=top.admission,
+        resolver=resolver,
+        clock=reactor.seconds,
+    )
+
+    def health() -> dict[str, Any]:
+        snapshot = repository.current()
+        return {
+            "region": top.region,
+            "backends": len(snapshot.backends),
+            "routable": len(snapshot.routable),
+            "open_connections": top.admission.open if top.admission is not None else None,
+            "routing_table_error": getattr(repository, "lastError", None),
+        }
+
+    site = admin_site(
+        Exposition(collector, reactor=reactor), health=health, reactor=reactor, metrics=metrics
+    )
+    endpoint = admin_endpoint(reactor, description)
+    listener = StreamServerEndpointService(endpoint, site)  # type: ignore[arg-type]
+    listener._raiseSynchronously = True
+    listener.setName(ADMIN_SERVICE)
+    listener.setServiceParent(top)
+    top.adminSite = site
+    top.adminDescription = description
+
+
 __all__ = [
+    "ADMIN_SERVICE",
     "GC_SERVICE",
     "HEALTH_SERVICE",
     "RELOAD_SERVICE",

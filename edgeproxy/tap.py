@@ -112,6 +112,14 @@ def _health_check(value: str) -> str:
     return value.strip().lower()
 
 
+def _admin_description(value: str) -> str:
+    text = value.strip()
+    if text.lower() == "none":
+        return "none"
+    _check_description(text)
+    return text
+
+
 def _non_negative_float(value: str) -> float:
     try:
         number = float(value)
@@ -520,6 +528,14 @@ _OPTIONS: tuple[_Option, ...] = (
         _state_path,
         "JSON file keeping the backends' admin states (drain, maint) across reloads and"
         " restarts; edgeproxy-ctl state writes it",
+    ),
+    _Option(
+        "admin",
+        "EDGEPROXY_ADMIN",
+        "tcp:8090:interface=127.0.0.1",
+        _admin_description,
+        "Admin HTTP listener (an endpoint description; /metrics for Prometheus,"
+        " /health); none to disable",
     ),
     _Option(
         "access-log",
@@ -967,6 +983,7 @@ def makeService(
         health_checker=health,
         access_log=access_log,
         client_limiter=limiter,
+        admin=options["admin"],
     )
 
 

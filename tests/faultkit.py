@@ -825,8 +825,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def edgeproxy_argv(*options: str) -> list[str]:
     """
     The command line of C{twistd -n edgeproxy OPTIONS} with this interpreter,
-    logging to stdout and writing no pid file.
+    logging to stdout and writing no pid file (and no admin listener unless
+    OPTIONS give C{--admin}).
     """
+    if not any(o == "--admin" or o.startswith("--admin=") for o in options):
+        # Tests run many proxies at once: no admin listener on the fixed
+        # default port unless the test asks for one.
+        options = ("--admin", "none", *options)
     return [
         sys.executable,
         "-c",

@@ -52,6 +52,7 @@ ENV_NAMES = {
     "breaker-cooldown": "EDGEPROXY_BREAKER_COOLDOWN",
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
     "state-file": "EDGEPROXY_STATE_FILE",
+    "admin": "EDGEPROXY_ADMIN",
     "access-log": "EDGEPROXY_ACCESS_LOG",
     "client-max-connections": "EDGEPROXY_CLIENT_MAX_CONNECTIONS",
     "client-rate": "EDGEPROXY_CLIENT_RATE",
@@ -117,6 +118,7 @@ def test_defaults() -> None:
     assert options["breaker-cooldown"] == 30.0
     assert options["panic-routing"] is True
     assert options["state-file"] is None
+    assert options["admin"] == "tcp:8090:interface=127.0.0.1"
     assert options["access-log"] is None
     assert options["client-max-connections"] == 0
     assert options["client-rate"] == 0.0
@@ -165,6 +167,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--breaker-cooldown=7",
         "--panic-routing=off",
         f"--state-file={tmp_path / 's.json'}",
+        "--admin=tcp:0:interface=127.0.0.1",
         f"--access-log={tmp_path / 'access.jsonl'}",
         "--client-max-connections=8",
         "--client-rate=2.5",
@@ -207,6 +210,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["breaker-cooldown"] == 7.0
     assert options["panic-routing"] is False
     assert options["state-file"] == str(tmp_path / "s.json")
+    assert options["admin"] == "tcp:0:interface=127.0.0.1"
     assert options["access-log"] == str(tmp_path / "access.jsonl")
     assert options["client-max-connections"] == 8
     assert options["client-rate"] == 2.5
@@ -274,6 +278,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_BREAKER_COOLDOWN": "0.5",
         "EDGEPROXY_PANIC_ROUTING": "no",
         "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
+        "EDGEPROXY_ADMIN": "none",
         "EDGEPROXY_ACCESS_LOG": str(tmp_path / "env-access.jsonl"),
         "EDGEPROXY_CLIENT_MAX_CONNECTIONS": "3",
         "EDGEPROXY_CLIENT_RATE": "100",
@@ -315,6 +320,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["breaker-cooldown"] == 0.5
     assert options["panic-routing"] is False
     assert options["state-file"] == str(tmp_path / "env-state.json")
+    assert options["admin"] == "none"
     assert options["access-log"] == str(tmp_path / "env-access.jsonl")
     assert options["client-max-connections"] == 3
     assert options["client-rate"] == 100.0
