@@ -118,11 +118,16 @@ async def scrape(log: Path) -> Dict[Any, float]:
 
     found = re.search(r"admin listener on 127\.0\.0\.1:(\d+)", log.read_text())
     assert found, log.read_text()
+    from twisted.web.client import HTTPConnectionPool
+
+    # Not treq's default persistent pool: no connection (and no timer) may
+    # outlive the test.
+    pool = HTTPConnectionPool(reactor, persistent=False)
     base = f"http://127.0.0.1:{found.group(1)}"
-    health = await treq.get(base + "/health")
+    health = await treq.get(base + "/health", pool=pool)
     assert health.code == 200
     assert json.loads(await health.content())["status"] == "ok"
-    response = await treq.get(base + "/metrics")
+    response = await treq.get(base + "/metrics", pool=pool)
     assert response.code == 200
     text = (await response.content()).decode()
     samples: Dict[Any, float] = {}
