@@ -531,31 +531,6 @@ def test_interfaces(certdir: Path) -> None:
     assert IHandshakeListener.implementedBy(_HandshakeGate)
 
 
-def test_private_hooks_exist_in_this_twisted() -> None:
-    """
-    Every private hook of TLSMemoryBIOProtocol that _TLSServerProtocol
-    overrides or uses exists in the installed Twisted, so a Twisted that
-    renames one fails here with its name rather than mid-handshake.
-    """
-    from twisted.protocols.tls import TLSMemoryBIOProtocol
-
-    hooks = [
-        "_flushReceiveBIO",
-        "_flushSendBIO",
-        "_shutdownTLS",
-        "_tlsShutdownFinished",
-        "_checkHandshakeStatus",
-        "_handshakeDone",
-        "_lostTLSConnection",
-        "_aborted",
-        "_producer",
-    ]
-    missing = [name for name in hooks if not hasattr(TLSMemoryBIOProtocol, name)]
-    assert missing == []
-    for name in ["_flushReceiveBIO", "_shutdownTLS"]:
-        assert getattr(_TLSServerProtocol, name) is not getattr(TLSMemoryBIOProtocol, name)
-
-
 def test_factory_makes_accepting_connections(certdir: Path) -> None:
     """
     The TLS factory finds this Twisted's connection maker, and it makes a
