@@ -634,6 +634,7 @@ class Edgeproxy(Peer):
         wrapped = False
         for knob, var in (
             ("bufsize", "EDGEPROXY_BENCH_BUFSIZE"),
+            ("readsize", "EDGEPROXY_BENCH_READ_SIZE"),
             ("sockbuf", "EDGEPROXY_BENCH_SOCKBUF"),
             ("noconnlog", "EDGEPROXY_BENCH_NO_CONN_LOG"),
             ("eagerwrite", "EDGEPROXY_BENCH_EAGER_WRITE"),
@@ -1100,8 +1101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=[],
         metavar="NAME:KEY=VAL,...",
         help="an extra edgeproxy peer with knobs: reactor=poll|select|asyncio, "
-        "loglevel=warn, logformat=json, bufsize=N, sockbuf=N, noconnlog=1, eagerwrite=1, "
-        "fastctx=1, python=PATH, root=CHECKOUT, args=--opt=v+--opt2=v "
+        "loglevel=warn, logformat=json, bufsize=N, readsize=N, sockbuf=N, noconnlog=1, "
+        "eagerwrite=1, fastctx=1, python=PATH, root=CHECKOUT, args=--opt=v+--opt2=v "
         "(add NAME to --peers, or it is appended)",
     )
     ap.add_argument(

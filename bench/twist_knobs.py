@@ -7,6 +7,8 @@ an environment variable; unset means "as shipped":
 
   - C{EDGEPROXY_BENCH_BUFSIZE=N}: read size of every TCP transport
     (C{twisted.internet.tcp.Connection.bufferSize}, default 65536).
+  - C{EDGEPROXY_BENCH_READ_SIZE=N}: edgeproxy's read size and pause
+    threshold on plain TCP legs (C{edgeproxy.net.proxy.READ_SIZE}).
   - C{EDGEPROXY_BENCH_SOCKBUF=N}: SO_RCVBUF/SO_SNDBUF set on every TCP
     transport when it is created.
   - C{EDGEPROXY_BENCH_NO_CONN_LOG=1}: drop the per-connection log event at
@@ -38,6 +40,12 @@ def _apply() -> None:
     bufsize = os.environ.get("EDGEPROXY_BENCH_BUFSIZE")
     if bufsize:
         tcp.Connection.bufferSize = int(bufsize)
+
+    read_size = os.environ.get("EDGEPROXY_BENCH_READ_SIZE")
+    if read_size:
+        import edgeproxy.net.proxy as proxy_module
+
+        proxy_module.READ_SIZE = int(read_size)
 
     sockbuf = os.environ.get("EDGEPROXY_BENCH_SOCKBUF")
     if sockbuf:

@@ -33,12 +33,18 @@ for row in db.execute("SELECT id, app, region, country, wg_ip, port, weight FROM
 db.close()
 PY
 
-echo "==> starting the demo backends"
-.venv/bin/python -m edgeproxy.demo &
-backends=$!
+echo "==> starting the demo backends (one process each; pids in .venv/demo-ID.pid)"
+pids=""
+for id in gru-1 cdg-1 nrt-1 iad-1; do
+    .venv/bin/python -m edgeproxy.demo --only "$id" &
+    echo $! >".venv/demo-$id.pid"
+    pids="$pids $!"
+done
 cleanup() {
-    kill "$backends" 2>/dev/null || true
-    wait "$backends" 2>/dev/null || true
+    # shellcheck disable=SC2086  # a list of pids
+    kill $pids 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -f .venv/demo-*.pid
 }
 trap cleanup EXIT
 

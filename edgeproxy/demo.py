@@ -367,6 +367,21 @@ def connect(
             ) from None
 
 
+def _ids(value: str) -> tuple[str, ...]:
+    """
+    A comma-separated list of demo backend ids, each one that exists.
+    """
+    known = {b.id for b in DEMO_BACKENDS}
+    ids = tuple(i.strip() for i in value.split(",") if i.strip())
+    unknown = [i for i in ids if i not in known]
+    if not ids or unknown:
+        raise argparse.ArgumentTypeError(
+            f"not a demo backend: {', '.join(unknown) or value!r}"
+            f" (there are {', '.join(sorted(known))})"
+        )
+    return ids
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m edgeproxy.demo",
@@ -407,6 +422,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", default="routing.db", help="routing table for --explain")
     parser.add_argument("--region", default="sa", help="this POP's region for --explain")
     parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--only",
+        metavar="ID[,ID...]",
+        type=_ids,
+        help="start only these demo backends (e.g. --only cdg-1); default: all four",
+    )
     parser.add_argument(
         "--base-port",
         type=int,
@@ -469,6 +490,8 @@ def main(reactor: Any, *argv: str) -> "Deferred[Any]":
         print(explain(args.db, args.explain, args.region))
         return succeed(None)
     backends = [attrs.evolve(b, port=args.base_port + i) for i, b in enumerate(DEMO_BACKENDS)]
+    if args.only:
+        backends = [b for b in backends if b.id in args.only]
 
     def listening(ports: List[IListeningPort]) -> "Deferred[None]":
         for backend in backends:

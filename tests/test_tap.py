@@ -816,3 +816,24 @@ def test_nofile_warning_only_when_the_hard_limit_is_too_low(
     if warns:
         assert warnings[0]["cap"] == cap
         assert "--max-connections" in warnings[0]["log_format"]
+
+
+def test_env_example_names_every_option_and_parses() -> None:
+    """
+    conf/edgeproxy.env.example sets every option's variable, and what it
+    sets is valid (it would start a proxy as written).
+    """
+    from edgeproxy.tap import _OPTIONS
+
+    text = (ROOT / "conf" / "edgeproxy.env.example").read_text()
+    environ = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            environ[name] = value
+    assert {o.env for o in _OPTIONS} <= set(environ)
+    environ.pop("EDGEPROXY_GEO_OVERRIDES", None)
+    environ.pop("EDGEPROXY_REGIONS", None)
+    options = parsed(environ=environ)
+    assert options["admin"] == "tcp:8090:interface=127.0.0.1"

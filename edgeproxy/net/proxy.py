@@ -135,6 +135,9 @@ _EAGER_ATTRS = (
 #: a singleton, and would cost ~200 bytes per connection).
 _NO_EXCLUDE: frozenset[str] = frozenset()
 
+#: The half-closed mark before the first look (never equal to a real one).
+_NO_MARK = (-1, -1)
+
 # Transports are duck-typed: a TCP transport, or a TLS / PROXY-header
 # wrapper around one.  They are Any so that optional methods can be probed.
 _Transport = Any
@@ -1069,13 +1072,15 @@ class ProxyClientProtocol(Protocol):
         deliver): from now on the connection must show activity at least
         every C{half_closed_timeout} seconds (HAProxy's C{client-fin} /
         C{server-fin}), never a deadline on a transfer that still flows.
-        Looked at four times per period; the close comes 1 to 1.25 periods
-        after the last byte moved.
+        Looked at four times per period; the close comes 1.25 to 1.5
+        periods after the last byte moved (the first look only takes the
+        mark: most connections close long before it, and starting the timer
+        must cost no system call).
         """
         timeout = self.factory.settings.half_closed_timeout
         if self._halfCall is None and not self._done and timeout > 0:
             self._halfTicks = 0
-            self._halfMark = self._activity()
+            self._halfMark = _NO_MARK
             self._halfCall = self.factory.clock.callLater(
                 timeout / _IDLE_TICKS, self._halfClosedTick
             )
