@@ -111,9 +111,11 @@ _IDLE_TICKS = 4
 #: size above which the other leg is paused) of the plain TCP legs.  What
 #: one direction of a connection can hold queued in the proxy is about
 #: twice this (the threshold plus the read that crossed it), on top of the
-#: kernel's socket buffers: see bench/RESULTS.md for what it costs in bulk
-#: throughput.
-READ_SIZE = 64 * 1024
+#: kernel's socket buffers (Linux's default send buffer is 208 KiB).  In
+#: bench/run.py, 64 KiB gave 1.1x HAProxy's one-stream bulk, 128 KiB 1.3x and
+#: 256 KiB (the old value) 1.5x; 128 KiB halves the old worst case per
+#: connection and keeps bulk clearly above HAProxy's.
+READ_SIZE = 128 * 1024
 
 #: The transport classes eager writes are made for, and the Twisted
 #: attributes they rely on (private ones, hence checked on each transport
