@@ -132,7 +132,9 @@ def test_a_failing_listener_does_not_stop_the_others():
 def test_sets_always_match_the_verdicts(changes):
     """
     Whatever the sequence of verdicts, the two sets are exactly the ids
-    whose worst verdict is NO_NEW_CLIENTS-or-worse and UNAVAILABLE.
+    whose worst verdict is NO_NEW_CLIENTS-or-worse and UNAVAILABLE, and
+    closedToNewIgnoring (cached between changes) is what the other sources
+    alone say.
     """
     overlay = StateOverlay()
     model: dict[tuple[str, str], int] = {}
@@ -142,6 +144,15 @@ def test_sets_always_match_the_verdicts(changes):
         worst = {b: max([v for (bb, _), v in model.items() if bb == b], default=0) for b in "abc"}
         assert overlay.closedToNew == {b for b, v in worst.items() if v >= NO_NEW_CLIENTS}
         assert overlay.unavailable == {b for b, v in worst.items() if v == UNAVAILABLE}
+        for ignored in ({"health"}, {"health", "breaker"}):
+            rest = {
+                b: max([v for (bb, src), v in model.items() if bb == b and src not in ignored],
+                       default=0)
+                for b in "abc"
+            }  # fmt: skip
+            assert overlay.closedToNewIgnoring(ignored) == {
+                b for b, v in rest.items() if v >= NO_NEW_CLIENTS
+            }
 
 
 # -- the router with an overlay ---------------------------------------------------

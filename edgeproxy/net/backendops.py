@@ -152,7 +152,8 @@ class BackendOperations:
             counts[key] = left
             return
         counts.pop(key, None)
-        if key in self.bindings.keysFor(backend_id):
+        binding = self.bindings.lookup(key, self.clock.seconds())
+        if binding is not None and binding.backend_id == backend_id:
             self.bindings.remove(key)
 
     def _schedule(self, backend_id: str, deadline: Optional[float]) -> None:

@@ -60,6 +60,7 @@ class StateOverlay:
         self.unavailable: FrozenSet[str] = _EMPTY
         self._verdicts: Dict[str, Dict[str, int]] = {}
         self._listeners: List[StateListener] = []
+        self._ignoring: Dict[FrozenSet[str], FrozenSet[str]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -122,14 +123,19 @@ class StateOverlay:
     def closedToNewIgnoring(self, sources: AbstractSet[str]) -> AbstractSet[str]:
         """
         See L{IStateOverlay.closedToNewIgnoring}.  Computed on demand (for
-        panic routing, a rare path): cost proportional to the backends that
-        have verdicts.
+        panic routing) at a cost proportional to the backends that have
+        verdicts, then kept until a verdict changes: during an outage every
+        connection asks, and pays a dictionary lookup.
         """
-        return frozenset(
-            b
-            for b, by_source in self._verdicts.items()
-            if any(v >= NO_NEW_CLIENTS for s, v in by_source.items() if s not in sources)
-        )
+        key = frozenset(sources)
+        cached = self._ignoring.get(key)
+        if cached is None:
+            cached = self._ignoring[key] = frozenset(
+                b
+                for b, by_source in self._verdicts.items()
+                if any(v >= NO_NEW_CLIENTS for s, v in by_source.items() if s not in key)
+            )
+        return cached
 
     def addListener(self, listener: StateListener) -> None:
         """
@@ -138,6 +144,7 @@ class StateOverlay:
         self._listeners.append(listener)
 
     def _changed(self, backend_id: str, old: int) -> None:
+        self._ignoring.clear()
         new = self.verdict(backend_id)
         if new == old:
             return
