@@ -366,7 +366,9 @@ def _is_host_name(host: str) -> bool:
         if not all(c.isascii() and (c.isalnum() or c == "-") for c in label):
             return False
     last = labels[-1].lower()
-    return not (last.isdigit() or last.startswith("0x"))
+    # Numeric: what inet_aton would read as a number (decimal, or 0x hex).
+    hexadecimal = last.startswith("0x") and all(c in "0123456789abcdef" for c in last[2:])
+    return not (last.isdigit() or hexadecimal)
 
 
 def _is_ip_literal(host: str) -> bool:
