@@ -159,7 +159,13 @@ class EdgeProxyService(MultiService):
         returned L{Deferred} holds the reactor's shutdown until then.
         """
         Service.stopService(self)
-        listeners = [s for s in self if isinstance(s, StreamServerEndpointService)]
+        # The data-plane listeners stop at once; the admin listener stays up
+        # (for /metrics and /health) until the connections are drained.
+        listeners = [
+            s
+            for s in self
+            if isinstance(s, StreamServerEndpointService) and s.name != ADMIN_SERVICE
+        ]
         others = [s for s in reversed(list(self)) if s not in listeners]
         stopping: Deferred[Any] = gatherResults(
             [maybeDeferred(s.stopService) for s in listeners], consumeErrors=True
@@ -463,6 +469,9 @@ def build_service(
             resolver=resolver,
         )
         factory.accessLog = access_log
+        # Without a PROXY header the socket peer is the client: its limits
+        # were applied at accept, by the listener's admission.
+        factory.clientsAdmittedAtAccept = "haproxy:" not in spec.description
         listener = StreamServerEndpointService(endpoint, factory)
         # As twisted.application.strports.service does: a port that cannot
         # be bound fails startup instead of leaving a proxy that listens on
@@ -492,6 +501,9 @@ def build_service(
 
     repository.addListener(top.routingTableChanged)
     repository.addListener(resolver.routingTableChanged)
+    breaker = getattr(router, "breaker", None)
+    if breaker is not None:
+        repository.addListener(breaker.routingTableChanged)
     overlay = getattr(router, "overlay", None)
     if overlay is not None:
         overlay.addListener(top.backendStateChanged)

@@ -256,3 +256,67 @@ def test_breaker_on_real_sockets():
         if revived is not None:
             yield revived.stopListening()
         yield h.stop([echo])
+
+
+def test_panic_is_logged_once_per_app_and_not_when_backends_are_only_full():
+    """
+    Panic routing is logged once per app and episode (alternating
+    connections of a panicking and a healthy app do not flip it), and a
+    backend that is merely at its hard limit does not trigger panic: the
+    client is refused (no-backend) rather than sent to an ejected backend.
+    """
+    rows = [
+        backend("a1", app="a"),
+        backend("b1", app="b"),
+        backend("c-full", app="c", hard_limit=1),
+        backend("c-down", app="c", region="eu", country="FR"),
+    ]
+    router, _, overlay, _, metrics = _router(rows)
+    overlay.setVerdict("a1", "health", UNAVAILABLE)
+    logs = LogCapture().start()
+    try:
+        for i in range(6):
+            assert router.choose(f"192.0.2.{i}", "a" if i % 2 == 0 else "b") is not None
+    finally:
+        logs.stop()
+    panic_lines = [e for e in logs.events if "panic routing" in e.get("log_format", "")]
+    assert len(panic_lines) == 1
+    overlay.setVerdict("c-down", "health", UNAVAILABLE)
+    assert router.choose("198.51.100.1", "c").id == "c-full"  # type: ignore[union-attr]
+    assert router.choose("198.51.100.2", "c") is None
+    assert metrics.counter(PANIC) == 3
+    assert router.lastTier is None
+
+
+def test_a_trial_without_a_result_lets_another_try():
+    """
+    A trial whose connection never reports (the client hung up while it was
+    connecting, it was cut, a local error) does not leave the backend
+    ejected for good: after the trial timeout another connection may try.
+    """
+    breaker, overlay, clock = _breaker(failures=1, cooldown=5.0)
+    breaker.trialTimeout = 3.0
+    breaker.connectFailed("a")
+    clock.advance(5.0)
+    breaker.trialStarted("a")
+    assert breaker.state("a") == TRIAL and overlay.verdict("a") == UNAVAILABLE
+    clock.advance(3.0)
+    assert breaker.state("a") == HALF_OPEN and overlay.verdict("a") == AVAILABLE
+    assert breaker.halfOpen == {"a"}
+
+
+def test_backends_leaving_the_table_are_forgotten():
+    """
+    A reload that removes a backend forgets its breaker state and verdict
+    (so a backend re-added later starts closed).
+    """
+    from edgeproxy.model import RoutingSnapshot
+
+    breaker, overlay, _ = _breaker(failures=1)
+    breaker.connectFailed("a")
+    breaker.connectFailed("b")
+    old = RoutingSnapshot.build([backend("a"), backend("b")])
+    new = RoutingSnapshot.build([backend("b")])
+    breaker.routingTableChanged(old, new)
+    assert breaker.state("a") == CLOSED and overlay.verdict("a") == AVAILABLE
+    assert breaker.state("b") == OPEN

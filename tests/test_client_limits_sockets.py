@@ -140,3 +140,58 @@ def test_rate_limited_flood_does_not_stop_another_client():
         yield wait_until(reactor, lambda: not factory.connections)
         yield port.stopListening()
         yield echo.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_limits_hold_before_the_handshake_without_a_proxy_header(tmp_path):
+    """
+    On a TLS listener without a PROXY header the socket peer is the client:
+    its concurrent limit holds at accept, so a third silent connection from
+    it is closed before any handshake work (F19/F21), and it is admitted
+    again once one of the first two goes.
+    """
+    from test_admission import _certdir, _closed_by_peer
+
+    metrics = MetricsStore()
+    limiter = ClientLimiter(2, clock=reactor, metrics=metrics)
+    admission = Admission(1000, metrics, limiter)
+    router = Router(InMemoryBackendRepository([]), BindingTable(), None, metrics, "sa", reactor)
+    factory = ProxyFactory(
+        router,
+        reactor,
+        ProxySettings(),
+        metrics,
+        admission=admission,
+        admitsPeers=False,
+    )
+    factory.clientsAdmittedAtAccept = True
+    endpoint = server_endpoint(
+        reactor,
+        f"txsni:{_certdir(tmp_path)}:tcp:0:interface=127.0.0.1",
+        metrics=metrics,
+        admission=admission,
+        tls_handshake_timeout=60.0,
+    )
+    port = yield endpoint.listen(factory)
+    address = port.getHost()
+    sockets = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection((address.host, address.port))
+            sockets.append(s)
+        yield wait_until(
+            reactor, lambda: metrics.counter("client_limit_rejected", "concurrency") == 1
+        )
+        yield wait_until(reactor, lambda: _closed_by_peer(sockets[2]))
+        assert not _closed_by_peer(sockets[0]) and not _closed_by_peer(sockets[1])
+        assert admission.open == 2 and limiter.connections("127.0.0.1") == 2
+        sockets.pop(0).close()
+        yield wait_until(reactor, lambda: limiter.connections("127.0.0.1") == 1)
+        sockets.append(socket.create_connection((address.host, address.port)))
+        yield wait_until(reactor, lambda: limiter.connections("127.0.0.1") == 2)
+        assert metrics.counter("client_limit_rejected", "concurrency") == 1
+    finally:
+        for s in sockets:
+            s.close()
+        yield wait_until(reactor, lambda: admission.open == 0)
+        yield port.stopListening()

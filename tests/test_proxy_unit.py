@@ -1161,14 +1161,17 @@ def test_hostname_backend_connects_to_its_cached_address(world_factory):
 
 def test_unresolved_hostname_fails_over_at_once(world_factory):
     """
-    A backend whose name has no address yet is a failed attempt counted
-    against it (the binding to it cleared), and the client goes to the next
-    best backend at once, without waiting on a lookup.
+    A backend whose name has no address yet is skipped at once: the client
+    goes to the next best backend without waiting on a lookup; it is
+    counted as unresolved, not as a failure of the backend (no breaker
+    count, no binding cleared: the name is just not resolved yet).
     """
     w = _resolving_world(world_factory, {})
     proto, _ = w.accept()
     assert [c[0] for c in w.reactor.tcpClients] == ["10.0.0.2"]
-    assert w.metrics.counter("backend_connect_failures", "named") == 1
+    assert w.metrics.counter("connect_unresolved", "named") == 1
+    assert w.metrics.counter("backend_connect_failures", "named") == 0
+    assert not any(c[0] == "connectFailed" for c in w.router.calls)
     assert w.router.count("release", "named") == 1
     side, server = w.connected()
     proto.dataReceived(b"x")

@@ -32,6 +32,10 @@ listed):
 | edgeproxy_routing_no_backend_total | routing_no_backend | |
 | edgeproxy_backend_connect_failures_total | backend_connect_failures | backend |
 | edgeproxy_connect_local_errors_total | connect_local_errors | |
+| edgeproxy_connect_unresolved_total | connect_unresolved | backend |
+| edgeproxy_routing_panic_total | routing_panic | |
+| edgeproxy_admission_underflow_total | admission_underflow | |
+| edgeproxy_access_log_dropped_total | access_log_dropped | reason |
 | edgeproxy_proxy_header_rejections_total | proxy_header_rejected | reason |
 | edgeproxy_tls_handshake_failures_total | tls_handshake_failed | reason |
 | edgeproxy_routing_reloads_total | routing_reload | result |
@@ -254,6 +258,26 @@ COUNTERS: Mapping[str, CounterSpec] = {
         "Failed connects to a backend.",
         label="backend",
         perBackend=True,
+    ),
+    "connect_unresolved": _spec(
+        "connect_unresolved",
+        "Connect attempts skipped because the backend's host name had no address yet.",
+        label="backend",
+        perBackend=True,
+    ),
+    "routing_panic": _spec(
+        "routing_panic",
+        "Clients routed to a backend ejected by health checks or the breaker, because"
+        " every candidate was (panic routing).",
+    ),
+    "admission_underflow": _spec(
+        "admission_underflow",
+        "Admission slots given back more often than taken (a bookkeeping bug).",
+    ),
+    "access_log_dropped": _spec(
+        "access_log_dropped",
+        "Access-log records dropped, by reason (overflow: the disk stalled; error; closed).",
+        label="reason",
     ),
     "connect_local_errors": _spec(
         "connect_local_errors", "Connects that failed on this host (e.g. no file descriptor)."

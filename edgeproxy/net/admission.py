@@ -133,10 +133,14 @@ class Admission:
 
     def leave(self) -> None:
         """
-        A connection admitted by L{acceptPeer} is gone.
+        A connection admitted by L{acceptPeer} is gone.  Leaving more often
+        than admitted (a bookkeeping bug) never makes the count negative: it
+        is counted as C{admission_underflow}.
         """
         if self.open > 0:
             self.open -= 1
+        else:
+            self.metrics.increment("admission_underflow")
 
     def admitClient(self, host: str) -> bool:
         """
@@ -167,13 +171,18 @@ class Admission:
 
 def release_admission(protocol: Any) -> None:
     """
-    Give back the slot C{protocol} holds, if any (for the C{connectionLost}
-    of admission-aware protocols).
+    Give back the slot C{protocol} holds, if any, and its client's
+    admission when it was admitted at accept (for the C{connectionLost} of
+    admission-aware protocols).
     """
     admission = protocol.admission
     if admission is not None:
         protocol.admission = None
         admission.leave()
+        client = protocol.admittedClient
+        if client is not None:
+            protocol.admittedClient = None
+            admission.clientLeft(client)
 
 
 class _AdmittedWrapper(ProtocolWrapper):
@@ -182,6 +191,7 @@ class _AdmittedWrapper(ProtocolWrapper):
     """
 
     admission: Admission | None = None
+    admittedClient: str | None = None
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         release_admission(self)
@@ -199,9 +209,12 @@ class AdmissionFactory(WrappingFactory):  # type: ignore[type-arg]
     protocol = _AdmittedWrapper
     noisy = False
 
-    def __init__(self, wrappedFactory: IProtocolFactory, admission: Admission) -> None:
+    def __init__(
+        self, wrappedFactory: IProtocolFactory, admission: Admission, clientKnown: bool = False
+    ) -> None:
         WrappingFactory.__init__(self, wrappedFactory)  # type: ignore[arg-type]
         self.admission = admission
+        self.clientKnown = clientKnown
 
     def registerProtocol(self, p: ProtocolWrapper) -> None:
         """
@@ -222,20 +235,35 @@ class AdmissionFactory(WrappingFactory):  # type: ignore[type-arg]
         admission = self.admission
         if not admission.acceptPeer(addr):
             return None
+        client = None
+        if self.clientKnown and admission.limiter is not None:
+            # No PROXY header on this listener: the socket peer is the
+            # client, so its per-client limits hold before any handshake.
+            client = getattr(addr, "host", None) or None
+            if client is not None and not admission.admitClient(client):
+                admission.leave()
+                return None
         try:
             protocol = self.wrappedFactory.buildProtocol(addr)
         except BaseException:
-            admission.leave()
+            self._giveBack(client)
             raise
         if protocol is None:
-            admission.leave()
+            self._giveBack(client)
             return None
         if getattr(type(protocol), "admissionAware", False):
             protocol.admission = admission  # type: ignore[attr-defined]
+            protocol.admittedClient = client  # type: ignore[attr-defined]
             return protocol
         wrapper = _AdmittedWrapper(self, protocol)  # type: ignore[arg-type]
         wrapper.admission = admission
+        wrapper.admittedClient = client
         return wrapper
+
+    def _giveBack(self, client: str | None) -> None:
+        self.admission.leave()
+        if client is not None:
+            self.admission.clientLeft(client)
 
 
 @implementer(IStreamServerEndpoint)
@@ -243,14 +271,22 @@ class AdmissionEndpoint:
     """
     A stream server endpoint whose accepted connections go through
     L{Admission} first.
+
+    @ivar clientKnown: The socket peer is the client (no PROXY header on
+        this listener): per-client limits are applied at accept too.
     """
 
-    def __init__(self, inner: IStreamServerEndpoint, admission: Admission) -> None:
+    def __init__(
+        self, inner: IStreamServerEndpoint, admission: Admission, clientKnown: bool = False
+    ) -> None:
         self.inner = inner
         self.admission = admission
+        self.clientKnown = clientKnown
 
     def __repr__(self) -> str:
         return f"<AdmissionEndpoint {self.inner!r}>"
 
     def listen(self, protocolFactory: IProtocolFactory) -> "Deferred[IListeningPort]":
-        return self.inner.listen(AdmissionFactory(protocolFactory, self.admission))
+        return self.inner.listen(
+            AdmissionFactory(protocolFactory, self.admission, self.clientKnown)
+        )

@@ -201,6 +201,7 @@ class ProxyHeaderProtocol(Protocol):
     #: L{edgeproxy.net.admission}).
     admissionAware = True
     admission: Admission | None = None
+    admittedClient: str | None = None
 
     def __init__(self, factory: "ProxyHeaderWrappingFactory") -> None:
         self.factory = factory
@@ -517,6 +518,7 @@ def server_endpoint(
     header_timeout: float | None = 5.0,
     tls_handshake_timeout: float = 10.0,
     admission: Admission | None = None,
+    _behindHeader: bool = False,
 ) -> IStreamServerEndpoint:
     """
     The listening endpoint for C{description}.
@@ -534,11 +536,13 @@ def server_endpoint(
     @param admission: If given, every connection accepted by the
         socket-level endpoint (the innermost description) is admitted by
         it at accept time, before any TLS or PROXY header work (see
-        L{edgeproxy.net.admission}).
+        L{edgeproxy.net.admission}); on a listener without a C{haproxy:}
+        layer the socket peer is the client, and its per-client limits are
+        applied then too.
     @raise ValueError: A malformed description.
     """
 
-    def inner(rest: str) -> IStreamServerEndpoint:
+    def inner(rest: str, behindHeader: bool = _behindHeader) -> IStreamServerEndpoint:
         return server_endpoint(
             reactor,
             rest,
@@ -547,11 +551,12 @@ def server_endpoint(
             header_timeout=header_timeout,
             tls_handshake_timeout=tls_handshake_timeout,
             admission=admission,
+            _behindHeader=behindHeader,
         )
 
     if description.startswith("haproxy:"):
         return ProxyHeaderServerEndpoint(
-            inner(description[8:]), reactor, tuple(trusted), header_timeout, metrics
+            inner(description[8:], True), reactor, tuple(trusted), header_timeout, metrics
         )
     if description.startswith("txsni:"):
         from edgeproxy.net.tls import sni_server_endpoint
@@ -566,5 +571,5 @@ def server_endpoint(
         )
     endpoint = serverFromString(reactor, description)
     if admission is not None:
-        return AdmissionEndpoint(endpoint, admission)
+        return AdmissionEndpoint(endpoint, admission, clientKnown=not _behindHeader)
     return endpoint

@@ -104,7 +104,8 @@ CAUSES = (
 
 #: The idle sweep looks at the byte counters this many times per idle
 #: period, and closes after this many looks in a row saw no change: the
-#: connection closes between 1 and 1.25 idle periods after its last byte.
+#: connection closes between 1 and 1.25 idle periods after its last byte
+#: (1.5 when the queues changed while bytes came in).
 _IDLE_TICKS = 4
 
 #: Read size (and, as Twisted uses the same attribute, the write-buffer
@@ -433,6 +434,10 @@ class ProxyFactory(Factory):
         )
         self.admitsPeers = admitsPeers
         self.resolver = resolver
+        #: Whether this factory's listener applies the per-client limits at
+        #: accept (no PROXY header: the socket peer is the client), so that
+        #: sessions do not count their client twice.
+        self.clientsAdmittedAtAccept = False
         #: Backend ids whose sessions the C{watcher} hears about (usually
         #: empty: a draining backend's); shared by a service's factories.
         self.watched: set[str] = set()
@@ -613,6 +618,7 @@ class ProxyClientProtocol(Protocol):
         "_tier",
         "_watched",
         "admission",
+        "admittedClient",
         "attempts",
         "backend",
         "bytesToBackend",
@@ -648,6 +654,9 @@ class ProxyClientProtocol(Protocol):
         #: The admission slot this session holds itself (as the socket-level
         #: protocol), or None.
         self.admission: Admission | None = None
+        #: The client admitted with the slot at accept (see
+        #: L{edgeproxy.net.admission}), or None.
+        self.admittedClient: str | None = None
         self._clientOpen = False
         self._backendOpen = False
         self._clientReadDone = False
@@ -684,10 +693,13 @@ class ProxyClientProtocol(Protocol):
                 self._refuse()
                 return
             self.admission = admission
-        if not admission.admitClient(self.clientHost):
+        if self.admittedClient is not None or factory.clientsAdmittedAtAccept:
+            pass  # the socket-level admission already applied the client's limits
+        elif admission.admitClient(self.clientHost):
+            self._clientAdmitted = True
+        else:
             self._refuse()
             return
-        self._clientAdmitted = True
         self._admitted = True
         factory.connections.add(self)
         factory.metrics.increment("connections_accepted")
@@ -744,8 +756,6 @@ class ProxyClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._clientOpen = False
         release_admission(self)
-        if self._admitted:
-            self.factory.connections._forget(self)
         if self._clientAdmitted:
             self._clientAdmitted = False
             self.factory.admission.clientLeft(self.clientHost)
@@ -817,6 +827,17 @@ class ProxyClientProtocol(Protocol):
         self._backendOpen = False
         factory = self.factory
         backend_id = attempt.backend.id
+        if isinstance(reason.value, DNSLookupError):
+            # Its host name has no address yet (a lookup is on its way): not
+            # the backend's fault.  Keep the binding, do not feed the
+            # breaker, try the next backend.
+            factory.metrics.increment("connect_unresolved", backend_id)
+            self._exclude = self._exclude | {backend_id}
+            if self._clientOpen:
+                self._attempt()
+            else:
+                self._maybeFinish()
+            return
         if isinstance(reason.value, ConnectBindError):
             # No local socket (out of file descriptors, ...): not the
             # backend's fault, and every other backend would fail alike.
@@ -1059,9 +1080,17 @@ class ProxyClientProtocol(Protocol):
         """
         if self._idleTicks < 0 or self._done:
             return False
-        total, pending = self._activity()
-        if total != self._lastTotal or pending != self._lastPending:
+        side = self._backendSide
+        total = self.bytesToBackend + (side.bytesToClient if side is not None else 0)
+        if total != self._lastTotal:
+            # Bytes came in: active, no need to look at the queues (and no
+            # system call).  The next quiet look compares the queues with
+            # their last measure: a change since then is movement too.
             self._lastTotal = total
+            self._idleTicks = 0
+            return False
+        _, pending = self._activity()
+        if pending != self._lastPending:
             self._lastPending = pending
             self._idleTicks = 0
             return False
@@ -1074,10 +1103,10 @@ class ProxyClientProtocol(Protocol):
         deliver): from now on the connection must show activity at least
         every C{half_closed_timeout} seconds (HAProxy's C{client-fin} /
         C{server-fin}), never a deadline on a transfer that still flows.
-        Looked at four times per period; the close comes 1.25 to 1.5
-        periods after the last byte moved (the first look only takes the
-        mark: most connections close long before it, and starting the timer
-        must cost no system call).
+        Looked at four times per period; the close comes 1 to 1.25 periods
+        after the last byte moved (the first look only takes the mark: most
+        connections close long before it, and starting the timer must cost
+        no system call).
         """
         timeout = self.factory.settings.half_closed_timeout
         if self._halfCall is None and not self._done and timeout > 0:
@@ -1112,56 +1141,63 @@ class ProxyClientProtocol(Protocol):
         if self._done or self._clientOpen or self._backendOpen:
             return
         self._done = True
-        call = self._halfCall
-        if call is not None:
-            self._halfCall = None
-            if call.active():
-                call.cancel()
-        cause = self._cause or self._finCause or "client-closed"
-        factory = self.factory
-        if self._watched:
-            self._watched = False
-            try:
-                factory.watcher.ended(self)
-            except Exception:
-                _log.failure("session watcher failed")
-        metrics = factory.metrics
-        metrics.increment("connections_closed", cause)
-        side = self._backendSide
-        backend = self.backend
-        up = self.bytesToBackend
-        down = side.bytesToClient if side is not None else 0
-        if up:
-            metrics.increment("bytes_to_backend", "", up)
-        if down:
-            metrics.increment("bytes_to_client", "", down)
-        now = factory.clock.seconds()
-        access_log = factory.accessLog
-        if access_log is not None:
-            access_log.record(
-                self._started,
-                now,
-                self.clientHost,
-                self.clientPort,
-                backend.id if backend is not None else None,
-                self._tier,
-                cause,
-                up,
-                down,
-                self.attempts,
-                self._connectedAt - self._started if side is not None else None,
-                factory.app,
+        try:
+            call = self._halfCall
+            if call is not None:
+                self._halfCall = None
+                if call.active():
+                    call.cancel()
+            cause = self._cause or self._finCause or "client-closed"
+            factory = self.factory
+            if self._watched:
+                self._watched = False
+                try:
+                    factory.watcher.ended(self)
+                except Exception:
+                    _log.failure("session watcher failed")
+            metrics = factory.metrics
+            metrics.increment("connections_closed", cause)
+            side = self._backendSide
+            backend = self.backend
+            up = self.bytesToBackend
+            down = side.bytesToClient if side is not None else 0
+            if up:
+                metrics.increment("bytes_to_backend", "", up)
+            if down:
+                metrics.increment("bytes_to_client", "", down)
+            now = factory.clock.seconds()
+            access_log = factory.accessLog
+            if access_log is not None:
+                access_log.record(
+                    self._started,
+                    now,
+                    self.clientHost,
+                    self.clientPort,
+                    backend.id if backend is not None else None,
+                    self._tier,
+                    cause,
+                    up,
+                    down,
+                    self.attempts,
+                    self._connectedAt - self._started if side is not None else None,
+                    factory.app,
+                )
+            _log.info(
+                "{client}:{client_port} via {backend}: {cause} after {duration}s,"
+                " {bytes_to_backend} bytes up, {bytes_to_client} bytes down,"
+                " {attempts} attempts",
+                client=self.clientHost,
+                client_port=self.clientPort,
+                backend=backend.id if backend is not None else None,
+                bytes_to_backend=up,
+                bytes_to_client=down,
+                duration=round(now - self._started, 3),
+                attempts=self.attempts,
+                cause=cause,
             )
-        _log.info(
-            "{client}:{client_port} via {backend}: {cause} after {duration}s,"
-            " {bytes_to_backend} bytes up, {bytes_to_client} bytes down,"
-            " {attempts} attempts",
-            client=self.clientHost,
-            client_port=self.clientPort,
-            backend=backend.id if backend is not None else None,
-            bytes_to_backend=up,
-            bytes_to_client=down,
-            duration=round(now - self._started, 3),
-            attempts=self.attempts,
-            cause=cause,
-        )
+        finally:
+            # Last, whatever happened above: a graceful shutdown waiting for
+            # the table to empty goes on (and closes the access log) as soon
+            # as the session leaves it.
+            if self._admitted:
+                self.factory.connections._forget(self)

@@ -468,6 +468,7 @@ class _TLSServerProtocol(TLSMemoryBIOProtocol):
     #: L{edgeproxy.net.admission}).
     admissionAware = True
     admission: Admission | None = None
+    admittedClient: str | None = None
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         release_admission(self)

@@ -8,6 +8,8 @@ ejection), fed to routing through the state overlay.
     HALF_OPEN --(the next connection chosen for it: one trial)--> TRIAL
     TRIAL --(connect succeeds)--> CLOSED
     TRIAL --(connect fails)--> OPEN (another cooldown)
+    TRIAL --(no result within the trial timeout: the client gave up, the
+             session was cut, a local error)--> HALF_OPEN (another trial)
 
 While OPEN and during the trial the backend's C{"breaker"} verdict is
 L{UNAVAILABLE}: it takes no client, bound or new, so exactly one connection
@@ -17,7 +19,7 @@ failure count.  State changes are logged once each.
 
 from __future__ import annotations
 
-from typing import AbstractSet, Dict, Optional, Set
+from typing import AbstractSet, Any, Dict, Optional, Set
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -65,6 +67,7 @@ class CircuitBreaker:
         failures: int = 5,
         cooldown: float = 30.0,
         metrics: Optional[IMetricsStore] = None,
+        trial_timeout: float = 10.0,
     ) -> None:
         if failures < 0:
             raise ValueError(f"failures must be >= 0, got {failures!r}")
@@ -75,6 +78,7 @@ class CircuitBreaker:
         self.failures = failures
         self.cooldown = cooldown
         self.metrics = metrics
+        self.trialTimeout = trial_timeout
         self.halfOpen: Set[str] = set()
         self._states: Dict[str, _State] = {}
 
@@ -143,7 +147,21 @@ class CircuitBreaker:
         if s is None or s.state != HALF_OPEN:
             return
         self._transition(backend_id, s, TRIAL, "one trial connection")
+        self._cancel(s)
+        s.call = self.clock.callLater(self.trialTimeout, self._trialLost, backend_id)
         self.overlay.setVerdict(backend_id, SOURCE, UNAVAILABLE)
+
+    def _trialLost(self, backend_id: str) -> None:
+        """
+        The trial gave no result in time (its client went away, it was cut,
+        a local error): let another connection try.
+        """
+        s = self._states.get(backend_id)
+        if s is None:
+            return
+        s.call = None
+        if s.state == TRIAL:
+            self._cooled(backend_id, force=True)
 
     def forget(self, backend_ids: AbstractSet[str]) -> None:
         """
@@ -155,6 +173,14 @@ class CircuitBreaker:
                 self._cancel(s)
             self.halfOpen.discard(backend_id)
         self.overlay.forget(backend_ids, {SOURCE})
+
+    def routingTableChanged(self, old: Any, new: Any) -> None:
+        """
+        Repository listener: backends that left the table are forgotten.
+        """
+        gone = {b for b in self._states if b not in new.by_id}
+        if gone:
+            self.forget(gone)
 
     def stop(self) -> None:
         """
@@ -171,14 +197,15 @@ class CircuitBreaker:
         s.call = self.clock.callLater(self.cooldown, self._cooled, backend_id)
         self.overlay.setVerdict(backend_id, SOURCE, UNAVAILABLE)
 
-    def _cooled(self, backend_id: str) -> None:
+    def _cooled(self, backend_id: str, force: bool = False) -> None:
         s = self._states.get(backend_id)
         if s is None:
             return
         s.call = None
-        if s.state != OPEN:
+        if s.state != OPEN and not force:
             return
-        self._transition(backend_id, s, HALF_OPEN, f"{self.cooldown:g}s cooldown over")
+        why = "the trial gave no result" if force else f"{self.cooldown:g}s cooldown over"
+        self._transition(backend_id, s, HALF_OPEN, why)
         self.halfOpen.add(backend_id)
         # The next connection chosen for it is the trial (see trialStarted).
         self.overlay.setVerdict(backend_id, SOURCE, AVAILABLE)

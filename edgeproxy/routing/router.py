@@ -125,7 +125,7 @@ class Router:
         self.breaker = breaker
         self.panic = panic
         self._halfOpen: AbstractSet[str] = breaker.halfOpen if breaker is not None else frozenset()
-        self._panicking = False
+        self._panicking: set[str | None] = set()
         #: The geo tier of the backend the last L{choose} returned (0-3),
         #: for the session's access-log record; C{None} after no choice.
         self.lastTier: int | None = None
@@ -169,9 +169,10 @@ class Router:
             bindings.remove(key)
 
         geo = self._geo.resolve(client_ip) if self._geo is not None else None
-        chosen = self._select(snapshot, app, geo, key, now, exclude, self.overlay.closedToNew)
-        if chosen is None and self.panic and self.overlay.closedToNew:
-            # Panic: every candidate the proxy itself ejected?  Try them.
+        closed = self.overlay.closedToNew
+        chosen = self._select(snapshot, app, geo, key, now, exclude, closed)
+        if chosen is None and self.panic and closed and self._allEjected(snapshot, app, exclude):
+            # Panic: every candidate is one the proxy itself ejected.
             chosen = self._select(
                 snapshot,
                 app,
@@ -183,8 +184,8 @@ class Router:
             )
             if chosen is not None:
                 self._metrics.increment(PANIC)
-                if not self._panicking:
-                    self._panicking = True
+                if app not in self._panicking:
+                    self._panicking.add(app)
                     _log.warn(
                         "panic routing: every candidate for app {app} is ejected by health"
                         " checks or the circuit breaker; routing to {backend} anyway",
@@ -192,12 +193,25 @@ class Router:
                         backend=chosen.id,
                     )
                 return chosen
-        elif chosen is not None and self._panicking:
-            self._panicking = False
+        elif chosen is not None and app in self._panicking:
+            self._panicking.discard(app)
             _log.info("panic routing over: app {app} has available backends again", app=app)
+        if chosen is None:
+            self.lastTier = None
         if chosen is None and not exclude:
             self._metrics.increment(NO_BACKEND)
         return chosen
+
+    def _allEjected(
+        self, snapshot: RoutingSnapshot, app: str | None, exclude: FrozenSet[str]
+    ) -> bool:
+        """
+        Whether every backend of C{app} that the table makes routable and
+        this client has not already failed on is closed by the overlay
+        (none is merely full).  Only asked when nothing could be chosen.
+        """
+        closed = self.overlay.closedToNew
+        return all(b.id in closed or b.id in exclude for b in snapshot.by_app.get(app, ()))
 
     def _select(
         self,

@@ -158,10 +158,19 @@ def save_states(path: str, states: Mapping[str, AdminState]) -> None:
 
 
 def _signature(path: str) -> Optional[_Signature]:
+    """
+    (mtime, size, inode) of C{path}; C{None} when it does not exist.
+
+    @raise StateFileError: It cannot be looked at (permissions, a stale
+        NFS handle...): never taken for "no states", which would put every
+        backend in maintenance back into service.
+    """
     try:
         st = os.stat(path)
-    except OSError:
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        raise StateFileError(f"cannot look at {path}: {e.strerror or e}") from None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
