@@ -34,6 +34,7 @@ listed):
 | edgeproxy_connect_local_errors_total | connect_local_errors | |
 | edgeproxy_connect_unresolved_total | connect_unresolved | backend |
 | edgeproxy_routing_panic_total | routing_panic | |
+| edgeproxy_routing_client_countries_total | routing_client_countries | country |
 | edgeproxy_admission_underflow_total | admission_underflow | |
 | edgeproxy_access_log_dropped_total | access_log_dropped | reason |
 | edgeproxy_proxy_header_rejections_total | proxy_header_rejected | reason |
@@ -264,6 +265,12 @@ COUNTERS: Mapping[str, CounterSpec] = {
         "Connect attempts skipped because the backend's host name had no address yet.",
         label="backend",
         perBackend=True,
+    ),
+    "routing_client_countries": _spec(
+        "routing_client_countries",
+        "Backends chosen for new connections, by the client's country (ISO code;"
+        " empty: no geo).",
+        label="country",
     ),
     "routing_panic": _spec(
         "routing_panic",

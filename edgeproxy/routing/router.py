@@ -43,6 +43,10 @@ DECISIONS = "routing_decisions"
 
 _TIER_LABELS = ("0", "1", "2", "3")
 
+#: Counter of routing decisions by the client's country (ISO code; "" for
+#: no geo): the status page's geo mix.
+COUNTRIES = "routing_client_countries"
+
 #: Counter bumped when a client is routed in panic (see L{Router.panic}).
 PANIC = "routing_panic"
 
@@ -261,7 +265,10 @@ class Router:
             self.breaker.trialStarted(backend.id)  # type: ignore[union-attr]
         tier = geo_tier(backend, geo, self.local_region)
         self.lastTier = tier
-        self._metrics.increment(DECISIONS, _TIER_LABELS[tier])
+        metrics = self._metrics
+        metrics.increment(DECISIONS, _TIER_LABELS[tier])
+        # The POP's client mix by country (a bounded label: ISO codes).
+        metrics.increment(COUNTRIES, (geo.country or "") if geo is not None else "")
         return backend
 
     def release(self, backend_id: str) -> None:
