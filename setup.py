@@ -32,6 +32,8 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6.90",
             "pytest-timeout>=2.1",
+            "dnspython>=2.4",
+            "selenium>=4.15",
         ],
         "dev": [
             "mypy>=1.8",
