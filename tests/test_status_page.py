@@ -385,6 +385,9 @@ def test_table_change_age() -> None:
     repository.addListener(data.routingTableChanged)
     clock.advance(100.0)
     assert data.render()["table"]["changed_age"] == 100.0
+    # The table's version token is a string: a JavaScript number would
+    # round an integer past 2**53.
+    assert data.render()["table"]["version"] == str(repository.current().version)
     repository.set([backend("a"), backend("b")])
     clock.advance(4.0)
     assert data.render()["table"]["changed_age"] == 4.0

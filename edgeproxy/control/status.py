@@ -557,7 +557,7 @@ class StatusData:
                 "changed_age": _age(now, self._tableChanged),
                 "backends": len(snapshot.backends),
                 "routable": len(snapshot.routable),
-                "version": snapshot.version,
+                "version": str(snapshot.version),  # past 2**53: a string for JavaScript
             }
         return body
 
