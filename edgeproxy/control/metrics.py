@@ -268,8 +268,7 @@ COUNTERS: Mapping[str, CounterSpec] = {
     ),
     "routing_client_countries": _spec(
         "routing_client_countries",
-        "Backends chosen for new connections, by the client's country (ISO code;"
-        " empty: no geo).",
+        "Backends chosen for new connections, by the client's country (ISO code; empty: no geo).",
         label="country",
     ),
     "routing_panic": _spec(
