@@ -22,3 +22,17 @@ VALUES
     ('cdg-1', 'demo', 'eu', 'FR', '127.0.0.1', 9102, 1, 1, 100, 1000, 0, 1),
     ('nrt-1', 'demo', 'ap', 'JP', '127.0.0.1', 9103, 1, 1, 100, 1000, 0, 1),
     ('iad-1', 'demo', 'us', 'US', '127.0.0.1', 9104, 1, 1, 100, 1000, 0, 1);
+
+-- The POPs of the pretend deployment, for the internal DNS (--dns): e.g.
+-- dig @127.0.0.1 -p 5353 sa.pops.edge.internal answers 192.0.2.10.  The
+-- addresses are documentation addresses (RFC 5737, RFC 3849).
+
+DELETE FROM pops WHERE id IN ('gru', 'gru-v6', 'cdg', 'nrt', 'iad');
+
+INSERT INTO pops (id, region, address)
+VALUES
+    ('gru', 'sa', '192.0.2.10'),
+    ('gru-v6', 'sa', '2001:db8::10'),
+    ('cdg', 'eu', '192.0.2.20'),
+    ('nrt', 'ap', '192.0.2.30'),
+    ('iad', 'us', '192.0.2.40');

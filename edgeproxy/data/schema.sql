@@ -39,3 +39,17 @@ CREATE TABLE IF NOT EXISTS backends (
     proxy_protocol INTEGER NOT NULL DEFAULT 0,
     health_check   TEXT
 );
+
+-- The POPs of the deployment, for the internal DNS (--dns): the name
+-- <region>.pops.<domain> answers the addresses of the POPs of that region.
+-- Optional: a database without this table has no POPs.  Rows with a NULL or
+-- empty id or region, or an address that is not an IPv4 or IPv6 address
+-- (no host name, no port, no brackets), are skipped and logged with their id.
+--
+--   address  the POP's IPv4 or IPv6 address (an A or AAAA record)
+
+CREATE TABLE IF NOT EXISTS pops (
+    id       TEXT PRIMARY KEY NOT NULL,
+    region   TEXT NOT NULL,
+    address  TEXT NOT NULL
+);
