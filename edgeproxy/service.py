@@ -58,6 +58,7 @@ STATE_SERVICE = "state-file"
 HEALTH_SERVICE = "health-checks"
 LIMITER_SERVICE = "client-limits"
 ADMIN_SERVICE = "admin"
+DNS_SERVICE = "dns"
 
 
 def listener_service_name(index: int) -> str:
@@ -113,6 +114,7 @@ class EdgeProxyService(MultiService):
         self.health: Any = None
         self.accessLog: Any = None
         self.adminSite: Any = None
+        self.pops: Any = None
         self.adminDescription: Optional[str] = None
         #: Seconds a graceful shutdown waits for open connections.
         self.shutdownTimeout = 30.0
@@ -265,6 +267,13 @@ class EdgeProxyService(MultiService):
             _log.failure("routing table reload failed; keeping the last good table", failure)
 
         d.addCallbacks(lambda _: None, failed)
+        pops = self.pops
+        if pops is not None:
+            # The POPs table (for the geo DNS) lives in the same database.
+            both: Deferred[Any] = gatherResults([d, maybeDeferred(pops.reload)], consumeErrors=True)
+            both.addErrback(lambda f: _log.failure("POPs table reload failed", f))
+            both.addCallback(lambda _: None)
+            return both
         return d
 
     def collectBindings(self) -> None:
@@ -351,6 +360,8 @@ def build_service(
     access_log: Optional[Any] = None,
     client_limiter: Optional[Any] = None,
     admin: Optional[str] = None,
+    dns: Optional[Any] = None,
+    pops: Optional[Any] = None,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -384,6 +395,10 @@ def build_service(
     @param admin: The endpoint description of the admin HTTP listener
         (C{/metrics}, C{/health}; see L{edgeproxy.control.admin}), e.g.
         C{tcp:8090:interface=127.0.0.1}; C{None} or C{"none"} for none.
+    @param dns: The internal geo DNS service (L{edgeproxy.control.dns.dns_service}),
+        or C{None}; it runs with the proxy.
+    @param pops: The POPs table (L{edgeproxy.stores.pops.SqlitePopRepository}),
+        reloaded with the routing table.
     @param client_limiter: An L{edgeproxy.net.limits.ClientLimiter} (per
         client concurrent connections and connection rate) consulted by the
         admission for every client, or C{None}; swept every 10 seconds.
@@ -494,10 +509,10 @@ def build_service(
 
     refresh = getattr(resolver, "refresh", None)
     if callable(refresh):
-        dns = TimerService(getattr(resolver, "retry", 5.0), refresh)
-        dns.clock = reactor
-        dns.setName(RESOLVE_SERVICE)
-        dns.setServiceParent(top)
+        refreshing = TimerService(getattr(resolver, "retry", 5.0), refresh)
+        refreshing.clock = reactor
+        refreshing.setName(RESOLVE_SERVICE)
+        refreshing.setServiceParent(top)
 
     repository.addListener(top.routingTableChanged)
     repository.addListener(resolver.routingTableChanged)
@@ -527,6 +542,10 @@ def build_service(
         health_checker.setName(HEALTH_SERVICE)
         health_checker.setServiceParent(top)
         top.health = health_checker
+    if dns is not None:
+        dns.setName(DNS_SERVICE)
+        dns.setServiceParent(top)
+    top.pops = pops
     if admin is not None and admin.strip().lower() != "none":
         _addAdmin(top, reactor, admin, repository, router, bindings, metrics, resolver)
     repository.addListener(_pruner(metrics))

@@ -112,6 +112,26 @@ def _health_check(value: str) -> str:
     return value.strip().lower()
 
 
+def _dns_listen(value: str) -> str:
+    from edgeproxy.control.dns import parse_dns_listen
+
+    text = value.strip()
+    if parse_dns_listen(text) is None:  # raises ValueError naming the problem
+        return "none"
+    return text
+
+
+def _dns_domain(value: str) -> str:
+    domain = value.strip().strip(".").lower()
+    labels = domain.split(".")
+    if not domain or any(
+        not 1 <= len(label) <= 63 or not all(c.isalnum() or c == "-" for c in label)
+        for label in labels
+    ):
+        raise ValueError(f"not a DNS domain: {value!r}")
+    return domain
+
+
 def _admin_description(value: str) -> str:
     text = value.strip()
     if text.lower() == "none":
@@ -538,6 +558,28 @@ _OPTIONS: tuple[_Option, ...] = (
         " /health); none to disable",
     ),
     _Option(
+        "dns",
+        "EDGEPROXY_DNS",
+        "none",
+        _dns_listen,
+        "Internal geo DNS on [HOST:]PORT, UDP and TCP (a bare port is on 127.0.0.1);"
+        " none to disable",
+    ),
+    _Option(
+        "dns-domain",
+        "EDGEPROXY_DNS_DOMAIN",
+        "edge.internal",
+        _dns_domain,
+        "Zone the DNS answers: APP.DOMAIN, REGION.backends.DOMAIN, REGION.pops.DOMAIN",
+    ),
+    _Option(
+        "dns-ttl",
+        "EDGEPROXY_DNS_TTL",
+        30,
+        _int_between(0, 86400),
+        "TTL of the DNS answers, seconds",
+    ),
+    _Option(
         "access-log",
         "EDGEPROXY_ACCESS_LOG",
         None,
@@ -950,6 +992,27 @@ def makeService(
         max_clients=max(100_000, options["max-connections"]),
         metrics=metrics,
     )
+    from edgeproxy.control.dns import DNSResolver, dns_service
+    from edgeproxy.stores.pops import SqlitePopRepository
+
+    pops = SqlitePopRepository(options["db"], reactor=reactor, metrics=metrics)
+    pops.loadInitial()
+    dns = None
+    if options["dns"] != "none":
+        dns = dns_service(
+            reactor,
+            options["dns"],
+            DNSResolver(
+                repository,
+                geo,
+                router,
+                pops,
+                domain=options["dns-domain"],
+                ttl=options["dns-ttl"],
+                hosts=resolver,
+            ),
+            metrics,
+        )
     access_log = None
     if options["access-log"]:
         from edgeproxy.net.accesslog import AccessLog, AccessLogError
@@ -984,6 +1047,8 @@ def makeService(
         access_log=access_log,
         client_limiter=limiter,
         admin=options["admin"],
+        dns=dns,
+        pops=pops,
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 import pytest_twisted
 from faultkit import edgeproxy_argv, edgeproxy_env
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
@@ -390,3 +390,71 @@ def test_sample_rows_match_demo_backends(tmp_path: Path) -> None:
     assert lines[0] == "client 2.2.2.2: country FR, region eu; this POP's region is sa"
     assert lines[3].split()[:3] == ["cdg-1", "tier", "0"]
     assert lines[4].split()[:3] == ["gru-1", "tier", "2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_geo_dns_through_twistd(routing_db: Path, proxy_log: Path) -> None:
+    """
+    Through a real C{twistd -n edgeproxy --dns}: the app name answers the
+    backend closest to the client subnet of an EDNS Client Subnet option
+    (France, Brazil, Japan), and the POPs name answers from the pops table
+    of the same database, reloaded with it.
+    """
+    import dns.edns
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    write_table(routing_db, {b.id: 9 for b in BACKENDS})
+    with sqlite3.connect(routing_db) as conn:
+        for b, address in zip(BACKENDS, ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4")):
+            conn.execute("UPDATE backends SET wg_ip = ? WHERE id = ?", (address, b.id))
+    conn.close()
+    dns_port = free_port()
+    env = edgeproxy_env()
+    argv = edgeproxy_argv(
+        "--db", str(routing_db), "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+        "--db-reload", str(RELOAD), "--region", "sa", "--health-check", "off",
+        "--dns", f"127.0.0.1:{dns_port}",
+    )  # fmt: skip
+    with open(proxy_log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(routing_db.parent)
+        )
+
+    def ask_dns(subnet: str | None, name: str = "demo.edge.internal") -> List[str]:
+        options = [dns.edns.ECSOption(subnet, 24)] if subnet else []
+        query = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, options=options)
+        answer = dns.query.udp(query, "127.0.0.1", port=dns_port, timeout=2)
+        return sorted(r.address for rrset in answer.answer for r in rrset)
+
+    async def ask_until(subnet: str | None, name: str = "demo.edge.internal") -> List[str]:
+        deadline = reactor.seconds() + 60
+        while True:
+            try:
+                return await threads.deferToThread(ask_dns, subnet, name)
+            except Exception:
+                if proc.poll() is not None:
+                    raise AssertionError(proxy_log.read_text()) from None
+                if reactor.seconds() > deadline:
+                    raise
+                await sleep(0.2)
+
+    try:
+        assert await ask_until("2.2.2.0") == ["10.0.0.1"]  # fra-1
+        assert await ask_until("133.242.0.0") == ["10.0.0.4"]  # nrt-1
+        assert set(await ask_until("200.160.2.0")) <= {"10.0.0.2", "10.0.0.3"}  # gru-*
+        with sqlite3.connect(routing_db) as conn:
+            conn.execute(
+                "INSERT INTO pops (id, region, address) VALUES ('pop-sa', 'sa', '192.0.2.9')"
+            )
+        conn.close()
+        deadline = reactor.seconds() + 30
+        while await ask_until(None, "sa.pops.edge.internal") != ["192.0.2.9"]:
+            assert reactor.seconds() < deadline, proxy_log.read_text()
+            await sleep(RELOAD / 2)
+        assert await stop_proxy(proc) == 0
+        assert "Traceback" not in proxy_log.read_text()
+    finally:
+        if proc.poll() is None:
+            await stop_proxy(proc)

@@ -53,6 +53,9 @@ ENV_NAMES = {
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
     "state-file": "EDGEPROXY_STATE_FILE",
     "admin": "EDGEPROXY_ADMIN",
+    "dns": "EDGEPROXY_DNS",
+    "dns-domain": "EDGEPROXY_DNS_DOMAIN",
+    "dns-ttl": "EDGEPROXY_DNS_TTL",
     "access-log": "EDGEPROXY_ACCESS_LOG",
     "client-max-connections": "EDGEPROXY_CLIENT_MAX_CONNECTIONS",
     "client-rate": "EDGEPROXY_CLIENT_RATE",
@@ -119,6 +122,9 @@ def test_defaults() -> None:
     assert options["panic-routing"] is True
     assert options["state-file"] is None
     assert options["admin"] == "tcp:8090:interface=127.0.0.1"
+    assert options["dns"] == "none"
+    assert options["dns-domain"] == "edge.internal"
+    assert options["dns-ttl"] == 30
     assert options["access-log"] is None
     assert options["client-max-connections"] == 0
     assert options["client-rate"] == 0.0
@@ -168,6 +174,9 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--panic-routing=off",
         f"--state-file={tmp_path / 's.json'}",
         "--admin=tcp:0:interface=127.0.0.1",
+        "--dns=127.0.0.1:5354",
+        "--dns-domain=Geo.Example.",
+        "--dns-ttl=5",
         f"--access-log={tmp_path / 'access.jsonl'}",
         "--client-max-connections=8",
         "--client-rate=2.5",
@@ -211,6 +220,9 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["panic-routing"] is False
     assert options["state-file"] == str(tmp_path / "s.json")
     assert options["admin"] == "tcp:0:interface=127.0.0.1"
+    assert options["dns"] == "127.0.0.1:5354"
+    assert options["dns-domain"] == "geo.example"
+    assert options["dns-ttl"] == 5
     assert options["access-log"] == str(tmp_path / "access.jsonl")
     assert options["client-max-connections"] == 8
     assert options["client-rate"] == 2.5
@@ -279,6 +291,9 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_PANIC_ROUTING": "no",
         "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
         "EDGEPROXY_ADMIN": "none",
+        "EDGEPROXY_DNS": "5355",
+        "EDGEPROXY_DNS_DOMAIN": "edge.test",
+        "EDGEPROXY_DNS_TTL": "60",
         "EDGEPROXY_ACCESS_LOG": str(tmp_path / "env-access.jsonl"),
         "EDGEPROXY_CLIENT_MAX_CONNECTIONS": "3",
         "EDGEPROXY_CLIENT_RATE": "100",
@@ -321,6 +336,9 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["panic-routing"] is False
     assert options["state-file"] == str(tmp_path / "env-state.json")
     assert options["admin"] == "none"
+    assert options["dns"] == "5355"
+    assert options["dns-domain"] == "edge.test"
+    assert options["dns-ttl"] == 60
     assert options["access-log"] == str(tmp_path / "env-access.jsonl")
     assert options["client-max-connections"] == 3
     assert options["client-rate"] == 100.0

@@ -34,6 +34,12 @@ listed):
 | edgeproxy_connect_local_errors_total | connect_local_errors | |
 | edgeproxy_connect_unresolved_total | connect_unresolved | backend |
 | edgeproxy_routing_panic_total | routing_panic | |
+| edgeproxy_dns_queries_total | dns_queries | rcode |
+| edgeproxy_dns_dropped_total | dns_dropped | reason |
+| edgeproxy_dns_malformed_total | dns_malformed | reason |
+| edgeproxy_dns_truncated_total | dns_truncated | |
+| edgeproxy_pops_reloads_total | pops_reload | result |
+| edgeproxy_pops_rows_skipped_total | pops_rows_skipped | column |
 | edgeproxy_routing_client_countries_total | routing_client_countries | country |
 | edgeproxy_admission_underflow_total | admission_underflow | |
 | edgeproxy_access_log_dropped_total | access_log_dropped | reason |
@@ -284,6 +290,23 @@ COUNTERS: Mapping[str, CounterSpec] = {
         "access_log_dropped",
         "Access-log records dropped, by reason (overflow: the disk stalled; error; closed).",
         label="reason",
+    ),
+    "dns_queries": _spec("dns_queries", "DNS queries answered, by response code.", label="rcode"),
+    "dns_dropped": _spec(
+        "dns_dropped",
+        "DNS packets dropped unanswered, by reason (short, response, oversize, rate,"
+        " tcp_limit, send_error).",
+        label="reason",
+    ),
+    "dns_malformed": _spec(
+        "dns_malformed", "DNS queries answered FORMERR, by what was wrong.", label="reason"
+    ),
+    "dns_truncated": _spec("dns_truncated", "DNS answers sent truncated (TC=1) over UDP."),
+    "pops_reload": _spec(
+        "pops_reloads", "POPs table loads, by result.", label="result", known=("ok", "error")
+    ),
+    "pops_rows_skipped": _spec(
+        "pops_rows_skipped", "POPs table rows skipped as invalid, by column.", label="column"
     ),
     "connect_local_errors": _spec(
         "connect_local_errors", "Connects that failed on this host (e.g. no file descriptor)."
