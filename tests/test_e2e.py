@@ -423,7 +423,7 @@ async def test_geo_dns_through_twistd(routing_db: Path, proxy_log: Path) -> None
         )
 
     def ask_dns(subnet: str | None, name: str = "demo.edge.internal") -> List[str]:
-        options = [dns.edns.ECSOption(subnet, 24)] if subnet else []
+        options: List[dns.edns.Option] = [dns.edns.ECSOption(subnet, 24)] if subnet else []
         query = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, options=options)
         answer = dns.query.udp(query, "127.0.0.1", port=dns_port, timeout=2)
         return sorted(r.address for rrset in answer.answer for r in rrset)
