@@ -59,6 +59,7 @@ HEALTH_SERVICE = "health-checks"
 LIMITER_SERVICE = "client-limits"
 ADMIN_SERVICE = "admin"
 DNS_SERVICE = "dns"
+STATUS_SERVICE = "status-samples"
 
 
 def listener_service_name(index: int) -> str:
@@ -115,6 +116,7 @@ class EdgeProxyService(MultiService):
         self.accessLog: Any = None
         self.adminSite: Any = None
         self.pops: Any = None
+        self.status: Any = None
         self.adminDescription: Optional[str] = None
         #: Seconds a graceful shutdown waits for open connections.
         self.shutdownTimeout = 30.0
@@ -605,6 +607,28 @@ def _addAdmin(
     site = admin_site(
         Exposition(collector, reactor=reactor), health=health, reactor=reactor, metrics=metrics
     )
+    from edgeproxy.control.status import SAMPLE_INTERVAL, StatusData, mount_status
+
+    status = StatusData(
+        repository=repository,
+        load=getattr(router, "load", None),
+        overlay=getattr(router, "overlay", None),
+        checker=top.health,
+        breaker=getattr(router, "breaker", None),
+        admin=top.admin,
+        bindings=bindings,
+        admission=top.admission,
+        metrics=metrics,
+        region=top.region,
+        clock=reactor.seconds,
+    )
+    repository.addListener(status.routingTableChanged)
+    sampling = TimerService(SAMPLE_INTERVAL, status.sample)
+    sampling.clock = reactor
+    sampling.setName(STATUS_SERVICE)
+    sampling.setServiceParent(top)
+    mount_status(site.resource, status)
+    top.status = status
     endpoint = admin_endpoint(reactor, description)
     listener = StreamServerEndpointService(endpoint, site)  # type: ignore[arg-type]
     listener._raiseSynchronously = True

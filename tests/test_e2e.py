@@ -108,7 +108,8 @@ async def ask(port: int, client_ip: str, client_port: int = 40000) -> str:
 async def scrape(log: Path) -> Dict[Any, float]:
     """
     The admin listener's port from the proxy's log, then its /health (which
-    must say ok) and its /metrics, parsed: (name, sorted labels) -> value.
+    must say ok), the status page and its JSON (every backend listed), and
+    its /metrics, parsed: (name, sorted labels) -> value.
     """
     import json
     import re
@@ -127,6 +128,14 @@ async def scrape(log: Path) -> Dict[Any, float]:
     health = await treq.get(base + "/health", pool=pool)
     assert health.code == 200
     assert json.loads(await health.content())["status"] == "ok"
+    page = await treq.get(base + "/", pool=pool)
+    assert page.code == 200
+    assert b"<html" in (await page.content()).lower()
+    status = await treq.get(base + "/api/v1/status", pool=pool)
+    assert status.code == 200
+    assert {b["id"] for b in json.loads(await status.content())["backends"]} == {
+        b.id for b in BACKENDS
+    }
     response = await treq.get(base + "/metrics", pool=pool)
     assert response.code == 200
     text = (await response.content()).decode()
