@@ -452,6 +452,51 @@ def test_deregister_endpoint(tmp_path: Path):
         yield h.stop()
 
 
+@pytest_twisted.inlineCallbacks
+def test_locked_table(tmp_path: Path):
+    """
+    While another process holds the routing database's write lock past
+    the busy timeout: a registration is a JSON 503 saying why and writes
+    nothing; a heartbeat of a registered backend still counts on this POP
+    (200, "persisted": false, its expiry cleared; one warning for the
+    whole spell), one for an unknown backend is a 503; once the lock goes,
+    heartbeats are written again.
+    """
+    clock = Clock()
+    clock.advance(1_764_640_000)
+    h = Harness(tmp_path, clock=clock)
+    logs = LogCapture().start()
+    try:
+        yield h.call("POST", "/api/v1/register", body(region="sa"))
+        clock.advance(31)
+        h.expiry.check()
+        assert "reg-1" in h.expiry.expired
+        holder = sqlite3.connect(h.db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            before = h.table()
+            code, answer, _ = yield h.call("POST", "/api/v1/register", body("reg-2"))
+            assert_error(code, answer, 503)
+            assert "locked" in answer["detail"]
+            for _ in range(2):
+                code, answer, _ = yield h.call("POST", "/api/v1/heartbeat/reg-1")
+                assert code == 200 and answer["persisted"] is False
+            assert "reg-1" not in h.expiry.expired
+            code, answer, _ = yield h.call("POST", "/api/v1/heartbeat/ghost")
+            assert_error(code, answer, 503)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert h.table() == before
+        warnings = [e for e in logs.events if "cannot be written" in str(e.get("log_format"))]
+        assert len(warnings) == 1
+        code, answer, _ = yield h.call("POST", "/api/v1/heartbeat/reg-1")
+        assert code == 200 and answer["persisted"] is True
+    finally:
+        logs.stop()
+        yield h.stop()
+
+
 # --- reads --------------------------------------------------------------------------
 
 

@@ -540,6 +540,7 @@ class Api:
     regions: AbstractSet[str] = frozenset()
     local_region: Optional[str] = None
     metrics: Optional[IMetricsStore] = None
+    _beatsFailing: bool = attrs.field(init=False, default=False, repr=False)
 
     # -- views
 
@@ -700,6 +701,9 @@ class Api:
             }
 
         def written(ok: bool) -> _Answer:
+            if self._beatsFailing:
+                self._beatsFailing = False
+                _log.info("heartbeats are written to the routing table again")
             if ok:
                 return answer(True)
             if self._handWritten(backend_id):
@@ -717,12 +721,14 @@ class Api:
                 raise ApiError(503, "the routing table cannot be written", str(failure.value))
             # A registered backend this POP routes to: its heartbeat counts
             # here even if the table cannot take it now (a locked file must
-            # not expire every backend).
-            _log.warn(
-                "heartbeat of {backend} not written ({error}); counted in memory",
-                backend=backend_id,
-                error=str(failure.value),
-            )
+            # not expire every backend).  Logged once per failing spell.
+            if not self._beatsFailing:
+                self._beatsFailing = True
+                _log.warn(
+                    "heartbeats cannot be written ({error}); counting them in memory"
+                    " until they can",
+                    error=str(failure.value),
+                )
             return answer(False)
 
         return d.addCallbacks(written, failed)
