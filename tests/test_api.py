@@ -1264,3 +1264,53 @@ def test_expect_continue_with_huge_length_gets_413_not_100(tmp_path: Path):
     finally:
         client.close()
         yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_body_refused_over_tls(tmp_path: Path):
+    """
+    On a TLS admin listener (C{ssl:}) a Content-Length over the limit is a
+    JSON 413 as well, and the connection is closed cleanly, with a TLS
+    close_notify (TLS cannot half-close: a plain close after the answer,
+    not a TCP half-close under the TLS layer).
+    """
+    import socket
+    import ssl
+
+    from test_tls import pem
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.threads import deferToThread
+
+    h = Harness(tmp_path)
+    key = tmp_path / "admin.pem"
+    key.write_bytes(pem("admin.test"))
+    endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}")
+    tls = yield endpoint.listen(h.site)
+    h.extra.append(tls)
+
+    def exchange(port: int) -> Tuple[bytes, str]:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(
+                raw, server_hostname="admin.test", suppress_ragged_eofs=False
+            ) as s:
+                s.sendall(_head(10 * 1024 * 1024) + b" " * 100)
+                received = b""
+                while True:
+                    try:
+                        data = s.recv(65536)
+                    except (ssl.SSLError, ConnectionError) as e:
+                        return received, type(e).__name__
+                    if not data:
+                        return received, "close_notify"
+                    received += data
+
+    try:
+        received, ending = yield deferToThread(exchange, tls.getHost().port)
+        status, answer = _response(received)
+        assert status == 413 and answer["error"] == "request body too large"
+        assert ending == "close_notify"
+    finally:
+        yield h.stop()

@@ -52,7 +52,12 @@ from io import BytesIO
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IAddress, IDelayedCall, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    INegotiated,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -487,8 +492,9 @@ class AdminChannel(HTTPChannel):
             + body
         )
         half_close = getattr(transport, "loseWriteConnection", None)
-        if half_close is None:
-            # TLS cannot half-close: plain close.
+        if half_close is None or INegotiated.providedBy(transport):
+            # TLS (which reaches the socket's half-close through its
+            # wrapper, skipping close_notify) or no half-close: close.
             self.loseConnection()
             return
         half_close()
