@@ -25,6 +25,7 @@ setup(
         "txsni>=0.2.0",
         "treq>=23.11.0",
         "prometheus_client>=0.16.0",
+        "jsonschema>=4.0",
     ],
     extras_require={
         "test": [

@@ -66,6 +66,77 @@ class IBackendRepository(Interface):
         """
 
 
+class DuplicateBackendError(Exception):
+    """
+    L{IBackendWriter.register}: the table already has a row with this id.
+
+    @ivar backend_id: The id.
+    """
+
+    def __init__(self, backend_id: str) -> None:
+        self.backend_id = backend_id
+        super().__init__(f"a backend with id {backend_id!r} already exists")
+
+
+class BackendWriteError(Exception):
+    """
+    An L{IBackendWriter} could not write (the store is unreachable, locked
+    past its timeout, read-only...); nothing was written.  The message says
+    why, for the operator.
+    """
+
+
+class IBackendWriter(Interface):
+    """
+    The write side of the routing table, for the registration API: backends
+    register themselves, send heartbeats and deregister.  (SQLite now; the
+    PostgreSQL and etcd adapters implement the same port.)
+
+    Rows written here are I{registered} rows: they carry a heartbeat time
+    (L{Backend.heartbeat_at}) and stop taking new clients once it is older
+    than the heartbeat TTL (see L{edgeproxy.routing.heartbeats}).  Rows the
+    operator wrote by hand have none; this port never changes or deletes
+    them.
+
+    Every method writes in one transaction, off the reactor thread; on any
+    failure nothing is written.
+    """
+
+    def register(fields: Mapping[str, object]) -> "Deferred[Backend]":
+        """
+        Insert a new registered row.
+
+        @param fields: The row, column name -> value, as
+            L{edgeproxy.stores.sqlite.validate_row} reads it (C{wg_ip} for
+            the address); the heartbeat time is set by the writer (now).
+        @return: Fires with the L{Backend} once the routing table in force
+            on this POP has it (routable at once, with no wait for the next
+            poll); fails with L{edgeproxy.stores.sqlite.InvalidRowError}
+            (an invalid row), L{DuplicateBackendError} (the id exists) or
+            L{BackendWriteError}.
+        """
+
+    def heartbeat(backend_id: str) -> "Deferred[bool]":
+        """
+        Set the heartbeat time of a registered row to now.
+
+        @return: Fires with C{True}, or C{False} when there is no such row
+            or the row was written by hand (it has no heartbeat); fails with
+            L{BackendWriteError}.
+        """
+
+    def deregister(backend_id: str) -> "Deferred[bool]":
+        """
+        Delete a registered row.  Rows written by hand are never deleted
+        here (the operator owns them: remove them from the table, or set
+        their admin state to C{maint}).
+
+        @return: Fires with C{True} once the routing table in force no
+            longer has it, or C{False} when there is no such row or it was
+            written by hand; fails with L{BackendWriteError}.
+        """
+
+
 class IBindingRepository(Interface):
     """
     Client affinity: (client IP, app) -> backend id, with a sliding TTL.

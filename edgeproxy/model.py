@@ -41,6 +41,9 @@ class Backend:
     @ivar health_check: This backend's active health check in the canonical
         text form of L{parse_check} (C{tcp}, C{off} or C{http:/path}), or
         C{None} for the proxy's default (C{--health-check}).
+    @ivar heartbeat_at: For a backend registered through the API, when it
+        last sent a heartbeat (epoch seconds; the registration counts as
+        one); C{None} for a row written by hand, which never expires.
     """
 
     id: str
@@ -57,6 +60,7 @@ class Backend:
     proxy_protocol: int = PROXY_OFF
     draining: bool = False
     health_check: Optional[str] = None
+    heartbeat_at: Optional[float] = None
 
     @property
     def routable(self) -> bool:

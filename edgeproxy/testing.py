@@ -10,18 +10,26 @@ projects').
     repo = InMemoryBackendRepository([backend("gru-1"), backend("cdg-1", region="eu",
                                                                   country="FR")])
     repo.set([backend("gru-1", healthy=False)])    # a "reload"; listeners are told
+
+The repository is also an L{IBackendWriter} (the registration API's port):
+C{repo.register(row)}, C{repo.heartbeat(id)}, C{repo.deregister(id)}.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from twisted.internet.defer import Deferred, succeed
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from edgeproxy.interfaces import (
+    DuplicateBackendError,
     IBackendRepository,
+    IBackendWriter,
     IGeoResolver,
     IHostResolver,
     SnapshotListener,
@@ -32,6 +40,7 @@ from edgeproxy.net.resolve import backend_hosts, is_ip_literal
 from edgeproxy.routing.bindings import BindingTable
 from edgeproxy.routing.load import LoadTable
 from edgeproxy.routing.overlay import StateOverlay
+from edgeproxy.stores.sqlite import InvalidRowError, validate_row
 
 __all__ = [
     "BindingTable",
@@ -67,17 +76,31 @@ def backend(id: str, **overrides: Any) -> Backend:
     return Backend(id=id, **fields)
 
 
-@implementer(IBackendRepository)
+@implementer(IBackendRepository, IBackendWriter)
 class InMemoryBackendRepository:
     """
     An L{IBackendRepository} held in memory; L{set} plays the part of a
-    reload that found new content.
+    reload that found new content.  Also an L{IBackendWriter}: its writes
+    change the table at once (and tell the listeners), and fire at once.
+
+    @param clock: Where registrations and heartbeats take their time
+        (L{Backend.heartbeat_at}); the wall clock when C{None}.
+
+    @ivar reloads: How many times L{reload} was called.
+    @ivar writes: C{(operation, backend id)} of every write that changed
+        the table (C{"register"}, C{"heartbeat"}, C{"deregister"}).
+    @ivar writeError: When set, every write fails with it (a store that
+        cannot be written, e.g. a L{edgeproxy.interfaces.BackendWriteError})
+        and changes nothing.
     """
 
-    def __init__(self, backends: Iterable[Backend] = ()) -> None:
+    def __init__(self, backends: Iterable[Backend] = (), clock: IReactorTime | None = None) -> None:
         self._snapshot = RoutingSnapshot.build(backends)
         self._listeners: List[SnapshotListener] = []
+        self.clock = clock
         self.reloads = 0
+        self.writes: List[Tuple[str, str]] = []
+        self.writeError: Exception | None = None
 
     def __repr__(self) -> str:
         return f"<InMemoryBackendRepository backends={len(self._snapshot)}>"
@@ -121,6 +144,61 @@ class InMemoryBackendRepository:
             except Exception:
                 _log.failure("routing snapshot listener {listener!r} failed", listener=listener)
         return new
+
+    # IBackendWriter
+
+    def _now(self) -> float:
+        return float(self.clock.seconds()) if self.clock is not None else time.time()
+
+    def register(self, fields: Mapping[str, object]) -> Deferred[Backend]:
+        """
+        See L{IBackendWriter.register}: validated with
+        L{edgeproxy.stores.sqlite.validate_row}, added at the end of the
+        table with C{heartbeat_at} now.
+        """
+        if self.writeError is not None:
+            return fail(self.writeError)
+        try:
+            backend = validate_row(dict(fields))
+        except InvalidRowError:
+            return fail()
+        if backend.id in self._snapshot.by_id:
+            return fail(DuplicateBackendError(backend.id))
+        backend = attrs.evolve(backend, heartbeat_at=self._now())
+        self.set([*self._snapshot.backends, backend])
+        self.writes.append(("register", backend.id))
+        return succeed(backend)
+
+    def heartbeat(self, backend_id: str) -> Deferred[bool]:
+        """
+        See L{IBackendWriter.heartbeat}.
+        """
+        if self.writeError is not None:
+            return fail(self.writeError)
+        found = self._snapshot.by_id.get(backend_id)
+        if found is None or found.heartbeat_at is None:
+            return succeed(False)
+        now = self._now()
+        self.set(
+            attrs.evolve(b, heartbeat_at=now) if b.id == backend_id else b
+            for b in self._snapshot.backends
+        )
+        self.writes.append(("heartbeat", backend_id))
+        return succeed(True)
+
+    def deregister(self, backend_id: str) -> Deferred[bool]:
+        """
+        See L{IBackendWriter.deregister}: a row without a heartbeat (added
+        by hand, or by L{set}) is never deleted.
+        """
+        if self.writeError is not None:
+            return fail(self.writeError)
+        found = self._snapshot.by_id.get(backend_id)
+        if found is None or found.heartbeat_at is None:
+            return succeed(False)
+        self.set(b for b in self._snapshot.backends if b.id != backend_id)
+        self.writes.append(("deregister", backend_id))
+        return succeed(True)
 
 
 @implementer(IGeoResolver)

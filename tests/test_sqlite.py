@@ -6,6 +6,7 @@ and 6, FAULTS F12), on real SQLite files.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import shutil
 import sqlite3
@@ -25,7 +26,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from edgeproxy.interfaces import IBackendRepository
+from edgeproxy.interfaces import (
+    BackendWriteError,
+    DuplicateBackendError,
+    IBackendRepository,
+    IBackendWriter,
+)
 from edgeproxy.metrics import MetricsStore
 from edgeproxy.model import PROXY_OFF, PROXY_V2, Backend, RoutingSnapshot, parse_check
 from edgeproxy.stores import sqlite as edgesqlite
@@ -35,6 +41,7 @@ from edgeproxy.stores.sqlite import (
     InvalidRowError,
     RoutingDatabaseError,
     SqliteBackendRepository,
+    SqliteBackendWriter,
     load_backends,
     schema_sql,
     validate_row,
@@ -57,6 +64,7 @@ COLUMNS = (
     "deleted",
     "proxy_protocol",
     "health_check",
+    "heartbeat_at",
 )
 
 # The original's schema: no country, no proxy_protocol.
@@ -72,9 +80,9 @@ CREATE TABLE backends (
 # exactly as inserted (TEXT '12' stays text, REAL stays real).
 UNTYPED_SCHEMA = "CREATE TABLE backends ({});".format(", ".join(COLUMNS))
 
-# SPEC section 1: the only SPEC columns a table may lack (health_check, an
-# optional column added later, included).
-SPEC_OPTIONAL = ("country", "proxy_protocol", "health_check")
+# SPEC section 1: the only SPEC columns a table may lack (health_check and
+# heartbeat_at, optional columns added later, included).
+SPEC_OPTIONAL = ("country", "proxy_protocol", "health_check", "heartbeat_at")
 
 # SPEC section 1: every other SPEC column must be there.
 SPEC_MANDATORY = tuple(c for c in COLUMNS if c not in SPEC_OPTIONAL)
@@ -436,6 +444,51 @@ def test_health_check_column(tmp_path: Path, value: object, check: str | None) -
     assert [b.health_check for b in backends] == [check]
 
 
+@pytest.mark.parametrize(
+    ("value", "heartbeat"),
+    [(None, None), (0, 0.0), (1764640000, 1764640000.0), (1764640000.25, 1764640000.25)],
+)
+def test_heartbeat_at_column(tmp_path: Path, value: object, heartbeat: float | None) -> None:
+    """
+    The optional heartbeat_at column (issue 9): NULL is a row written by
+    hand (None); a number is a registered row's last heartbeat, as a float.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("a", heartbeat_at=value)])
+    backends, skipped = load_backends(str(db), 0.1)
+    assert skipped == []
+    assert [b.heartbeat_at for b in backends] == [heartbeat]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (-1, "heartbeat_at: int -1 is not a time"),
+        ("1764640000", "heartbeat_at: str '1764640000' is not a number"),
+        (b"\x00", "heartbeat_at: a blob is not a number"),
+    ],
+)
+def test_bad_heartbeat_at_skips_its_row(tmp_path: Path, value: object, reason: str) -> None:
+    """
+    A heartbeat_at that is not a time skips its row (named), the rest loads.
+    """
+    db = tmp_path / "routing.db"
+    write_db(db, [good_row("ok"), good_row("bad", heartbeat_at=value)], UNTYPED_SCHEMA)
+    backends, skipped = load_backends(str(db), 0.1)
+    assert [b.id for b in backends] == ["ok"]
+    assert skipped == [("bad", reason)]
+
+
+def test_validate_row_refuses_infinite_heartbeat() -> None:
+    """
+    NaN and infinities are no time (and a huge integer does not raise).
+    """
+    for value in (math.nan, math.inf, -math.inf, 10**400):
+        with pytest.raises(InvalidRowError) as caught:
+            validate_row(good_row("a", heartbeat_at=value))
+        assert caught.value.column == "heartbeat_at"
+
+
 def test_table_without_health_check_loads(tmp_path: Path) -> None:
     """
     A table made with the schema shipped before the health_check column
@@ -511,11 +564,18 @@ def test_spec_columns_other_than_country_and_proxy_protocol_are_mandatory(
 
 def test_column_sets_follow_the_spec() -> None:
     """
-    Only country, proxy_protocol, health_check and the undocumented
-    draining column are optional; every other SPEC column is mandatory.
+    Only country, proxy_protocol, health_check, heartbeat_at and the
+    undocumented draining column are optional; every other SPEC column is
+    mandatory.
     """
     assert set(MANDATORY_COLUMNS) == set(SPEC_MANDATORY)
-    assert set(OPTIONAL_COLUMNS) == {"country", "proxy_protocol", "draining", "health_check"}
+    assert set(OPTIONAL_COLUMNS) == {
+        "country",
+        "proxy_protocol",
+        "draining",
+        "health_check",
+        "heartbeat_at",
+    }
     assert not set(MANDATORY_COLUMNS) & set(OPTIONAL_COLUMNS)
 
 
@@ -592,6 +652,8 @@ def _mostlyGood(column: str) -> st.SearchStrategy[object]:
     good: st.SearchStrategy[object]
     if column == "health_check":
         good = st.sampled_from([None, "tcp", "off", "HTTP:/healthz", " http:/ "])
+    elif column == "heartbeat_at":
+        good = st.one_of(st.none(), st.floats(0, 2e9), st.integers(0, 2**40))
     else:
         good = st.just(good_row("a", draining=0)[column])
     return st.one_of(good, good, good, _VALUES)
@@ -604,7 +666,15 @@ _ROWS = st.one_of(
         {c: _mostlyGood(c) for c in SPEC_MANDATORY if c not in ("healthy", "deleted")},
         optional={
             c: _mostlyGood(c)
-            for c in ("healthy", "deleted", "country", "proxy_protocol", "draining", "health_check")
+            for c in (
+                "healthy",
+                "deleted",
+                "country",
+                "proxy_protocol",
+                "draining",
+                "health_check",
+                "heartbeat_at",
+            )
         },
     ),
 )
@@ -632,6 +702,11 @@ def test_validate_row_only_ever_skips(row: Dict[str, object]) -> None:
     assert backend.country is None or (len(backend.country) == 2 and backend.country.isupper())
     assert backend.health_check is None or str(parse_check(backend.health_check)) == (
         backend.health_check
+    )
+    assert backend.heartbeat_at is None or (
+        type(backend.heartbeat_at) is float
+        and math.isfinite(backend.heartbeat_at)
+        and backend.heartbeat_at >= 0
     )
 
 
@@ -1236,3 +1311,260 @@ def test_reload_never_fails_on_unexpected_error(
     assert [b.id for b in new.backends] == ["b"] and seen == [new]
     # The expected failures were logged by us; don't leave them to pytest.
     assert any("listener" in formatEvent(e) for e in events if "log_failure" in e)
+
+
+# --- the write port (issue 9) ----------------------------------------------------
+
+
+def table(path: Path) -> tuple[List[str], List[tuple[Any, ...]]]:
+    """
+    The columns and every row (by id) of the backends table, read directly.
+    """
+    conn = sqlite3.connect(path)
+    try:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(backends)")]
+        rows = conn.execute("SELECT * FROM backends ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return columns, rows
+
+
+def registration(backend_id: str, **overrides: object) -> Dict[str, object]:
+    """
+    A row as the registration API writes it (no heartbeat_at: the writer
+    sets it).
+    """
+    row = good_row(backend_id, health_check=None)
+    row.update(overrides)
+    return row
+
+
+def writer_for(path: Path, rows: Sequence[Mapping[str, object]] = (), schema: str | None = None):
+    write_db(path, rows, schema)
+    repo = repository(path)
+    repo.loadInitial()
+    return repo, SqliteBackendWriter(repo, busy_timeout=0.2)
+
+
+def test_writer_verifyObject(tmp_path: Path) -> None:
+    """
+    SqliteBackendWriter provides IBackendWriter.
+    """
+    repo = SqliteBackendRepository(str(tmp_path / "r.db"))
+    assert verifyObject(IBackendWriter, SqliteBackendWriter(repo))
+
+
+@pytest_twisted.inlineCallbacks
+def test_register_writes_and_is_in_force_when_it_fires(tmp_path: Path):
+    """
+    register() inserts the row with heartbeat_at = now and fires once the
+    repository's snapshot has it (no wait for a periodic reload): the
+    backend it fires with is the one in force, routable.
+    """
+    db = tmp_path / "routing.db"
+    repo, writer = writer_for(db, [good_row("hand")])
+    before = reactor.seconds()
+    backend = yield writer.register(registration("reg-1", wg_ip="10.9.9.9", port=7000))
+    assert repo.current().by_id["reg-1"] is backend
+    assert "reg-1" in repo.current().routable
+    assert backend.host == "10.9.9.9" and backend.port == 7000
+    assert backend.heartbeat_at is not None and before <= backend.heartbeat_at <= reactor.seconds()
+    columns, rows = table(db)
+    by_id = {r[0]: dict(zip(columns, r)) for r in rows}
+    assert by_id["reg-1"]["heartbeat_at"] == backend.heartbeat_at
+    assert by_id["hand"]["heartbeat_at"] is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_register_duplicate_id_writes_nothing(tmp_path: Path):
+    """
+    A registration with an id already in the table (written by hand or
+    registered) fails with DuplicateBackendError; the table is unchanged.
+    """
+    db = tmp_path / "routing.db"
+    _repo, writer = writer_for(db, [good_row("hand")])
+    yield writer.register(registration("reg-1"))
+    before = table(db)
+    for backend_id in ("hand", "reg-1"):
+        with pytest.raises(DuplicateBackendError) as caught:
+            yield writer.register(registration(backend_id, port=9999))
+        assert caught.value.backend_id == backend_id
+    assert table(db) == before
+
+
+@pytest_twisted.inlineCallbacks
+def test_register_invalid_row_writes_nothing(tmp_path: Path):
+    """
+    The writer validates the row itself (validate_row): an invalid one
+    fails with InvalidRowError and never reaches the file.
+    """
+    db = tmp_path / "routing.db"
+    _repo, writer = writer_for(db, [good_row("hand")])
+    before = table(db)
+    with pytest.raises(InvalidRowError) as caught:
+        yield writer.register(registration("bad", port=70000))
+    assert caught.value.column == "port"
+    assert table(db) == before
+
+
+@pytest_twisted.inlineCallbacks
+def test_register_adds_heartbeat_column_to_original_schema(
+    tmp_path: Path, events: List[Dict[str, Any]]
+):
+    """
+    On a table made with the original schema (no country, proxy_protocol,
+    health_check, heartbeat_at), the first registration adds heartbeat_at
+    (and country, which it has a value for; not proxy_protocol or
+    health_check, which it leaves at their defaults), with a warning; the
+    rows written by hand read NULL there and stay rows written by hand.
+    """
+    db = tmp_path / "routing.db"
+    original = {k: v for k, v in good_row("hand").items() if k not in ("country", "proxy_protocol")}
+    repo, writer = writer_for(db, [original], ORIGINAL_SCHEMA)
+    backend = yield writer.register(
+        {k: v for k, v in registration("reg-1").items() if k != "health_check"}
+    )
+    columns, _ = table(db)
+    assert columns[-2:] == ["country", "heartbeat_at"]
+    assert "proxy_protocol" not in columns and "health_check" not in columns
+    assert backend.country == "BR" and backend.heartbeat_at is not None
+    assert repo.current().by_id["hand"].heartbeat_at is None
+    warnings = texts(events, LogLevel.warn)
+    assert any("country, heartbeat_at" in w for w in warnings)
+
+
+@pytest_twisted.inlineCallbacks
+def test_heartbeat_only_for_registered_rows(tmp_path: Path):
+    """
+    heartbeat() sets heartbeat_at to now on a registered row (True); an
+    unknown id or a row written by hand gives False and writes nothing.
+    Heartbeats asked for together are written by one transaction and each
+    gets its own answer.
+    """
+    db = tmp_path / "routing.db"
+    _repo, writer = writer_for(db, [good_row("hand")])
+    first = yield writer.register(registration("reg-1"))
+    yield writer.register(registration("reg-2", wg_ip="10.0.0.2"))
+    hand_row = [r for r in table(db)[1] if r[0] == "hand"]
+    results = yield gatherResults(
+        [writer.heartbeat(i) for i in ("reg-1", "hand", "nope", "reg-2", "reg-1")]
+    )
+    assert results == [True, False, False, True, True]
+    columns, rows = table(db)
+    by_id = {r[0]: dict(zip(columns, r)) for r in rows}
+    assert by_id["reg-1"]["heartbeat_at"] >= first.heartbeat_at
+    assert [r for r in rows if r[0] == "hand"] == hand_row
+
+
+@pytest_twisted.inlineCallbacks
+def test_heartbeat_on_original_schema_is_false(tmp_path: Path):
+    """
+    A table without heartbeat_at has no registered row: heartbeat() and
+    deregister() give False and do not add the column.
+    """
+    db = tmp_path / "routing.db"
+    original = {k: v for k, v in good_row("hand").items() if k not in ("country", "proxy_protocol")}
+    _repo, writer = writer_for(db, [original], ORIGINAL_SCHEMA)
+    before = table(db)
+    assert (yield writer.heartbeat("hand")) is False
+    assert (yield writer.deregister("hand")) is False
+    assert table(db) == before
+
+
+@pytest_twisted.inlineCallbacks
+def test_deregister_deletes_only_registered_rows(tmp_path: Path):
+    """
+    deregister() deletes a registered row and fires once the snapshot in
+    force no longer has it; a row written by hand, or an unknown id, gives
+    False and the table is unchanged.
+    """
+    db = tmp_path / "routing.db"
+    repo, writer = writer_for(db, [good_row("hand")])
+    yield writer.register(registration("reg-1"))
+    assert (yield writer.deregister("reg-1")) is True
+    assert "reg-1" not in repo.current().by_id
+    before = table(db)
+    assert (yield writer.deregister("hand")) is False
+    assert (yield writer.deregister("reg-1")) is False
+    assert table(db) == before and "hand" in repo.current().by_id
+
+
+@pytest_twisted.inlineCallbacks
+def test_writes_run_off_the_reactor_thread_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """
+    Every write runs in a thread-pool thread, never the reactor's, and
+    never two at once: a burst of registrations and heartbeats holds one
+    pool thread at a time.
+    """
+    db = tmp_path / "routing.db"
+    repo, writer = writer_for(db)
+    reactor_thread = threading.get_ident()
+    running: List[int] = []
+    overlap: List[int] = []
+    threads: List[int] = []
+    lock = threading.Lock()
+
+    def tracked(f: Any) -> Any:
+        def call(*args: Any) -> Any:
+            with lock:
+                running.append(1)
+                overlap.append(len(running))
+                threads.append(threading.get_ident())
+            try:
+                return f(*args)
+            finally:
+                with lock:
+                    running.pop()
+
+        return call
+
+    monkeypatch.setattr(edgesqlite, "insert_backend", tracked(edgesqlite.insert_backend))
+    monkeypatch.setattr(edgesqlite, "update_heartbeats", tracked(edgesqlite.update_heartbeats))
+    work = [writer.register(registration(f"r{i}", wg_ip=f"10.0.1.{i}")) for i in range(8)]
+    work += [writer.heartbeat(f"r{i}") for i in range(8)]
+    results = yield gatherResults(work)
+    assert results[8:] == [True] * 8
+    assert max(overlap) == 1
+    assert reactor_thread not in threads
+    assert len(repo.current().by_id) == 8
+
+
+@pytest_twisted.inlineCallbacks
+def test_locked_database_fails_clearly_and_writes_nothing(tmp_path: Path):
+    """
+    A database locked by another writer past the busy timeout fails the
+    write with BackendWriteError saying so; nothing is written, and the
+    next write after the lock is released succeeds.
+    """
+    db = tmp_path / "routing.db"
+    _repo, writer = writer_for(db, [good_row("hand")])
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(BackendWriteError) as caught:
+            yield writer.register(registration("reg-1"))
+        assert "locked" in str(caught.value)
+        with pytest.raises(BackendWriteError):
+            yield writer.heartbeat("hand")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [r[0] for r in table(db)[1]] == ["hand"]
+    backend = yield writer.register(registration("reg-1"))
+    assert backend.id == "reg-1"
+
+
+@pytest_twisted.inlineCallbacks
+def test_writer_never_creates_a_database(tmp_path: Path):
+    """
+    A missing file is a BackendWriteError (a writer never creates an empty
+    routing table behind the loader's back).
+    """
+    db = tmp_path / "routing.db"
+    _repo, writer = writer_for(db)
+    db.unlink()
+    with pytest.raises(BackendWriteError):
+        yield writer.register(registration("reg-1"))
+    assert not db.exists()

@@ -11,6 +11,14 @@ down (FAULTS F24):
     cut then, however steadily it sends.  Twisted's own idle timeout alone
     would not do it, as it restarts at every byte.  An idle keep-alive
     connection is closed after the same time.
+  - A body over C{maxBodySize} bytes (64 KiB) is refused while it arrives:
+    a C{Content-Length} over it as soon as the headers are complete, a
+    chunked body as soon as its chunks add up to more; the answer is a JSON
+    413, and the rest of the body is read and thrown away (nothing
+    buffered) for a moment so that the client sees the answer, then the
+    connection is closed.  A request whose body is still arriving at the
+    deadline gets a JSON 408 the same way (an idle connection is just
+    closed).
   - At most C{maxConnections} connections are open at once; one over the
     cap is closed at once (counted as C{admin_connections_rejected}).
   - No access log line per request and no session.  C{/health} is
@@ -23,7 +31,9 @@ Every error is JSON: C{404} for an unknown path, C{405} (with C{Allow})
 for a method a resource does not serve.  The tree is plain
 L{twisted.web.resource.Resource}s, so the integrator adds pages with
 C{putChild} on L{AdminRoot} (C{root.putChild(b"api", api)}); subclass
-L{JSONResource} for the same error behaviour.
+L{JSONResource} for the same error behaviour.  L{AdminRoot.guard} checks
+access to every page that does not check it itself (see
+L{edgeproxy.control.auth.ApiAuth.guard}).
 
     from twisted.application.internet import StreamServerEndpointService
 
@@ -38,16 +48,23 @@ L{JSONResource} for the same error behaviour.
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IAddress, IDelayedCall, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    INegotiated,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, Request
+from twisted.web.http import RESPONSES, HTTPChannel, Request
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site, UnsupportedMethod
+from twisted.web.server import Request as SiteRequest
 
 from edgeproxy import __version__
 from edgeproxy.control.metrics import Exposition
@@ -57,8 +74,11 @@ __all__ = [
     "ADMIN_REJECTED",
     "DEFAULT_ADMIN",
     "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_REQUEST_TIMEOUT",
+    "AdminChannel",
+    "AdminRequest",
     "AdminRoot",
     "AdminSite",
     "HealthResource",
@@ -87,10 +107,22 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 #: timeout; a response stuck behind a client that does not read ends then).
 DEFAULT_IDLE_TIMEOUT = 60.0
 
+#: The largest request body accepted by default (bytes).
+DEFAULT_MAX_BODY_SIZE = 64 * 1024
+
 #: Counter (no label) of admin connections closed at once over the cap.
 ADMIN_REJECTED = "admin_connections_rejected"
 
 _JSON = b"application/json"
+
+#: After a refusal written before the request was whole (413, 408): how
+#: long, and how many more bytes, the rest of the request is read and thrown
+#: away so that closing does not reset the connection before the client
+#: read the answer.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1 << 20
+
+_NO_DETAIL: Any = object()
 
 
 def json_body(request: Request, code: int, body: Mapping[str, Any]) -> bytes:
@@ -104,11 +136,16 @@ def json_body(request: Request, code: int, body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8") + b"\n"
 
 
-def json_error(request: Request, code: int, message: str) -> bytes:
+def json_error(request: Request, code: int, message: str, detail: Any = _NO_DETAIL) -> bytes:
     """
-    A JSON error response: C{{"error": message, "status": code}}.
+    A JSON error response: C{{"error": message, "status": code}}, plus
+    C{"detail": detail} when C{detail} is given (any JSON value, C{None}
+    included).
     """
-    return json_body(request, code, {"error": message, "status": code})
+    body: dict[str, Any] = {"error": message, "status": code}
+    if detail is not _NO_DETAIL:
+        body["detail"] = detail
+    return json_body(request, code, body)
 
 
 def _allowed_methods(resource: Resource) -> List[bytes]:
@@ -132,13 +169,20 @@ class JSONResource(Resource):
     def getChild(self, path: bytes, request: Any) -> Resource:
         return NotFound()
 
+    def servedMethods(self) -> List[bytes]:
+        """
+        The methods served (for C{Allow}): one per C{render_METHOD}, and
+        C{HEAD} with C{GET}.
+        """
+        return _allowed_methods(self)
+
     def render(self, request: Any) -> bytes:
         method = request.method
         handler = getattr(self, "render_" + method.decode("ascii", "replace"), None)
         if handler is not None:
             result: bytes = handler(request)
             return result
-        allowed = _allowed_methods(self)
+        allowed = self.servedMethods()
         if method == b"HEAD" and b"GET" in allowed:
             # twisted.web answers HEAD by rendering GET without the body.
             raise UnsupportedMethod(allowed)
@@ -231,7 +275,24 @@ class AdminRoot(JSONResource):
     The root of the admin site: C{GET /} lists the paths served (until the
     status page takes C{/} with C{putChild(b"", page)}); anything unknown
     is a JSON 404.
+
+    @ivar guard: When set, called with every request for a page below the
+        root (the root's own listing included) whose resource has no true
+        C{checksAccess} attribute; it returns C{None} to let the request
+        through, or the resource that answers it instead (a refusal).  The
+        API checks access itself, per method (C{checksAccess = True}).
     """
+
+    guard: Optional[Callable[[Any], Optional[Resource]]] = None
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
+        child: Resource = JSONResource.getChildWithDefault(self, path, request)
+        guard = self.guard
+        if guard is not None and not getattr(child, "checksAccess", False):
+            refused = guard(request)
+            if refused is not None:
+                return refused
+        return child
 
     def getChild(self, path: bytes, request: Any) -> Resource:
         if path == b"":
@@ -267,24 +328,94 @@ class _Refused(Protocol):
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
+class AdminRequest(SiteRequest):
+    """
+    A request of the admin site: its body is kept in memory (it is at most
+    the channel's C{maxBodySize}), and a chunked body that grows past that
+    is refused as it arrives (see L{AdminChannel}).
+    """
+
+    _bodySize = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self.content = BytesIO()
+        self._bodySize = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if not isinstance(channel, AdminChannel):
+            assert self.content is not None
+            self.content.write(data)
+            return
+        if channel._refused:
+            return
+        self._bodySize += len(data)
+        limit = channel.maxBodySize
+        if limit is not None and self._bodySize > limit:
+            channel._refuse(
+                413, "request body too large", f"the limit is {limit} bytes (chunked body)"
+            )
+            return
+        assert self.content is not None
+        self.content.write(data)
+
+
 class AdminChannel(HTTPChannel):
     """
-    An L{HTTPChannel} with a deadline for each whole request (see the
-    module docstring), and that gives its L{AdminSite} slot back.
+    An L{HTTPChannel} with a deadline for each whole request and a cap on
+    the body, both enforced while the request arrives (see the module
+    docstring), and that gives its L{AdminSite} slot back.
 
     @ivar requestTimeout: Seconds for a whole request; C{None}: no deadline.
+    @ivar maxBodySize: The largest body accepted, in bytes; C{None}: any.
     """
 
     requestTimeout: Optional[float] = None
+    maxBodySize: Optional[int] = DEFAULT_MAX_BODY_SIZE
     _deadline: Optional[IDelayedCall] = None
     _adminSite: Optional["AdminSite"] = None
+    #: Bytes of a request that is not whole yet have come.
+    _receiving = False
+    #: A refusal was written before the request was whole: everything read
+    #: from now on is thrown away until the connection closes.
+    _refused = False
+    _discarded = 0
+    _linger: Optional[IDelayedCall] = None
 
     def connectionMade(self) -> None:
         HTTPChannel.connectionMade(self)
         self._startDeadline()
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            self._discarded += len(data)
+            if self._discarded > _LINGER_BYTES:
+                self._abort()
+            return
+        if data:
+            self._receiving = True
+        HTTPChannel.dataReceived(self, data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        HTTPChannel.rawDataReceived(self, data)
+
+    def allHeadersReceived(self) -> None:
+        limit = self.maxBodySize
+        length = self.length
+        if limit is not None and length is not None and length > limit:
+            # Before the base class makes a body file (a temporary file for
+            # a large one) or answers "Expect: 100-continue".
+            self._refuse(413, "request body too large", f"the limit is {limit} bytes, got {length}")
+            return
+        HTTPChannel.allHeadersReceived(self)
+
     def allContentReceived(self) -> None:
+        if self._refused:
+            return
         # The request is whole: no deadline while it is answered.
+        self._receiving = False
         self._stopDeadline()
         HTTPChannel.allContentReceived(self)
 
@@ -297,6 +428,9 @@ class AdminChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._stopDeadline()
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
         site, self._adminSite = self._adminSite, None
         if site is not None:
             site._channelLost()
@@ -314,8 +448,64 @@ class AdminChannel(HTTPChannel):
 
     def _requestTimedOut(self) -> None:
         self._deadline = None
-        # Closes (and aborts after abortTimeout if the close cannot finish).
+        if self._receiving and not self._refused:
+            # A request has begun: tell the client why it is cut.
+            self._refuse(
+                408,
+                "request timeout",
+                f"the whole request must arrive within {self.requestTimeout:g} s",
+            )
+            return
+        # Idle: close (and abort after abortTimeout if the close cannot
+        # finish).
         self.timeoutConnection()
+
+    def _refuse(self, code: int, message: str, detail: Any) -> None:
+        """
+        Answer C{code} with a JSON error before the request is whole, then
+        stop: shut the write side (the answer is sent, then a FIN), throw
+        away whatever else comes for at most L{_LINGER_SECONDS} (or
+        L{_LINGER_BYTES}), then close.
+        """
+        transport = self.transport
+        if self._refused or transport is None:
+            return
+        self._refused = True
+        self._stopDeadline()
+        self.setTimeout(None)
+        self.persistent = False
+        body = (
+            json.dumps(
+                {"error": message, "detail": detail, "status": code},
+                separators=(",", ":"),
+                sort_keys=True,
+            ).encode("utf-8")
+            + b"\n"
+        )
+        head = b"HTTP/1.1 %d %s\r\n" % (code, RESPONSES.get(code, b"Error"))
+        transport.write(
+            head
+            + b"Content-Type: application/json\r\n"
+            + b"Cache-Control: no-store\r\n"
+            + b"Connection: close\r\n"
+            + b"Content-Length: %d\r\n\r\n" % (len(body),)
+            + body
+        )
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None or INegotiated.providedBy(transport):
+            # TLS (which reaches the socket's half-close through its
+            # wrapper, skipping close_notify) or no half-close: close.
+            self.loseConnection()
+            return
+        half_close()
+        self._linger = self.callLater(_LINGER_SECONDS, self._abort)
+
+    def _abort(self) -> None:
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 class AdminSite(Site):
@@ -331,11 +521,14 @@ class AdminSite(Site):
         (L{ADMIN_REJECTED}), if given.
     @param accessLog: Log one line per request (off: a flood of requests
         would flood the log too).
+    @param maxBodySize: The largest request body accepted (bytes; C{None}:
+        any); a larger one is refused with a 413 as it arrives.
 
     @ivar openConnections: Connections open now.
     """
 
     protocol = AdminChannel  # type: ignore[assignment]
+    requestFactory = AdminRequest
     displayTracebacks = False
 
     def __init__(
@@ -348,11 +541,15 @@ class AdminSite(Site):
         maxConnections: int = DEFAULT_MAX_CONNECTIONS,
         metrics: Optional[IMetricsStore] = None,
         accessLog: bool = False,
+        maxBodySize: Optional[int] = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
         if maxConnections < 0:
             raise ValueError(f"maxConnections must be >= 0, got {maxConnections!r}")
+        if maxBodySize is not None and maxBodySize < 0:
+            raise ValueError(f"maxBodySize must be >= 0, got {maxBodySize!r}")
         Site.__init__(self, resource, timeout=idleTimeout, reactor=reactor)
         self.requestTimeout = requestTimeout
+        self.maxBodySize = maxBodySize
         self.maxConnections = maxConnections
         self.metrics = metrics
         self.accessLog = accessLog
@@ -377,6 +574,7 @@ class AdminSite(Site):
         channel = Site.buildProtocol(self, addr)
         if isinstance(channel, AdminChannel):
             channel.requestTimeout = self.requestTimeout
+            channel.maxBodySize = self.maxBodySize
             channel._adminSite = self
         self.openConnections += 1
         self._refusing = False
@@ -406,6 +604,7 @@ def admin_site(
     idleTimeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
     maxConnections: int = DEFAULT_MAX_CONNECTIONS,
     metrics: Optional[IMetricsStore] = None,
+    maxBodySize: Optional[int] = DEFAULT_MAX_BODY_SIZE,
 ) -> AdminSite:
     """
     The admin site: an L{AdminSite} over L{admin_resource}C{(exposition,
@@ -419,6 +618,7 @@ def admin_site(
         idleTimeout=idleTimeout,
         maxConnections=maxConnections,
         metrics=metrics,
+        maxBodySize=maxBodySize,
     )
 
 

@@ -2,16 +2,18 @@
 --
 -- edgeproxy reads this table read-only and reloads it periodically; edit it
 -- with any SQLite client.  A database created with the original schema
--- (without `country`, `proxy_protocol` and `health_check`) still loads:
--- those columns are then treated as NULL, 0 and NULL.  Every other column
--- must be there: a table without one of them is refused as a whole (at
--- startup a fatal error, on reload the last good table stays).  Rows with an
--- invalid value (NULL or empty id, port outside 1-65535, negative weight or
--- limits, a non-integer where an integer is required, healthy/deleted other
--- than 0/1, proxy_protocol other than 0/1/2, missing region, wg_ip that is
--- not a bare address or host name, health_check other than
--- tcp/off/http:/path) are skipped and logged with their id; the other rows
--- still load.
+-- (without `country`, `proxy_protocol`, `health_check` and `heartbeat_at`)
+-- still loads: those columns are then treated as NULL, 0, NULL and NULL.
+-- (The registration API adds a missing `heartbeat_at` column when it first
+-- writes, and any of the other three that a registration needs.)  Every
+-- other column must be there: a table without one of them is refused as a
+-- whole (at startup a fatal error, on reload the last good table stays).
+-- Rows with an invalid value (NULL or empty id, port outside 1-65535,
+-- negative weight or limits, a non-integer where an integer is required,
+-- healthy/deleted other than 0/1, proxy_protocol other than 0/1/2, missing
+-- region, wg_ip that is not a bare address or host name, health_check other
+-- than tcp/off/http:/path, heartbeat_at that is not a time) are skipped and
+-- logged with their id; the other rows still load.
 --
 --   wg_ip           an IPv4 address, an IPv6 address without brackets, or a
 --                   host name; no port (that is the port column), no scheme
@@ -23,6 +25,11 @@
 --   health_check    this backend's active check: tcp (a TCP connect),
 --                   http:/path (GET; 2xx/3xx is up), off (never checked);
 --                   NULL = the proxy's default (--health-check, tcp)
+--   heartbeat_at    rows registered through the API (POST /api/v1/register):
+--                   the last heartbeat, epoch seconds; such a row takes no
+--                   new clients once it is older than --heartbeat-ttl.
+--                   NULL for rows written by hand, which never expire (and
+--                   which the API never changes or deletes)
 
 CREATE TABLE IF NOT EXISTS backends (
     id             TEXT PRIMARY KEY NOT NULL,
@@ -37,7 +44,8 @@ CREATE TABLE IF NOT EXISTS backends (
     hard_limit     INTEGER NOT NULL DEFAULT 0,
     deleted        INTEGER DEFAULT 0,
     proxy_protocol INTEGER NOT NULL DEFAULT 0,
-    health_check   TEXT
+    health_check   TEXT,
+    heartbeat_at   REAL
 );
 
 -- The POPs of the deployment, for the internal DNS (--dns): the name

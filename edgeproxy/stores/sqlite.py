@@ -19,38 +19,54 @@ silently make unhealthy or deleted backends routable.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import sqlite3
 import stat
 import time
 from importlib import resources
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, TypeVar
 from urllib.parse import quote
 
 import attrs
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredLock, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from edgeproxy.interfaces import IBackendRepository, IMetricsStore, SnapshotListener
+from edgeproxy.interfaces import (
+    BackendWriteError,
+    DuplicateBackendError,
+    IBackendRepository,
+    IBackendWriter,
+    IMetricsStore,
+    SnapshotListener,
+)
 from edgeproxy.model import PROXY_OFF, Backend, RoutingSnapshot, parse_check
 
 __all__ = [
     "MANDATORY_COLUMNS",
     "OPTIONAL_COLUMNS",
+    "BackendWriteError",
+    "DuplicateBackendError",
     "InvalidRowError",
     "RoutingDatabaseError",
     "SqliteBackendRepository",
+    "SqliteBackendWriter",
     "create_database",
+    "delete_backend",
+    "insert_backend",
     "load_backends",
     "schema_sql",
+    "update_heartbeats",
     "validate_row",
 ]
 
 _log = Logger()
+
+_T = TypeVar("_T")
 
 #: Columns the table must have (SPEC section 1): a table without any of them
 #: fails the whole load (the last good table stays; fatal at startup) instead
@@ -73,12 +89,15 @@ MANDATORY_COLUMNS: Tuple[str, ...] = (
 #: C{country} (NULL) and C{proxy_protocol} (0, off) are not in the original
 #: edgeProxy schema; C{draining} (0) is not in the SPEC schema and is honoured
 #: if an operator adds it; C{health_check} (NULL, the proxy's default check)
-#: came later.  Optional columns added later belong here.
+#: came later, and so did C{heartbeat_at} (NULL: a row written by hand, which
+#: never expires; the registration API adds the column when it first
+#: writes).  Optional columns added later belong here.
 OPTIONAL_COLUMNS: Tuple[str, ...] = (
     "country",
     "proxy_protocol",
     "draining",
     "health_check",
+    "heartbeat_at",
 )
 
 _TABLE = "backends"
@@ -205,6 +224,25 @@ def _flag(row: Mapping[str, object], column: str, default: int | None) -> bool:
     return value == 1
 
 
+def _optionalTime(row: Mapping[str, object], column: str) -> float | None:
+    """
+    A REAL column holding epoch seconds: NULL (or absent) is C{None}; an
+    integer or real is a time if it is finite and not negative.
+    """
+    value = row.get(column)
+    if value is None:
+        return None
+    if type(value) is not int and type(value) is not float:
+        raise InvalidRowError(column, f"{_show(value)} is not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
+        raise InvalidRowError(column, f"{_show(value)} is not a time")
+    return number
+
+
 #: One label of an RFC 1123 host name: 1-63 ASCII letters, digits and
 #: hyphens, no hyphen at either end.
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -259,7 +297,8 @@ def validate_row(row: Mapping[str, object]) -> Backend:
 
     Every column of L{MANDATORY_COLUMNS} must be in the mapping.  Only the
     L{OPTIONAL_COLUMNS} may be missing, taking their defaults: C{country}
-    NULL, C{proxy_protocol} 0 (off), C{draining} 0, C{health_check} NULL.
+    NULL, C{proxy_protocol} 0 (off), C{draining} 0, C{health_check} NULL,
+    C{heartbeat_at} NULL.
     NULL in C{app} or C{country} means none; NULL (or empty text) in
     C{health_check} means the proxy's default check; NULL in C{weight},
     C{soft_limit}, C{hard_limit}, C{deleted}, C{proxy_protocol} and
@@ -273,6 +312,9 @@ def validate_row(row: Mapping[str, object]) -> Backend:
     C{health_check} must be C{tcp}, C{off} or C{http:/path} as
     L{edgeproxy.model.parse_check} reads them (normalised to its canonical
     form).
+
+    C{heartbeat_at} (a registered row's last heartbeat, epoch seconds) must
+    be NULL or a finite number >= 0.
 
     @raise InvalidRowError: For a missing mandatory column or any invalid
         value; nothing else is raised whatever the values are.
@@ -312,6 +354,7 @@ def validate_row(row: Mapping[str, object]) -> Backend:
             raise InvalidRowError(
                 "health_check", f"{_show(health_check)} is not a health check: {e}"
             ) from None
+    heartbeat_at = _optionalTime(row, "heartbeat_at")
     return Backend(
         id=backend_id,
         app=app,
@@ -327,6 +370,7 @@ def validate_row(row: Mapping[str, object]) -> Backend:
         proxy_protocol=proxy_protocol,
         draining=draining,
         health_check=health_check,
+        heartbeat_at=heartbeat_at,
     )
 
 
@@ -657,3 +701,348 @@ class SqliteBackendRepository:
     def _count(self, name: str, label: str) -> None:
         if self.metrics is not None:
             self.metrics.increment(name, label)
+
+
+# --- the write port ---------------------------------------------------------
+
+#: The columns a registration writes besides C{heartbeat_at} (C{draining} is
+#: the operator's: never written here).
+_REGISTER_COLUMNS: Tuple[str, ...] = (
+    *MANDATORY_COLUMNS,
+    "country",
+    "proxy_protocol",
+    "health_check",
+)
+
+#: The type of each optional column a registration may add to a table that
+#: lacks it; a column added without a default reads NULL in every existing
+#: row, which L{validate_row} takes as that column's default, so adding one
+#: never changes what an existing row means.
+_ADDABLE_COLUMNS: Mapping[str, str] = {
+    "country": "TEXT",
+    "proxy_protocol": "INTEGER",
+    "health_check": "TEXT",
+    "heartbeat_at": "REAL",
+}
+
+#: The value of an optional column that needs no column to be stored.
+_COLUMN_DEFAULTS: Mapping[str, object] = {
+    "country": None,
+    "proxy_protocol": 0,
+    "health_check": None,
+}
+
+
+def _openForWriting(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """
+    A read-write connection to an existing database (never creates one).
+    """
+    uri = f"file:{quote(os.fspath(path), safe='/')}?mode=rw"
+    try:
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    except sqlite3.Error as e:
+        raise BackendWriteError(f"cannot open {path} for writing: {e}") from e
+
+
+def _writeError(path: str, error: sqlite3.Error, busy_timeout: float) -> BackendWriteError:
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return BackendWriteError(
+            f"the routing database {path} stayed locked for {busy_timeout:g} s: {text}"
+        )
+    return BackendWriteError(f"cannot write {path}: {text}")
+
+
+def _writeColumns(conn: sqlite3.Connection, path: str) -> Dict[str, str]:
+    """
+    The columns of the table (lower-case name -> name as declared), for a
+    writer inside its transaction.
+
+    @raise BackendWriteError: No table, or a mandatory column missing (the
+        loader would refuse the table: writing to it helps nobody).
+    """
+    present: Dict[str, str] = {}
+    for info in conn.execute(f"PRAGMA table_info({_TABLE})"):
+        name = info[1]
+        if type(name) is str:
+            present.setdefault(name.lower(), name)
+    if not present:
+        raise BackendWriteError(f"{path} has no {_TABLE!r} table")
+    missing = [c for c in MANDATORY_COLUMNS if c not in present]
+    if missing:
+        raise BackendWriteError(
+            f"table {_TABLE!r} in {path} lacks column(s) {', '.join(missing)} (see conf/schema.sql)"
+        )
+    return present
+
+
+def _inTransaction(path: str, busy_timeout: float, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    """
+    Run C{work(conn)} in one write transaction (C{BEGIN IMMEDIATE}: the
+    write lock is taken first, waiting up to C{busy_timeout} for it);
+    commit if it returns, roll back if it raises.  Blocking.
+
+    @raise BackendWriteError: For any SQLite error (nothing written).
+    """
+    conn = _openForWriting(path, busy_timeout)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+    except sqlite3.Error as e:
+        raise _writeError(path, e, busy_timeout) from e
+    finally:
+        conn.close()
+
+
+def insert_backend(
+    path: str, busy_timeout: float, row: Mapping[str, object], now: float
+) -> Tuple[str, ...]:
+    """
+    Insert C{row} (validated by the caller) as a registered row with
+    C{heartbeat_at = now}, in one transaction.  Blocking.
+
+    A table without C{heartbeat_at} (the original schema) gets it (C{ALTER
+    TABLE ... ADD COLUMN}, NULL in every existing row: they stay rows
+    written by hand); so does a table without C{country},
+    C{proxy_protocol} or C{health_check} when C{row} has a value for it
+    that is not the column's default.
+
+    @return: The columns added to the table.
+    @raise DuplicateBackendError: A row with this id exists.
+    @raise BackendWriteError: Anything else (nothing written).
+    """
+    backend_id = row["id"]
+
+    def work(conn: sqlite3.Connection) -> Tuple[str, ...]:
+        present = _writeColumns(conn, path)
+        added: List[str] = []
+        for column, kind in _ADDABLE_COLUMNS.items():
+            if column in present:
+                continue
+            if column == "heartbeat_at" or row.get(column, None) != _COLUMN_DEFAULTS[column]:
+                conn.execute(f"ALTER TABLE {_TABLE} ADD COLUMN {_quoteIdent(column)} {kind}")
+                present[column] = column
+                added.append(column)
+        id_column = _quoteIdent(present["id"])
+        if conn.execute(f"SELECT 1 FROM {_TABLE} WHERE {id_column} = ?", (backend_id,)).fetchone():
+            raise DuplicateBackendError(str(backend_id))
+        columns = [c for c in _REGISTER_COLUMNS if c in present and c in row]
+        values = [row[c] for c in columns]
+        columns.append("heartbeat_at")
+        values.append(now)
+        names = ", ".join(_quoteIdent(present[c]) for c in columns)
+        marks = ", ".join("?" for _ in columns)
+        try:
+            conn.execute(f"INSERT INTO {_TABLE} ({names}) VALUES ({marks})", values)
+        except sqlite3.IntegrityError as e:
+            if "UNIQUE" in str(e):
+                raise DuplicateBackendError(str(backend_id)) from None
+            raise
+        return tuple(added)
+
+    return _inTransaction(path, busy_timeout, work)
+
+
+def update_heartbeats(
+    path: str, busy_timeout: float, backend_ids: Sequence[str], now: float
+) -> Dict[str, bool]:
+    """
+    Set C{heartbeat_at = now} on the registered rows among C{backend_ids},
+    in one transaction.  Blocking.
+
+    @return: Backend id -> whether it is a registered row (and was updated);
+        a row written by hand (C{heartbeat_at} NULL) is left alone.
+    @raise BackendWriteError: The write failed (nothing written).
+    """
+
+    def work(conn: sqlite3.Connection) -> Dict[str, bool]:
+        present = _writeColumns(conn, path)
+        if "heartbeat_at" not in present:
+            return {backend_id: False for backend_id in backend_ids}
+        beat = _quoteIdent(present["heartbeat_at"])
+        where = _quoteIdent(present["id"])
+        return {
+            backend_id: conn.execute(
+                f"UPDATE {_TABLE} SET {beat} = ? WHERE {where} = ? AND {beat} IS NOT NULL",
+                (now, backend_id),
+            ).rowcount
+            > 0
+            for backend_id in backend_ids
+        }
+
+    return _inTransaction(path, busy_timeout, work)
+
+
+def delete_backend(path: str, busy_timeout: float, backend_id: str) -> bool:
+    """
+    Delete the registered row C{backend_id}, in one transaction.  Blocking.
+
+    @return: Whether a registered row went (C{False}: no such row, or one
+        written by hand, which is never deleted here).
+    @raise BackendWriteError: The write failed (nothing written).
+    """
+
+    def work(conn: sqlite3.Connection) -> bool:
+        present = _writeColumns(conn, path)
+        if "heartbeat_at" not in present:
+            return False
+        beat = _quoteIdent(present["heartbeat_at"])
+        where = _quoteIdent(present["id"])
+        deleted = conn.execute(
+            f"DELETE FROM {_TABLE} WHERE {where} = ? AND {beat} IS NOT NULL", (backend_id,)
+        ).rowcount
+        return bool(deleted > 0)
+
+    return _inTransaction(path, busy_timeout, work)
+
+
+@implementer(IBackendWriter)
+@attrs.define(eq=False)
+class SqliteBackendWriter:
+    """
+    The registration API's write port on the SQLite routing table of
+    C{repository}.
+
+    Each write opens its own read-write connection in the reactor's thread
+    pool and runs in one transaction (C{BEGIN IMMEDIATE}, waiting up to
+    C{busy_timeout} seconds for another writer's lock).  Writes run one at
+    a time, in order, so that a burst of requests holds one pool thread,
+    not all of them; heartbeats that arrive while a write runs are written
+    together by the next one (one transaction for all of them).  A
+    registration or deregistration then reloads C{repository} and fires
+    once the new table is in force, so the change is routed on this POP at
+    once.
+
+    @ivar repository: The repository reading the same file (its C{path},
+        its reactor's thread pool and clock).
+    @ivar busy_timeout: Seconds a write waits for a lock.
+    """
+
+    repository: SqliteBackendRepository
+    busy_timeout: float = 5.0
+    _lock: DeferredLock = attrs.field(init=False, factory=DeferredLock, repr=False)
+    _beats: Dict[str, List["Deferred[bool]"]] = attrs.field(init=False, factory=dict, repr=False)
+    _beatsQueued: bool = attrs.field(init=False, default=False, repr=False)
+
+    def _now(self) -> float:
+        return float(self.repository._getReactor().seconds())
+
+    def _inThread(self, f: Callable[..., _T], *args: object) -> "Deferred[_T]":
+        """
+        C{f(*args)} in the thread pool, after every write queued before.
+        """
+
+        def start() -> "Deferred[_T]":
+            reactor = self.repository._getReactor()
+            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+        return self._lock.run(start)
+
+    def register(self, fields: Mapping[str, object]) -> "Deferred[Backend]":
+        """
+        See L{IBackendWriter.register}.  The row is validated here too
+        (L{validate_row}), so an invalid one never reaches the file.
+        """
+        row = dict(fields)
+        try:
+            validated = validate_row(row)
+        except InvalidRowError:
+            return fail()
+        now = self._now()
+        path = self.repository.path
+        d: Deferred[Any] = self._inThread(insert_backend, path, self.busy_timeout, row, now)
+
+        def written(added: Tuple[str, ...]) -> Any:
+            if added:
+                _log.warn(
+                    "Added column(s) {columns} to the backends table in {path} for"
+                    " registrations (existing rows read them as NULL)",
+                    columns=", ".join(added),
+                    path=path,
+                )
+            _log.info(
+                "Backend {backend_id} registered: {host}:{port}, app {app}, region {region}",
+                backend_id=validated.id,
+                host=validated.host,
+                port=validated.port,
+                app=validated.app,
+                region=validated.region,
+            )
+            return self.repository.reload()
+
+        def loaded(snapshot: RoutingSnapshot) -> Backend:
+            found = snapshot.by_id.get(validated.id)
+            if found is not None:
+                return found
+            _log.warn(
+                "Backend {backend_id} was written to {path} but the reload did not take it"
+                " in: {error}",
+                backend_id=validated.id,
+                path=path,
+                error=self.repository.lastError,
+            )
+            return attrs.evolve(validated, heartbeat_at=now)
+
+        d.addCallback(written)
+        d.addCallback(loaded)
+        return d
+
+    def heartbeat(self, backend_id: str) -> "Deferred[bool]":
+        """
+        See L{IBackendWriter.heartbeat}.
+        """
+        d: Deferred[bool] = Deferred()
+        self._beats.setdefault(backend_id, []).append(d)
+        if not self._beatsQueued:
+            self._beatsQueued = True
+            self._lock.run(self._writeBeats)
+        return d
+
+    def _writeBeats(self) -> "Deferred[None]":
+        beats, self._beats = self._beats, {}
+        self._beatsQueued = False
+        reactor = self.repository._getReactor()
+        d: Deferred[Dict[str, bool]] = deferToThreadPool(
+            reactor,
+            reactor.getThreadPool(),
+            update_heartbeats,
+            self.repository.path,
+            self.busy_timeout,
+            list(beats),
+            self._now(),
+        )
+
+        def written(results: Dict[str, bool]) -> None:
+            for backend_id, waiters in beats.items():
+                for waiter in waiters:
+                    waiter.callback(results.get(backend_id, False))
+
+        def failed(failure: Failure) -> None:
+            for waiters in beats.values():
+                for waiter in waiters:
+                    waiter.errback(failure)
+
+        return d.addCallbacks(written, failed)
+
+    def deregister(self, backend_id: str) -> "Deferred[bool]":
+        """
+        See L{IBackendWriter.deregister}.
+        """
+        d: Deferred[Any] = self._inThread(
+            delete_backend, self.repository.path, self.busy_timeout, backend_id
+        )
+
+        def deleted(gone: bool) -> Any:
+            if not gone:
+                return False
+            _log.info("Backend {backend_id} deregistered", backend_id=backend_id)
+            return self.repository.reload().addCallback(lambda _: True)
+
+        return d.addCallback(deleted)

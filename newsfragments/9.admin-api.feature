@@ -1,0 +1,1 @@
+An admin API beside it: set a backend's admin state (`PUT /api/v1/backends/{id}/state`), reload the routing table now (`POST /api/v1/reload`) and explain a routing decision as JSON (`GET /api/v1/explain?ip=...&app=...`).
