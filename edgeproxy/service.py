@@ -33,6 +33,7 @@ from edgeproxy.config import ListenerSpec, ProxySettings
 from edgeproxy.interfaces import (
     UNAVAILABLE,
     IBackendRepository,
+    IBackendWriter,
     IBindingRepository,
     IGeoResolver,
     IHostResolver,
@@ -60,6 +61,7 @@ LIMITER_SERVICE = "client-limits"
 ADMIN_SERVICE = "admin"
 DNS_SERVICE = "dns"
 STATUS_SERVICE = "status-samples"
+HEARTBEAT_SERVICE = "heartbeats"
 
 
 def listener_service_name(index: int) -> str:
@@ -117,6 +119,7 @@ class EdgeProxyService(MultiService):
         self.adminSite: Any = None
         self.pops: Any = None
         self.status: Any = None
+        self.api: Any = None
         self.adminDescription: Optional[str] = None
         #: Seconds a graceful shutdown waits for open connections.
         self.shutdownTimeout = 30.0
@@ -364,6 +367,9 @@ def build_service(
     admin: Optional[str] = None,
     dns: Optional[Any] = None,
     pops: Optional[Any] = None,
+    api_tokens: Optional[Any] = None,
+    heartbeat_ttl: float = 30.0,
+    regions: Optional[Any] = None,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -397,6 +403,13 @@ def build_service(
     @param admin: The endpoint description of the admin HTTP listener
         (C{/metrics}, C{/health}; see L{edgeproxy.control.admin}), e.g.
         C{tcp:8090:interface=127.0.0.1}; C{None} or C{"none"} for none.
+    @param api_tokens: The admin API's bearer tokens
+        (L{edgeproxy.control.auth.load_tokens}), or C{None}: every write is
+        refused, reads are open only on a loopback admin listener.
+    @param heartbeat_ttl: Seconds after its last heartbeat a registered
+        backend stops taking new connections.
+    @param regions: The country -> region table (its region names are the
+        regions a registration may name), default the built-in one.
     @param dns: The internal geo DNS service (L{edgeproxy.control.dns.dns_service}),
         or C{None}; it runs with the proxy.
     @param pops: The POPs table (L{edgeproxy.stores.pops.SqlitePopRepository}),
@@ -548,8 +561,21 @@ def build_service(
         dns.setName(DNS_SERVICE)
         dns.setServiceParent(top)
     top.pops = pops
+    top.stateFile = state_file
     if admin is not None and admin.strip().lower() != "none":
-        _addAdmin(top, reactor, admin, repository, router, bindings, metrics, resolver)
+        _addAdmin(
+            top,
+            reactor,
+            admin,
+            repository,
+            router,
+            bindings,
+            metrics,
+            resolver,
+            api_tokens,
+            heartbeat_ttl,
+            regions,
+        )
     repository.addListener(_pruner(metrics))
     if state_file is not None:
         poll = TimerService(state_poll, state_file.poll)
@@ -575,10 +601,13 @@ def _addAdmin(
     bindings: IBindingRepository,
     metrics: IMetricsStore,
     resolver: Any,
+    tokens: Any,
+    heartbeat_ttl: float,
+    regions: Any,
 ) -> None:
     """
-    The admin HTTP listener: Prometheus metrics of every part, and a
-    health page saying what the proxy has.
+    The admin HTTP listener: Prometheus metrics of every part, a health
+    page, the registration and admin API, and the live status page.
     """
     from edgeproxy.control.admin import admin_endpoint, admin_site
     from edgeproxy.control.metrics import EdgeproxyCollector, Exposition
@@ -607,7 +636,54 @@ def _addAdmin(
     site = admin_site(
         Exposition(collector, reactor=reactor), health=health, reactor=reactor, metrics=metrics
     )
-    from edgeproxy.control.status import SAMPLE_INTERVAL, StatusData, mount_status
+    from edgeproxy.control.api import Api, install_api, known_regions
+    from edgeproxy.control.auth import ApiAuth, ReadGuarded
+    from edgeproxy.control.status import (
+        SAMPLE_INTERVAL,
+        STATUS_PATH,
+        StatusData,
+        StatusJSONResource,
+        StatusResource,
+    )
+    from edgeproxy.routing.heartbeats import HeartbeatExpiry
+
+    overlay = getattr(router, "overlay", None)
+    expiry = None
+    if overlay is not None:
+        expiry = HeartbeatExpiry(repository, overlay, reactor, ttl=heartbeat_ttl)
+        repository.addListener(expiry.routingTableChanged)
+        checking = TimerService(1.0, expiry.check)
+        checking.clock = reactor
+        checking.setName(HEARTBEAT_SERVICE)
+        checking.setServiceParent(top)
+    from edgeproxy.stores.sqlite import SqliteBackendRepository, SqliteBackendWriter
+
+    writer: Any = None
+    if IBackendWriter.providedBy(repository):
+        writer = repository
+    elif isinstance(repository, SqliteBackendRepository):
+        writer = SqliteBackendWriter(repository)
+    if regions is None:
+        from edgeproxy.geo import DEFAULT_REGIONS
+
+        regions = DEFAULT_REGIONS
+    auth = ApiAuth.forListener(description, tokens, metrics)
+    api = Api(
+        auth=auth,
+        repository=repository,
+        clock=reactor,
+        writer=writer,
+        router=router,
+        admin=top.stateFile if top.stateFile is not None else top.admin,
+        overlay=overlay,
+        health=top.health,
+        breaker=getattr(router, "breaker", None),
+        load=getattr(router, "load", None),
+        expiry=expiry,
+        regions=known_regions(regions),
+        local_region=top.region,
+        metrics=metrics,
+    )
 
     status = StatusData(
         repository=repository,
@@ -627,8 +703,11 @@ def _addAdmin(
     sampling.clock = reactor
     sampling.setName(STATUS_SERVICE)
     sampling.setServiceParent(top)
-    mount_status(site.resource, status)
+    api_root = install_api(site.resource, api)
+    site.resource.putChild(b"", StatusResource(STATUS_PATH))
+    api_root.children[b"v1"].putChild(b"status", ReadGuarded(StatusJSONResource(status), auth))
     top.status = status
+    top.api = api
     endpoint = admin_endpoint(reactor, description)
     listener = StreamServerEndpointService(endpoint, site)  # type: ignore[arg-type]
     listener._raiseSynchronously = True

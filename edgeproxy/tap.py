@@ -558,6 +558,21 @@ _OPTIONS: tuple[_Option, ...] = (
         " /health); none to disable",
     ),
     _Option(
+        "api-token-file",
+        "EDGEPROXY_API_TOKEN_FILE",
+        None,
+        _readable_file,
+        "Bearer tokens of the admin API, one per line ('TOKEN' or 'TOKEN register');"
+        " without it every write is refused, and --admin must be on loopback",
+    ),
+    _Option(
+        "heartbeat-ttl",
+        "EDGEPROXY_HEARTBEAT_TTL",
+        30.0,
+        _positive_float,
+        "Seconds after its last heartbeat a registered backend stops taking new connections",
+    ),
+    _Option(
         "dns",
         "EDGEPROXY_DNS",
         "none",
@@ -923,6 +938,9 @@ def makeService(
         geo = GeoIPResolver.fromPaths(geoip, options["geo-overrides"], options["regions"])
     except (OSError, ValueError) as e:
         raise _fatal(f"cannot use --geo-overrides/--regions: {e}") from None
+    from edgeproxy.geo import DEFAULT_REGIONS, load_regions
+
+    geo_regions = load_regions(options["regions"]) if options["regions"] else DEFAULT_REGIONS
 
     from edgeproxy.net.resolve import HostResolver, backend_hosts
 
@@ -992,6 +1010,19 @@ def makeService(
         max_clients=max(100_000, options["max-connections"]),
         metrics=metrics,
     )
+    from edgeproxy.control.auth import TokenFileError, check_admin_security, load_tokens
+
+    tokens = None
+    if options["api-token-file"]:
+        try:
+            tokens = load_tokens(options["api-token-file"])
+        except TokenFileError as e:
+            raise _fatal(f"--api-token-file: {e}") from None
+    try:
+        check_admin_security(None if options["admin"] == "none" else options["admin"], tokens)
+    except ValueError as e:
+        raise _fatal(f"--admin: {e}") from None
+
     from edgeproxy.control.dns import DNSResolver, dns_service
     from edgeproxy.stores.pops import SqlitePopRepository
 
@@ -1049,6 +1080,9 @@ def makeService(
         admin=options["admin"],
         dns=dns,
         pops=pops,
+        api_tokens=tokens,
+        heartbeat_ttl=options["heartbeat-ttl"],
+        regions=geo_regions,
     )
 
 

@@ -53,6 +53,8 @@ ENV_NAMES = {
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
     "state-file": "EDGEPROXY_STATE_FILE",
     "admin": "EDGEPROXY_ADMIN",
+    "api-token-file": "EDGEPROXY_API_TOKEN_FILE",
+    "heartbeat-ttl": "EDGEPROXY_HEARTBEAT_TTL",
     "dns": "EDGEPROXY_DNS",
     "dns-domain": "EDGEPROXY_DNS_DOMAIN",
     "dns-ttl": "EDGEPROXY_DNS_TTL",
@@ -122,6 +124,8 @@ def test_defaults() -> None:
     assert options["panic-routing"] is True
     assert options["state-file"] is None
     assert options["admin"] == "tcp:8090:interface=127.0.0.1"
+    assert options["api-token-file"] is None
+    assert options["heartbeat-ttl"] == 30.0
     assert options["dns"] == "none"
     assert options["dns-domain"] == "edge.internal"
     assert options["dns-ttl"] == 30
@@ -174,6 +178,8 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--panic-routing=off",
         f"--state-file={tmp_path / 's.json'}",
         "--admin=tcp:0:interface=127.0.0.1",
+        f"--api-token-file={overrides}",
+        "--heartbeat-ttl=12",
         "--dns=127.0.0.1:5354",
         "--dns-domain=Geo.Example.",
         "--dns-ttl=5",
@@ -220,6 +226,8 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["panic-routing"] is False
     assert options["state-file"] == str(tmp_path / "s.json")
     assert options["admin"] == "tcp:0:interface=127.0.0.1"
+    assert options["api-token-file"] == overrides
+    assert options["heartbeat-ttl"] == 12.0
     assert options["dns"] == "127.0.0.1:5354"
     assert options["dns-domain"] == "geo.example"
     assert options["dns-ttl"] == 5
@@ -291,6 +299,8 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_PANIC_ROUTING": "no",
         "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
         "EDGEPROXY_ADMIN": "none",
+        "EDGEPROXY_API_TOKEN_FILE": regions,
+        "EDGEPROXY_HEARTBEAT_TTL": "7",
         "EDGEPROXY_DNS": "5355",
         "EDGEPROXY_DNS_DOMAIN": "edge.test",
         "EDGEPROXY_DNS_TTL": "60",
@@ -336,6 +346,8 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["panic-routing"] is False
     assert options["state-file"] == str(tmp_path / "env-state.json")
     assert options["admin"] == "none"
+    assert options["api-token-file"] == regions
+    assert options["heartbeat-ttl"] == 7.0
     assert options["dns"] == "5355"
     assert options["dns-domain"] == "edge.test"
     assert options["dns-ttl"] == 60

@@ -469,3 +469,24 @@ class _Refused(Resource):
 
     def render(self, request: Any) -> bytes:
         return self.auth.refuse(request, self.refusal)
+
+
+class ReadGuarded(Resource):
+    """
+    A leaf resource served only to requests that may read (the status
+    page's JSON inside the C{/api} tree, whose endpoints check access
+    themselves).
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource, auth: ApiAuth) -> None:
+        Resource.__init__(self)
+        self.inner = inner
+        self.auth = auth
+
+    def render(self, request: Any) -> Any:
+        refusal = self.auth.check(request, READ)
+        if refusal is not None:
+            return self.auth.refuse(request, refusal)
+        return self.inner.render(request)
