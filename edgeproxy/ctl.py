@@ -216,14 +216,14 @@ _BACKEND_COLUMNS = [
     ("region", "region"),
     ("country", "country"),
     ("address", "address"),
-    ("routable", "routable"),
+    ("available", "takes new"),
     ("health", "health"),
     ("breaker", "breaker"),
     ("admin", "admin"),
-    ("connections", "conns"),
+    ("load", "conns"),
     ("soft_limit", "soft"),
     ("hard_limit", "hard"),
-    ("heartbeat_age", "heartbeat"),
+    ("last_heartbeat_secs", "heartbeat age"),
 ]
 
 
@@ -234,8 +234,13 @@ def _backendRows(answer: Any) -> List[Mapping[str, Any]]:
     result: List[Mapping[str, Any]] = []
     for row in rows:
         row = dict(row)
-        if "address" not in row and "host" in row:
-            row["address"] = f"{row['host']}:{row.get('port')}"
+        host = row.get("ip", row.get("host"))
+        if "address" not in row and host is not None:
+            row["address"] = (
+                f"[{host}]:{row.get('port')}" if ":" in host else f"{host}:{row.get('port')}"
+            )
+        if row.get("hard_limit") == 0:
+            row["hard_limit"] = "none"
         result.append(row)
     return result
 
