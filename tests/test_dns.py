@@ -17,6 +17,7 @@ from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple
 
 import pytest
 import pytest_twisted
+from faultkit import LogCapture
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
@@ -60,7 +61,6 @@ from edgeproxy.testing import (
     StaticHostResolver,
     backend,
 )
-from tests.faultkit import LogCapture
 
 pytest.importorskip("dns.message", reason="pip install dnspython")
 import dns.edns
