@@ -16,7 +16,9 @@ setup(
         # edgeproxy/net/tls.py, tcp.Server/Client buffers in net/proxy.py, the epoll
         # reactor's dispatch in net/reactor.py), pinned by tests/test_private_apis.py and
         # friends.  tox tests the ends of the range (23.10.0 and the latest, 26.10.x); widen
-        # it only after running the whole suite on the new release.
+        # it only after running the whole suite on the new release.  (With Twisted
+        # older than 26, Twisted's own ssl: endpoint, e.g. for --admin over TLS, needs
+        # pyOpenSSL < 26; edgeproxy's txsni: listeners work with either.)
         "twisted[tls]>=23.10.0,<27",
         "zope.interface>=6.0",
         "attrs>=23.1.0",

@@ -60,7 +60,10 @@ class Backend:
     proxy_protocol: int = PROXY_OFF
     draining: bool = False
     health_check: Optional[str] = None
-    heartbeat_at: Optional[float] = None
+    # Not part of equality or the hash: a heartbeat does not change what
+    # the table routes, so it must not make every reload look like a
+    # change (listeners rebuilding indexes, bindings re-checked...).
+    heartbeat_at: Optional[float] = attrs.field(default=None, eq=False)
 
     @property
     def routable(self) -> bool:
@@ -169,6 +172,30 @@ L{edgeproxy.routing.bindings.client_key})."""
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 """An IPv4 or IPv6 network, as C{ipaddress.ip_network} returns."""
+
+#: Cloud instance metadata services, which a backend address must never
+#: point at (a proxied client would read the POP's credentials): AWS
+#: (IPv4, IPv6), GCP, Azure, OpenStack, DigitalOcean... (169.254.169.254),
+#: Alibaba (100.100.100.200), Azure's wire server (168.63.129.16).
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
+)
+
+
+def is_forbidden_target(address: str) -> bool:
+    """
+    Whether C{address} (an IP literal) is one a backend must never be: a
+    cloud metadata service or a link-local address (169.254/16, fe80::/10),
+    also inside IPv4-mapped IPv6.
+    """
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+        ip = ip.ipv4_mapped  # type: ignore[union-attr]
+    return ip in METADATA_ADDRESSES or ip.is_link_local
 
 
 _Index = Dict[Tuple[Optional[str], Optional[str]], Tuple[Backend, ...]]

@@ -637,14 +637,8 @@ def _addAdmin(
         Exposition(collector, reactor=reactor), health=health, reactor=reactor, metrics=metrics
     )
     from edgeproxy.control.api import Api, install_api, known_regions
-    from edgeproxy.control.auth import ApiAuth, ReadGuarded
-    from edgeproxy.control.status import (
-        SAMPLE_INTERVAL,
-        STATUS_PATH,
-        StatusData,
-        StatusJSONResource,
-        StatusResource,
-    )
+    from edgeproxy.control.auth import ApiAuth
+    from edgeproxy.control.status import SAMPLE_INTERVAL, StatusData, mount_guarded
     from edgeproxy.routing.heartbeats import HeartbeatExpiry
 
     overlay = getattr(router, "overlay", None)
@@ -703,9 +697,7 @@ def _addAdmin(
     sampling.clock = reactor
     sampling.setName(STATUS_SERVICE)
     sampling.setServiceParent(top)
-    api_root = install_api(site.resource, api)
-    site.resource.putChild(b"", StatusResource(STATUS_PATH))
-    api_root.children[b"v1"].putChild(b"status", ReadGuarded(StatusJSONResource(status), auth))
+    mount_guarded(site.resource, install_api(site.resource, api), status, auth)
     top.status = status
     top.api = api
     endpoint = admin_endpoint(reactor, description)

@@ -135,9 +135,11 @@ class InMemoryBackendRepository:
         """
         new = RoutingSnapshot.build(backends)
         old = self._snapshot
-        if new.same_content(old):
-            return old
         self._snapshot = new
+        if new.same_content(old):
+            # The same routing content (heartbeat times aside): in force,
+            # nobody told.
+            return new
         for listener in list(self._listeners):
             try:
                 listener(old, new)

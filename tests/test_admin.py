@@ -394,3 +394,35 @@ def test_site_settings():
     assert channel.requestTimeout == 3.0
     assert site.openConnections == 1
     assert site.accessLog is False
+
+
+def test_one_source_cannot_take_every_admin_slot():
+    """
+    F24: one (non-loopback) source holds at most maxPerSource admin
+    connections; the next ones from it are closed at once and counted,
+    while other sources still get a slot (so a flood cannot starve the
+    backends' heartbeats); loopback is not limited.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.web.resource import Resource
+
+    from edgeproxy.control.admin import AdminChannel, AdminSite
+    from edgeproxy.metrics import MetricsStore
+
+    metrics = MetricsStore()
+    site = AdminSite(Resource(), maxConnections=64, maxPerSource=2, metrics=metrics)
+    flood = IPv4Address("TCP", "203.0.113.9", 1)
+    built = [site.buildProtocol(flood) for _ in range(3)]
+    assert [isinstance(p, AdminChannel) for p in built] == [True, True, False]
+    assert metrics.counter("admin_connections_rejected", "per-source") == 1
+    assert isinstance(site.buildProtocol(IPv4Address("TCP", "198.51.100.1", 2)), AdminChannel)
+    local = [site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 3)) for _ in range(5)]
+    assert all(isinstance(p, AdminChannel) for p in local)
+    # A slot of the flooding source frees when one of its connections ends.
+    built[0].makeConnection(StringTransport())
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    built[0].connectionLost(Failure(ConnectionDone()))
+    assert isinstance(site.buildProtocol(flood), AdminChannel)

@@ -781,6 +781,7 @@ def test_heartbeat_expiry_unit():
     expiry.check()
     assert overlay.unavailable == {"reg"} and expiry.expired == {"reg"}
     repo.set([backend("reg", heartbeat_at=1005.5), backend("hand")])
+    expiry.check()  # a heartbeat-only change notifies nobody: the next check sees it
     assert overlay.unavailable == frozenset()
     clock.advance(10)
     expiry.check()
@@ -792,10 +793,13 @@ def test_heartbeat_expiry_unit():
     expiry.check()
     assert overlay.unavailable == {"reg"}
     repo.set([backend("reg"), backend("hand")])
+    expiry.check()  # a heartbeat-only change notifies nobody: the next check sees it
     assert overlay.unavailable == frozenset() and expiry.expired == frozenset()
     repo.set([backend("reg", heartbeat_at=0.0)])
+    expiry.check()  # a heartbeat-only change notifies nobody: the next check sees it
     assert overlay.unavailable == {"reg"}
     repo.set([backend("hand")])
+    expiry.check()  # a heartbeat-only change notifies nobody: the next check sees it
     assert overlay.unavailable == frozenset() and expiry.expired == frozenset()
     with pytest.raises(ValueError):
         HeartbeatExpiry(repo, overlay, clock, ttl=0)
@@ -1312,5 +1316,29 @@ def test_body_refused_over_tls(tmp_path: Path):
         status, answer = _response(received)
         assert status == 413 and answer["error"] == "request body too large"
         assert ending == "close_notify"
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_status_page_opens_off_loopback_its_data_needs_a_token(tmp_path: Path):
+    """
+    On a listener whose reads need a token, the status page itself (static
+    HTML, no data) opens without one, as a browser must load it, while its
+    JSON answers a 401 without a token and the data with one.
+    """
+    from edgeproxy.control.status import StatusData, mount_guarded
+
+    h = Harness(tmp_path, [hand_row("a")], openReads=False)
+    try:
+        api_root = h.site.resource.children[b"api"]
+        mount_guarded(h.site.resource, api_root, StatusData(repository=h.repository), h.auth)
+        page = yield h.http.get(h.url("/"))
+        html = yield page.content()
+        assert page.code == 200 and b"<html" in html.lower()
+        code, answer, _ = yield h.call("GET", "/api/v1/status", token=None)
+        assert_error(code, answer, 401)
+        code, answer, _ = yield h.call("GET", "/api/v1/status", token=FULL)
+        assert code == 200 and [b["id"] for b in answer["backends"]] == ["a"]
     finally:
         yield h.stop()

@@ -324,3 +324,23 @@ def test_refuse_and_guard_answer_json() -> None:
     assert r.responseHeaders.getRawHeaders(b"www-authenticate") == [b'Bearer realm="edgeproxy"']
     open_auth, _ = _auth(openReads=True)
     assert open_auth.guard(request()) is None
+
+
+@pytest.mark.parametrize(
+    "description, loopback",
+    [
+        ("tcp:8090:interface=127.0.0.1:interface=0.0.0.0", False),
+        ("tcp:8090:interface=0.0.0.0:interface=127.0.0.1", True),
+        ("tcp:8090:127.0.0.1", True),
+        ("tcp:8090:0.0.0.0", False),
+    ],
+)
+def test_loopback_is_read_as_twisted_reads_the_description(description, loopback):
+    """
+    The loopback test reads a description as Twisted does: the last
+    interface= wins (so a second one cannot sneak a public address past the
+    token rule), and tcp's second positional argument is the interface.
+    """
+    from edgeproxy.control.auth import is_loopback_description
+
+    assert is_loopback_description(description) is loopback

@@ -531,9 +531,10 @@ def test_geo_answers_with_static_geo() -> None:
     assert subnet_option(r).scopelen == 56
     r = h.ask("web.edge.internal", peer="192.0.2.77")
     assert addresses(r) == ["192.0.2.4"] and list(r.options) == []
-    # The subnet is unknown to geo: the querier's location is used instead.
+    # The subnet is unknown to geo: the querier's location is used instead,
+    # and the answer is valid for any client of the resolver (scope 0).
     r = h.ask("web.edge.internal", subnet=("10.9.8.0", 24), peer="192.0.2.77")
-    assert addresses(r) == ["192.0.2.4"] and subnet_option(r).scopelen == 24
+    assert addresses(r) == ["192.0.2.4"] and subnet_option(r).scopelen == 0
     # Source prefix 0: the client asks that its address not be used.
     r = h.ask("web.edge.internal", subnet=("0.0.0.0", 0), peer="192.0.2.77")
     assert addresses(r) == ["192.0.2.4"] and subnet_option(r).scopelen == 0

@@ -687,3 +687,27 @@ def test_proxy_reaches_an_ipv6_only_name_on_real_sockets():
     finally:
         yield h.stop([])
         yield port.stopListening()
+
+
+def test_names_never_resolve_to_metadata_or_link_local_addresses():
+    """
+    Issue 9 (F11's metadata rule, by name): a host name whose addresses
+    include a cloud metadata or link-local address keeps only the others;
+    one that resolves only to such addresses has no address (its backend is
+    never connected to), whoever registered it.
+    """
+    from edgeproxy.net.resolve import NoAddressError, _lookup
+
+    def fake(addresses):
+        def getaddrinfo(host, port, family=0, type=0, *a):
+            return [
+                (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0))
+                for a in addresses
+            ]
+
+        return getaddrinfo
+
+    assert _lookup(fake(["169.254.169.254", "10.0.0.7"]), "mixed.test") == ("10.0.0.7",)
+    for only in (["169.254.169.254"], ["fe80::1"], ["100.100.100.200"], ["::ffff:169.254.169.254"]):
+        with pytest.raises(NoAddressError, match="metadata"):
+            _lookup(fake(only), "evil.test")

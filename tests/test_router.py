@@ -132,8 +132,8 @@ def test_in_memory_repository_set_and_listeners():
 
     repo.addListener(broken)
     repo.addListener(lambda old, new: seen.append((old, new)))
-    first = repo.current()
-    assert repo.set([backend("a")]) is first
+    first = repo.set([backend("a")])
+    assert first.same_content(repo.current()) and first is repo.current()
     assert seen == []
     logged: list[dict] = []
     observer = cast(ILogObserver, logged.append)

@@ -98,6 +98,9 @@ _log = Logger()
 DEFAULT_ADMIN = "tcp:8090:interface=127.0.0.1"
 
 #: Concurrent admin connections allowed by default.
+#: Connections one (non-loopback) source address may hold at once.
+DEFAULT_MAX_PER_SOURCE = 8
+
 DEFAULT_MAX_CONNECTIONS = 64
 
 #: Seconds a whole request may take to arrive, by default.
@@ -374,6 +377,7 @@ class AdminChannel(HTTPChannel):
     maxBodySize: Optional[int] = DEFAULT_MAX_BODY_SIZE
     _deadline: Optional[IDelayedCall] = None
     _adminSite: Optional["AdminSite"] = None
+    _adminSource: Optional[str] = None
     #: Bytes of a request that is not whole yet have come.
     _receiving = False
     #: A refusal was written before the request was whole: everything read
@@ -433,7 +437,7 @@ class AdminChannel(HTTPChannel):
             linger.cancel()
         site, self._adminSite = self._adminSite, None
         if site is not None:
-            site._channelLost()
+            site._channelLost(self._adminSource)
         HTTPChannel.connectionLost(self, reason)
 
     def _startDeadline(self) -> None:
@@ -542,6 +546,7 @@ class AdminSite(Site):
         metrics: Optional[IMetricsStore] = None,
         accessLog: bool = False,
         maxBodySize: Optional[int] = DEFAULT_MAX_BODY_SIZE,
+        maxPerSource: int = DEFAULT_MAX_PER_SOURCE,
     ) -> None:
         if maxConnections < 0:
             raise ValueError(f"maxConnections must be >= 0, got {maxConnections!r}")
@@ -555,12 +560,25 @@ class AdminSite(Site):
         self.accessLog = accessLog
         self.openConnections = 0
         self._refusing = False
+        #: Connections one source address may hold at once (0: no limit),
+        #: so that one client cannot take every slot (and starve the
+        #: backends' heartbeats); loopback is not limited.
+        self.maxPerSource = maxPerSource
+        self._bySource: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<AdminSite open={self.openConnections}/{self.maxConnections or 'unlimited'}>"
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         cap = self.maxConnections
+        source = getattr(addr, "host", None)
+        if source is not None and (source.startswith("127.") or source == "::1"):
+            source = None
+        if source is not None and self.maxPerSource:
+            if self._bySource.get(source, 0) >= self.maxPerSource:
+                if self.metrics is not None:
+                    self.metrics.increment(ADMIN_REJECTED, "per-source")
+                return _Refused()
         if cap and self.openConnections >= cap:
             if self.metrics is not None:
                 self.metrics.increment(ADMIN_REJECTED)
@@ -576,13 +594,22 @@ class AdminSite(Site):
             channel.requestTimeout = self.requestTimeout
             channel.maxBodySize = self.maxBodySize
             channel._adminSite = self
+            channel._adminSource = source
+        if source is not None:
+            self._bySource[source] = self._bySource.get(source, 0) + 1
         self.openConnections += 1
         self._refusing = False
         return channel
 
-    def _channelLost(self) -> None:
+    def _channelLost(self, source: Optional[str] = None) -> None:
         if self.openConnections > 0:
             self.openConnections -= 1
+        if source is not None:
+            left = self._bySource.get(source, 0) - 1
+            if left > 0:
+                self._bySource[source] = left
+            else:
+                self._bySource.pop(source, None)
 
     def startFactory(self) -> None:
         # Without an access log there is nothing to set up (and no

@@ -99,7 +99,7 @@ from edgeproxy.interfaces import (
     IMetricsStore,
     IStateOverlay,
 )
-from edgeproxy.model import Backend
+from edgeproxy.model import METADATA_ADDRESSES, Backend
 from edgeproxy.routing.admin import DRAIN, STATES, AdminState, AdminStates
 from edgeproxy.routing.heartbeats import SOURCE as HEARTBEAT
 from edgeproxy.routing.heartbeats import HeartbeatExpiry
@@ -199,14 +199,7 @@ _Validator = extend(
 _REGISTER = _Validator(REGISTER_SCHEMA)
 _STATE = _Validator(STATE_SCHEMA)
 
-#: Cloud instance metadata services, which a backend address must never
-#: point at (a proxied client would read the POP's credentials): AWS
-#: (IPv4, IPv6), GCP, Azure, OpenStack, DigitalOcean... (169.254.169.254),
-#: Alibaba (100.100.100.200), Azure's wire server (168.63.129.16).
-_METADATA_ADDRESSES: FrozenSet[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]] = frozenset(
-    ipaddress.ip_address(a)
-    for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
-)
+_METADATA_ADDRESSES = METADATA_ADDRESSES
 _METADATA_NAMES: FrozenSet[str] = frozenset(
     {
         "metadata",

@@ -285,11 +285,20 @@ def is_loopback_description(description: str) -> bool:
         return True
     if kind not in ("tcp", "tcp4", "tcp6", "ssl"):
         return False
+    # As Twisted reads it: positional arguments (port, then interface for
+    # tcp and tcp6), keyword arguments with the last one winning.
+    positional: list[str] = []
+    interface: Optional[str] = None
     for field in fields[1:]:
         key, equals, value = field.partition("=")
-        if equals and key.strip() == "interface":
-            return _isLoopbackHost(value)
-    return False
+        if equals:
+            if key.strip() == "interface":
+                interface = value
+        else:
+            positional.append(field)
+    if interface is None and kind != "ssl" and len(positional) >= 2:
+        interface = positional[1]
+    return interface is not None and _isLoopbackHost(interface)
 
 
 def check_admin_security(description: Optional[str], tokens: Optional[Tokens]) -> None:

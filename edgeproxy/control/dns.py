@@ -925,7 +925,8 @@ class DNSResolver:
         """
         Where the client is, and the ECS scope of an answer that depends on
         it: the client subnet's location (the bits used as scope) when the
-        query has one with address bits, else the querier's (scope 0).
+        query has one with address bits that geo knows, else the querier's
+        (scope 0).
         """
         geo = self._geo
         if geo is None:
@@ -936,7 +937,9 @@ class DNSResolver:
             if address is not None:
                 found = geo.resolve(address)
                 if found is None:
-                    found = geo.resolve(peer)
+                    # The subnet is unknown to geo: the answer is the
+                    # querier's, good for any client of the resolver.
+                    return geo.resolve(peer), 0
                 return found, bits
         return geo.resolve(peer), 0
 

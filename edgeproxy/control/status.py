@@ -1114,6 +1114,12 @@ class StatusResource(JSONResource):
 
     isLeaf = True
 
+    #: The page holds no data (its script fetches the JSON, which checks
+    #: access): it is served to anyone who can reach the listener, so that a
+    #: browser (which cannot send a bearer token on a page load) can open it
+    #: as /#token=TOKEN on a listener whose reads need a token.
+    checksAccess = True
+
     def __init__(self, source: str = STATUS_PATH, interval: float = 2.0) -> None:
         Resource.__init__(self)
         self.page, self.policy = status_page(source, interval)
@@ -1160,3 +1166,18 @@ def mount_status(
     root.putChild(b"", page)
     _child(_child(root, b"api"), b"v1").putChild(b"status", api)
     return page, api
+
+
+def mount_guarded(root: Resource, api_root: Resource, data: StatusData, auth: Any) -> None:
+    """
+    Mount the status page at C{/} of C{root} and its JSON at
+    C{/api/v1/status} inside the API's tree C{api_root} (whose C{v1} child
+    must exist), the JSON behind C{auth}'s read rule
+    (L{edgeproxy.control.auth.ReadGuarded}).
+    """
+    from edgeproxy.control.auth import ReadGuarded
+
+    root.putChild(b"", StatusResource(STATUS_PATH))
+    api_root.children[b"v1"].putChild(  # type: ignore[attr-defined]
+        b"status", ReadGuarded(StatusJSONResource(data), auth)
+    )

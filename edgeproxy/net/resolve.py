@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy.interfaces import IHostResolver
-from edgeproxy.model import RoutingSnapshot
+from edgeproxy.model import RoutingSnapshot, is_forbidden_target
 
 __all__ = [
     "GetAddrInfo",
@@ -122,7 +122,15 @@ def _lookup(getaddrinfo: GetAddrInfo, host: str) -> Tuple[str, ...]:
                 found[address] = None
     if not found:
         raise NoAddressError(f"no IPv4 or IPv6 address for {host!r}")
-    return tuple(found)
+    # A name must not lead the proxy to a metadata service or a link-local
+    # address (a registration by name, or DNS rebinding, would otherwise).
+    usable = tuple(a for a in found if not is_forbidden_target(a))
+    if not usable:
+        raise NoAddressError(
+            f"{host!r} resolves only to link-local or cloud metadata addresses"
+            f" ({', '.join(found)}): refused"
+        )
+    return usable
 
 
 def _reason(error: Optional[BaseException]) -> str:

@@ -640,13 +640,15 @@ class SqliteBackendRepository:
         self._noteSkipped(skipped)
         self._count("routing_reload", "ok")
         old = self._snapshot
+        self._snapshot = new
         if not old.same_content(new):
-            self._snapshot = new
             for listener in list(self._listeners):
                 try:
                     listener(old, new)
                 except Exception:
                     _log.failure("Routing table listener {listener!r} failed", listener=listener)
+        # Else the same routing content (only heartbeat times may differ):
+        # the fresh rows are in force, nobody is told.
         return self._snapshot
 
     def _failed(self, failure: Failure) -> RoutingSnapshot:
