@@ -1,0 +1,1 @@
+Admin states per backend: `drain` (no new clients; bound clients finish; optional deadline) and `maint` (no traffic, open connections closed), kept in a state file (`--state-file`) that survives table reloads and restarts, set with `edgeproxy-ctl` or the admin API.

@@ -1,0 +1,1 @@
+A passive circuit breaker per backend (`--breaker-failures`, `--breaker-cooldown`): consecutive connect failures take a backend out for a cooldown, then one trial connection decides; when health checks or breakers eject every candidate, panic routing sends clients to the best of them anyway (`--panic-routing off` refuses them).
