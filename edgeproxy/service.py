@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
@@ -370,6 +370,8 @@ def build_service(
     api_tokens: Optional[Any] = None,
     heartbeat_ttl: float = 30.0,
     regions: Optional[Any] = None,
+    writer: Optional[Any] = None,
+    store_services: Sequence[IService] = (),
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -410,6 +412,13 @@ def build_service(
         backend stops taking new connections.
     @param regions: The country -> region table (its region names are the
         regions a registration may name), default the built-in one.
+    @param writer: The store's write port (L{IBackendWriter}) for the
+        registration API; default the repository itself if it provides it,
+        or a L{edgeproxy.stores.sqlite.SqliteBackendWriter} on a SQLite
+        repository.
+    @param store_services: Services the store needs running with the proxy
+        (L{edgeproxy.stores.open.Store.services}: a change listener, a
+        watch); children of the returned service.
     @param dns: The internal geo DNS service (L{edgeproxy.control.dns.dns_service}),
         or C{None}; it runs with the proxy.
     @param pops: The POPs table (L{edgeproxy.stores.pops.SqlitePopRepository}),
@@ -562,6 +571,8 @@ def build_service(
         dns.setServiceParent(top)
     top.pops = pops
     top.stateFile = state_file
+    for extra in store_services:
+        extra.setServiceParent(top)
     if admin is not None and admin.strip().lower() != "none":
         _addAdmin(
             top,
@@ -575,6 +586,7 @@ def build_service(
             api_tokens,
             heartbeat_ttl,
             regions,
+            writer,
         )
     repository.addListener(_pruner(metrics))
     if state_file is not None:
@@ -604,6 +616,7 @@ def _addAdmin(
     tokens: Any,
     heartbeat_ttl: float,
     regions: Any,
+    writer: Any = None,
 ) -> None:
     """
     The admin HTTP listener: Prometheus metrics of every part, a health
@@ -652,8 +665,9 @@ def _addAdmin(
         checking.setServiceParent(top)
     from edgeproxy.stores.sqlite import SqliteBackendRepository, SqliteBackendWriter
 
-    writer: Any = None
-    if IBackendWriter.providedBy(repository):
+    if writer is not None:
+        pass
+    elif IBackendWriter.providedBy(repository):
         writer = repository
     elif isinstance(repository, SqliteBackendRepository):
         writer = SqliteBackendWriter(repository)

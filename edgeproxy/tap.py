@@ -175,12 +175,27 @@ def _state_path(value: str) -> str:
     return value
 
 
-def default_state_file(db: str) -> str:
+def default_state_file(directory: str) -> str:
     """
-    Where the admin states live when --state-file is not given: beside the
-    routing database.
+    Where the admin states live when --state-file is not given: in the
+    store's local directory (beside a SQLite routing database).
     """
-    return os.path.join(os.path.dirname(os.path.abspath(db)), "edgeproxy-state.json")
+    return os.path.join(os.path.abspath(directory), "edgeproxy-state.json")
+
+
+def redact_db(value: str) -> str:
+    """
+    A --db value as it may be logged: a URL's password replaced by C{***}.
+    """
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        authority = f"{user}:***@{hostport}"
+    return f"{scheme}://{authority}{slash}{path}"
 
 
 def _region(value: str) -> str:
@@ -191,11 +206,9 @@ def _region(value: str) -> str:
 
 
 def _db_path(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must be a file name, got an empty value")
-    if os.path.isdir(value):
-        raise ValueError(f"{value!r} is a directory")
-    return value
+    from edgeproxy.stores.open import validate_db
+
+    return validate_db(value)
 
 
 def _readable_file(value: str) -> str:
@@ -338,7 +351,13 @@ _OPTIONS: tuple[_Option, ...] = (
         "",  # the docstring of Options.opt_listen
         repeat=True,
     ),
-    _Option("db", "EDGEPROXY_DB_PATH", "routing.db", _db_path, "SQLite routing database"),
+    _Option(
+        "db",
+        "EDGEPROXY_DB_PATH",
+        "routing.db",
+        _db_path,
+        "Routing table: a SQLite file, postgresql://... or etcd://host:port/prefix",
+    ),
     _Option("region", "EDGEPROXY_REGION", "sa", _region, "Region of this POP"),
     _Option(
         "db-reload",
@@ -896,7 +915,6 @@ def makeService(
     from edgeproxy.routing.bindings import BindingTable
     from edgeproxy.routing.router import Router
     from edgeproxy.service import build_service
-    from edgeproxy.stores.sqlite import RoutingDatabaseError, SqliteBackendRepository
 
     if environ is None:
         environ = os.environ
@@ -923,11 +941,14 @@ def makeService(
     raise_nofile_limit(options["max-connections"])
 
     metrics = MetricsStore()
-    repository = SqliteBackendRepository(options["db"], reactor=reactor, metrics=metrics)
+    from edgeproxy.stores.open import StoreError, open_store
+
     try:
-        repository.loadInitial()
-    except RoutingDatabaseError as e:
-        raise _fatal(f"cannot load the routing database {options['db']!r} (--db): {e}") from None
+        store = open_store(options["db"], reactor, metrics, options)
+    except StoreError as e:
+        shown = redact_db(options["db"])
+        raise _fatal(f"cannot load the routing database {shown!r} (--db): {e}") from None
+    repository = store.repository
 
     geoip: Optional[str] = options["geoip-db"]
     if geoip == NO_GEOIP:
@@ -956,7 +977,7 @@ def makeService(
 
     overlay = StateOverlay()
     admin = AdminStates(overlay)
-    state_path = options["state-file"] or default_state_file(options["db"])
+    state_path = options["state-file"] or default_state_file(store.localDirectory)
     state_file = StateFile(state_path, admin, reactor)
     try:
         held = state_file.loadInitial()
@@ -1024,10 +1045,8 @@ def makeService(
         raise _fatal(f"--admin: {e}") from None
 
     from edgeproxy.control.dns import DNSResolver, dns_service
-    from edgeproxy.stores.pops import SqlitePopRepository
 
-    pops = SqlitePopRepository(options["db"], reactor=reactor, metrics=metrics)
-    pops.loadInitial()
+    pops = store.pops
     dns = None
     if options["dns"] != "none":
         dns = dns_service(
@@ -1083,6 +1102,8 @@ def makeService(
         api_tokens=tokens,
         heartbeat_ttl=options["heartbeat-ttl"],
         regions=geo_regions,
+        writer=store.writer,
+        store_services=store.services,
     )
 
 
