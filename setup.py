@@ -23,7 +23,9 @@ setup(
         "zope.interface>=6.0",
         "attrs>=23.1.0",
         "geoip2>=4.7.0",
-        "maxminddb-geolite2>=2018.703",
+        # geoip2 brings it; edgeproxy reads databases with it directly.  The
+        # database itself ships as package data (edgeproxy/data/*.mmdb).
+        "maxminddb>=2.5.0",
         "txsni>=0.2.0",
         "treq>=23.11.0",
         "prometheus_client>=0.16.0",

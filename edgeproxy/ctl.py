@@ -12,7 +12,7 @@ bearer token from C{--token-file} or C{$EDGEPROXY_API_TOKEN})::
     edgeproxy-ctl maint gru-1
     edgeproxy-ctl ready gru-1
     edgeproxy-ctl reload
-    edgeproxy-ctl explain 2.2.2.2 --app web
+    edgeproxy-ctl explain 90.85.1.1 --app web
 
 C{edgeproxy-ctl state list|set ...} edits the state file itself
 (C{--state-file}) for when the API cannot be reached; the proxy applies it

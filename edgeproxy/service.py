@@ -62,6 +62,7 @@ ADMIN_SERVICE = "admin"
 DNS_SERVICE = "dns"
 STATUS_SERVICE = "status-samples"
 HEARTBEAT_SERVICE = "heartbeats"
+GEO_SERVICE = "geoip-reload"
 
 
 def listener_service_name(index: int) -> str:
@@ -121,6 +122,8 @@ class EdgeProxyService(MultiService):
         self.status: Any = None
         self.api: Any = None
         self.adminDescription: Optional[str] = None
+        #: The L{edgeproxy.geo.GeoDatabaseWatcher}, if the geo file is watched.
+        self.geoWatcher: Any = None
         #: Seconds a graceful shutdown waits for open connections.
         self.shutdownTimeout = 30.0
         self.listeners: List[ListenerSpec] = []
@@ -372,6 +375,7 @@ def build_service(
     regions: Optional[Any] = None,
     writer: Optional[Any] = None,
     store_services: Sequence[IService] = (),
+    geo_poll: Optional[float] = 5.0,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -416,6 +420,11 @@ def build_service(
         registration API; default the repository itself if it provides it,
         or a L{edgeproxy.stores.sqlite.SqliteBackendWriter} on a SQLite
         repository.
+    @param geo_poll: Seconds between checks of the geo database file, when
+        C{geo} is an L{edgeproxy.geo.GeoIPResolver} with a C{path}: a
+        L{edgeproxy.geo.GeoDatabaseWatcher} reloads it when it changes
+        (C{geoip-reload} service; C{top.geoWatcher}); C{None} for no
+        reloads.
     @param store_services: Services the store needs running with the proxy
         (L{edgeproxy.stores.open.Store.services}: a change listener, a
         watch); children of the returned service.
@@ -589,6 +598,15 @@ def build_service(
             writer,
         )
     repository.addListener(_pruner(metrics))
+    from edgeproxy.geo import GeoDatabaseWatcher, GeoIPResolver
+
+    if geo_poll is not None and isinstance(geo, GeoIPResolver) and geo.path:
+        watcher = GeoDatabaseWatcher(geo, reactor, metrics)
+        watching = TimerService(geo_poll, watcher.check)
+        watching.clock = reactor
+        watching.setName(GEO_SERVICE)
+        watching.setServiceParent(top)
+        top.geoWatcher = watcher
     if state_file is not None:
         poll = TimerService(state_poll, state_file.poll)
         poll.clock = reactor
@@ -634,6 +652,7 @@ def _addAdmin(
         admission=top.admission,
         resolver=resolver,
         clock=reactor.seconds,
+        geo=top.geo,
     )
 
     def health() -> dict[str, Any]:
@@ -705,6 +724,7 @@ def _addAdmin(
         metrics=metrics,
         region=top.region,
         clock=reactor.seconds,
+        geo=top.geo,
     )
     repository.addListener(status.routingTableChanged)
     sampling = TimerService(SAMPLE_INTERVAL, status.sample)
@@ -726,6 +746,7 @@ def _addAdmin(
 __all__ = [
     "ADMIN_SERVICE",
     "GC_SERVICE",
+    "GEO_SERVICE",
     "HEALTH_SERVICE",
     "RELOAD_SERVICE",
     "RESOLVE_SERVICE",

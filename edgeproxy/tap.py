@@ -18,6 +18,7 @@ import math
 import os
 import re
 import textwrap
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
@@ -40,7 +41,8 @@ DEFAULT_TRUSTED = ("127.0.0.0/8", "::1/128")
 #: C{--geoip-db} value that turns geo routing off.
 NO_GEOIP = "none"
 
-#: Marker for "use the GeoLite2 database that ships with the install".
+#: Marker for "use the database that ships with the install"
+#: (L{edgeproxy.geo.SHIPPED_DATABASE}).
 SHIPPED_GEOIP = "shipped"
 
 #: The description under C{twistd edgeproxy --help}, printed exactly as it is
@@ -387,14 +389,32 @@ _OPTIONS: tuple[_Option, ...] = (
         _int_at_least(1),
         "Most bindings held; least recently used go first",
     ),
+    # --- geo data (issue 13) ---
     _Option(
         "geoip-db",
         "EDGEPROXY_GEOIP_PATH",
         SHIPPED_GEOIP,
         _geoip_path,
-        "MaxMind database (default: the GeoLite2 City database shipped with "
-        "maxminddb-geolite2; 'none' turns geo off)",
+        "MaxMind-format database: GeoIP2/GeoLite2 City or Country, DB-IP Lite,"
+        " ip-location-db country files (default: the geo-whois-asn-country database"
+        " shipped with edgeproxy; 'none' turns geo off); reloaded when the file changes",
     ),
+    _Option(
+        "geoip-max-age",
+        "EDGEPROXY_GEOIP_MAX_AGE_DAYS",
+        60.0,
+        _positive_float_value,
+        "Days after its build date from which the GeoIP database is reported as stale"
+        " (a warning in the log, edgeproxy_geoip_stale, the status page)",
+    ),
+    _Option(
+        "geoip-poll",
+        "EDGEPROXY_GEOIP_POLL_SECS",
+        5.0,
+        _positive_float,
+        "Seconds between checks of the GeoIP database file for a new version",
+    ),
+    # --- end of geo data ---
     _Option(
         "geo-overrides",
         "EDGEPROXY_GEO_OVERRIDES",
@@ -649,7 +669,7 @@ def _describe_default(option: _Option) -> str:
     if option.name == "proxy-protocol-trusted":
         return ", ".join(DEFAULT_TRUSTED)
     if option.name == "geoip-db":
-        return "shipped GeoLite2"
+        return "shipped geo-whois-asn-country"
     if option.name == "client-burst":
         return "the rate, at least 1"
     if option.name == "state-file":
@@ -753,12 +773,28 @@ class Options(usage.Options):
         import platform
 
         from edgeproxy import __version__
+        from edgeproxy.geo import SHIPPED_ATTRIBUTION, SHIPPED_DATABASE, default_geoip_path
         from twisted import copyright
 
         print(
             f"edgeproxy {__version__} (Twisted {copyright.version},"
             f" Python {platform.python_version()})"
         )
+        shipped = default_geoip_path()
+        built = ""
+        if shipped is not None:
+            try:
+                from edgeproxy.geo import open_database
+
+                database = open_database(shipped)
+                built = f", built {database.builtDate}"
+                database.close()
+            except ValueError:
+                built = ", unreadable"
+        print(
+            f"Shipped GeoIP database: {SHIPPED_DATABASE}{built if shipped else ', not installed'}"
+        )
+        print(SHIPPED_ATTRIBUTION)
         raise SystemExit(0)
 
     def opt_listen(self, value: str) -> None:
@@ -955,10 +991,20 @@ def makeService(
         geoip = ""  # fromPaths: no database
     elif geoip == SHIPPED_GEOIP:
         geoip = None  # fromPaths: the shipped default
+    from edgeproxy.geo import GeoDatabaseError
+
     try:
-        geo = GeoIPResolver.fromPaths(geoip, options["geo-overrides"], options["regions"])
+        geo = GeoIPResolver.fromPaths(
+            geoip,
+            options["geo-overrides"],
+            options["regions"],
+            maxAge=options["geoip-max-age"] * 86400,
+        )
+    except GeoDatabaseError as e:
+        raise _fatal(f"cannot use --geoip-db: {e}") from None
     except (OSError, ValueError) as e:
         raise _fatal(f"cannot use --geo-overrides/--regions: {e}") from None
+    geo.warnIfStale(time.time())
     from edgeproxy.geo import DEFAULT_REGIONS, load_regions
 
     geo_regions = load_regions(options["regions"]) if options["regions"] else DEFAULT_REGIONS
@@ -1089,6 +1135,7 @@ def makeService(
         binding_gc=options["binding-gc-interval"],
         region=options["region"],
         geo_description=geo.describe(),
+        geo_poll=options["geoip-poll"],
         resolver=resolver,
         shutdown_timeout=options["shutdown-timeout"],
         admin_states=admin,

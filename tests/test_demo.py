@@ -87,16 +87,16 @@ async def test_connect_with_proxy_header_prints_the_reply() -> None:
     port, target = serve(factory)
     try:
         result = await deferToThread(
-            demo_command, "--connect", target, "--proxy-from", "2.2.2.2:40000"
+            demo_command, "--connect", target, "--proxy-from", "90.85.1.1:40000"
         )
     finally:
         await maybeDeferred(port.stopListening)
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == (
-        "cdg-1 (country FR, region eu) here; you are 2.2.2.2 port 40000"
+        "cdg-1 (country FR, region eu) here; you are 90.85.1.1 port 40000"
         " (PROXY v1 header from the proxy)\nhello\n"
     )
-    assert factory.served == [("2.2.2.2", 40000)]
+    assert factory.served == [("90.85.1.1", 40000)]
 
 
 @pytest.mark.slow
@@ -215,7 +215,7 @@ async def test_connect_closed_without_data_says_so() -> None:
         ["--connect", "127.0.0.1:0"],
         ["--connect", "127.0.0.1:8080", "--proxy-from", "example.com:1"],
         ["--connect", "127.0.0.1:8080", "--send", "\\q"],
-        ["--proxy-from", "2.2.2.2:40000"],
+        ["--proxy-from", "90.85.1.1:40000"],
     ],
 )
 def test_bad_client_arguments_are_refused(args: list[str]) -> None:
@@ -309,7 +309,7 @@ def test_explain_lists_backends_that_are_no_candidate(tmp_path: Path) -> None:
         conn.execute("UPDATE backends SET deleted = 1 WHERE id = 'nrt-1'")
         conn.execute("UPDATE backends SET draining = 1 WHERE id = 'iad-1'")
     conn.close()
-    lines = explain(str(db), "2.2.2.2", "sa").splitlines()
+    lines = explain(str(db), "90.85.1.1", "sa").splitlines()
     assert [line.split()[:3] for line in lines[3:]] == [
         ["gru-1", "tier", "2"],
         ["cdg-1", "not", "a"],

@@ -72,7 +72,7 @@ import dns.rdatatype
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FR, BR, JP, US = "2.2.2.2", "200.160.2.3", "133.242.0.3", "8.8.8.8"
+FR, BR, JP, US = "90.85.1.1", "200.160.2.3", "133.242.0.3", "8.8.8.8"
 
 #: The routing table of most tests: one backend of app "web" per country,
 #: an IPv6-only app, and 40 backends of app "big" in region "us".
@@ -116,7 +116,7 @@ class StaticPops:
 
 def shipped_geo() -> GeoIPResolver:
     if default_geoip_path() is None:
-        pytest.skip("the GeoLite2 database (maxminddb-geolite2) is not installed")
+        pytest.skip("the shipped GeoIP database (edgeproxy/data) is missing")
     return GeoIPResolver.fromPaths(None)
 
 
@@ -356,7 +356,7 @@ def test_parse_query_reads_dnspython_queries() -> None:
     A query made by dnspython parses to its id, flags, question, EDNS
     payload, DO bit and client subnet (address cut to the source prefix).
     """
-    query = make_query("Web.Edge.Internal", "AAAA", ("2.2.2.0", 24))
+    query = make_query("Web.Edge.Internal", "AAAA", ("90.85.1.0", 24))
     query.flags |= dns.flags.CD
     query.want_dnssec(True)
     request = parse_query(query.to_wire())
@@ -797,7 +797,7 @@ def test_dns_service_none() -> None:
 @pytest_twisted.inlineCallbacks
 def test_geo_answers_via_ecs_for_three_countries() -> Generator[Any, Any, None]:
     """
-    With the shipped GeoLite2 database, a client subnet in France, Brazil
+    With the shipped GeoIP database, a client subnet in France, Brazil
     and Japan gets that country's backend, with the scope echoed; over UDP
     and TCP.
     """
@@ -1056,7 +1056,7 @@ def test_dig_geo_answers_via_ecs() -> Generator[Any, Any, None]:
     port = h.listen()
     try:
         for subnet, expected in (
-            ("2.2.2.0/24", "192.0.2.1"),
+            ("90.85.1.0/24", "192.0.2.1"),
             ("200.160.2.0/24", "192.0.2.2"),
             ("133.242.0.0/24", "192.0.2.3"),
         ):

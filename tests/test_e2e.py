@@ -6,9 +6,9 @@ reload-driven failover.
 The backends are L{edgeproxy.demo.IdentifyFactory} listeners in this test
 process: each answers with one line naming itself and the client address it
 was told by the proxy's PROXY v1 header.  Clients present PROXY v1 headers
-from a French (2.2.2.2), a Brazilian (200.160.2.3) and a Japanese
-(133.242.0.3) address, located by the GeoLite2 database shipped with
-C{maxminddb-geolite2}.
+from a French (90.85.1.1), a Brazilian (200.160.2.3) and a Japanese
+(133.242.0.3) address, located by the GeoIP database shipped with
+edgeproxy (geo-whois-asn-country).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from edgeproxy.demo import DemoBackend, IdentifyFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FR, BR, JP = "2.2.2.2", "200.160.2.3", "133.242.0.3"
+FR, BR, JP = "90.85.1.1", "200.160.2.3", "133.242.0.3"
 
 BACKENDS = (
     DemoBackend("fra-1", "FR", "eu", 0),
@@ -333,16 +333,16 @@ def test_demo_backend_reports_proxy_header_source() -> None:
     one split across segments) names itself and that address, then echoes.
     """
     protocol, transport, factory = demo_connection()
-    protocol.dataReceived(b"PROXY TCP4 2.2.2.2 127.0.0.1 40000 8081")
+    protocol.dataReceived(b"PROXY TCP4 90.85.1.1 127.0.0.1 40000 8081")
     assert transport.value() == b""
     protocol.dataReceived(b"\r\nhello\n")
     assert transport.value() == (
-        b"cdg-1 (country FR, region eu) here; you are 2.2.2.2 port 40000 "
+        b"cdg-1 (country FR, region eu) here; you are 90.85.1.1 port 40000 "
         b"(PROXY v1 header from the proxy)\nhello\n"
     )
     protocol.dataReceived(b"more")
     assert transport.value().endswith(b"hello\nmore")
-    assert factory.served == [("2.2.2.2", 40000)]
+    assert factory.served == [("90.85.1.1", 40000)]
 
 
 def test_demo_backend_without_header() -> None:
@@ -396,7 +396,7 @@ def test_sample_rows_match_demo_backends(tmp_path: Path) -> None:
         assert row.proxy_protocol == PROXY_V1 and row.routable
     text = explain(str(db), FR, "sa")
     lines = text.splitlines()
-    assert lines[0] == "client 2.2.2.2: country FR, region eu; this POP's region is sa"
+    assert lines[0] == "client 90.85.1.1: country FR, region eu; this POP's region is sa"
     assert lines[3].split()[:3] == ["cdg-1", "tier", "0"]
     assert lines[4].split()[:3] == ["gru-1", "tier", "2"]
 
@@ -450,7 +450,7 @@ async def test_geo_dns_through_twistd(routing_db: Path, proxy_log: Path) -> None
                 await sleep(0.2)
 
     try:
-        assert await ask_until("2.2.2.0") == ["10.0.0.1"]  # fra-1
+        assert await ask_until("90.85.1.0") == ["10.0.0.1"]  # fra-1
         assert await ask_until("133.242.0.0") == ["10.0.0.4"]  # nrt-1
         assert set(await ask_until("200.160.2.0")) <= {"10.0.0.2", "10.0.0.3"}  # gru-*
         with sqlite3.connect(routing_db) as conn:

@@ -1,16 +1,17 @@
 """
 Tests for L{edgeproxy.geo}: locating clients (SPEC section 2, FAULTS F13)
-with the real GeoLite2-City database shipped by maxminddb-geolite2.
+with the real database shipped in C{edgeproxy/data}
+(geo-whois-asn-country, from ip-location-db).  The database formats, hot
+reload and the age warning are in C{test_geodata.py}.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
-import geoip2.database
-import geoip2.errors
 import maxminddb
 import pytest
 from faultkit import EventCollector
@@ -59,28 +60,44 @@ def resolver() -> Iterator[GeoIPResolver]:
 
 class SpyReader:
     """
-    A geoip2 reader stand-in that counts lookups and passes them to the real
-    database (or raises C{error} if set).
+    A maxminddb reader stand-in that counts lookups and passes them to the
+    real shipped database (or raises C{error} if set, once C{armed}: the
+    resolver samples a few records when it is built).
     """
 
     def __init__(self, error: Exception | None = None) -> None:
         path = default_geoip_path()
         assert path is not None
-        self.real = geoip2.database.Reader(path)
+        self.real = maxminddb.open_database(path)
         self.lookups: List[object] = []
         self.error = error
+        self.armed = False
 
     def metadata(self) -> Any:
         return self.real.metadata()
 
-    def city(self, address: Any) -> Any:
+    def get(self, address: Any) -> Any:
+        if not self.armed:
+            return self.real.get(address)
         self.lookups.append(address)
         if self.error is not None:
             raise self.error
-        return self.real.city(address)
+        return self.real.get(address)
+
+    def __iter__(self) -> Any:
+        return iter(self.real)
 
     def close(self) -> None:
         self.real.close()
+
+
+def spied(spy: SpyReader, **kw: Any) -> GeoIPResolver:
+    """
+    A resolver on C{spy}, whose lookups count from now on.
+    """
+    resolver = GeoIPResolver(spy, **kw)
+    spy.armed = True
+    return resolver
 
 
 # --- the shipped database -------------------------------------------------------
@@ -88,24 +105,31 @@ class SpyReader:
 
 def test_default_geoip_path() -> None:
     """
-    The GeoLite2-City database installed by maxminddb-geolite2 is found.
+    The database shipped in the package's data folder is found.
     """
     path = default_geoip_path()
-    assert path is not None and path.endswith("GeoLite2-City.mmdb")
+    assert path is not None
+    assert Path(path) == ROOT / "edgeproxy" / "data" / "geo-whois-asn-country.mmdb"
     assert Path(path).is_file()
 
 
 def test_describe(resolver: GeoIPResolver) -> None:
     """
-    describe() names the database type and build date.
+    describe() names the database (its file, as its type is generic) and
+    its build date, which is recent (2026 or later).
     """
-    assert resolver.describe() == "GeoLite2-City 2018-07-03"
+    match = re.fullmatch(
+        r"geo-whois-asn-country \(country ipvAll\) (\d{4})-\d\d-\d\d", resolver.describe()
+    )
+    assert match is not None, resolver.describe()
+    assert int(match.group(1)) >= 2026
 
 
 @pytest.mark.parametrize(
     ("ip", "country", "continent"),
     [
-        ("2.2.2.2", "FR", "EU"),
+        ("90.85.1.1", "FR", "EU"),
+        ("2001:41d0::1", "FR", "EU"),
         ("200.160.2.3", "BR", "SA"),
         ("133.242.0.3", "JP", "AS"),
         ("8.8.8.8", "US", "NA"),
@@ -117,8 +141,10 @@ def test_describe(resolver: GeoIPResolver) -> None:
 )
 def test_known_addresses(resolver: GeoIPResolver, ip: str, country: str, continent: str) -> None:
     """
-    Addresses known to be in the 2018 GeoLite2-City database map to their
-    country, and the country to its region (table first, else continent).
+    Well-known addresses (the same in every current database and in the
+    2018 GeoLite2 City) map to their country, and the country to its region
+    (table first, else the continent from COUNTRY_CONTINENTS, as this
+    database has none).
     """
     expected = DEFAULT_REGIONS.get(country, CONTINENT_REGIONS[continent])
     assert resolver.resolve(ip) == GeoInfo(country, expected)
@@ -137,7 +163,7 @@ def test_v4_mapped_is_unwrapped(resolver: GeoIPResolver) -> None:
     """
     An IPv4-mapped IPv6 address is located as its IPv4 address.
     """
-    assert resolver.resolve("::ffff:2.2.2.2") == GeoInfo("FR", "eu")
+    assert resolver.resolve("::ffff:90.85.1.1") == GeoInfo("FR", "eu")
     assert resolver.resolve("::ffff:127.0.0.1") is None
 
 
@@ -194,11 +220,10 @@ def test_unknown_public_address() -> None:
     cached too.
     """
     spy = SpyReader()
-    r = GeoIPResolver(spy)  # type: ignore[arg-type]
+    r = spied(spy)
     absent = "2c0f:ffff::1"
     try:
-        with pytest.raises(geoip2.errors.AddressNotFoundError):
-            spy.real.city(absent)
+        assert spy.real.get(absent) is None
         assert r.resolve(absent) is None
         assert r.resolve(absent) is None
         assert len(spy.lookups) == 1
@@ -246,7 +271,7 @@ def test_override_beats_database_and_applies_to_mapped_and_v6() -> None:
     """
     spy = SpyReader()
     overrides = parse_overrides("8.8.8.0/24 br\nfd00:50:1::/48 JP\n")
-    r = GeoIPResolver(spy, overrides=overrides)  # type: ignore[arg-type]
+    r = spied(spy, overrides=overrides)
     try:
         assert r.resolve("8.8.8.8") == GeoInfo("BR", "sa")
         assert r.resolve("::ffff:8.8.8.9") == GeoInfo("BR", "sa")
@@ -356,7 +381,7 @@ def test_regions_file_replaces_table(tmp_path: Path) -> None:
     r = GeoIPResolver.fromPaths(None, regions_path=str(regions))
     try:
         assert r.resolve("200.160.2.3") == GeoInfo("BR", "latam")
-        assert r.resolve("2.2.2.2") == GeoInfo("FR", "eu")
+        assert r.resolve("90.85.1.1") == GeoInfo("FR", "eu")
     finally:
         r.close()
 
@@ -437,10 +462,10 @@ def test_lookup_error_gives_none_logged_once(events: List[Dict[str, Any]]) -> No
     the failure is logged once, not per connection.
     """
     spy = SpyReader(error=maxminddb.InvalidDatabaseError("corrupt search tree"))
-    r = GeoIPResolver(spy)  # type: ignore[arg-type]
+    r = spied(spy)
     try:
         assert r.resolve("8.8.8.8") is None
-        assert r.resolve("2.2.2.2") is None
+        assert r.resolve("90.85.1.1") is None
         assert len(spy.lookups) == 2
         assert len([e for e in events if "log_failure" in e]) == 1
     finally:
@@ -456,11 +481,11 @@ def test_cache_returns_same_answers() -> None:
     lookup) with the same answer, misses included.
     """
     spy = SpyReader()
-    r = GeoIPResolver(spy)  # type: ignore[arg-type]
+    r = spied(spy)
     try:
-        first = r.resolve("2.2.2.2")
+        first = r.resolve("90.85.1.1")
         assert first == GeoInfo("FR", "eu")
-        assert r.resolve("2.2.2.2") is first
+        assert r.resolve("90.85.1.1") is first
         assert r.resolve("127.0.0.1") is None and r.resolve("127.0.0.1") is None
         assert len(spy.lookups) == 1
     finally:
@@ -473,12 +498,12 @@ def test_cache_is_bounded() -> None:
     stay right.
     """
     spy = SpyReader()
-    r = GeoIPResolver(spy, cache_size=2)  # type: ignore[arg-type]
+    r = spied(spy, cache_size=2)
     try:
-        for ip in ["2.2.2.2", "8.8.8.8", "1.1.1.1", "2.2.2.2"]:
+        for ip in ["90.85.1.1", "8.8.8.8", "1.1.1.1", "90.85.1.1"]:
             assert r.resolve(ip) is not None
         assert len(spy.lookups) == 4
-        assert r.resolve("2.2.2.2") == GeoInfo("FR", "eu")
+        assert r.resolve("90.85.1.1") == GeoInfo("FR", "eu")
         assert len(spy.lookups) == 4
     finally:
         spy.close()

@@ -383,15 +383,17 @@ def test_make_service_invalid_environment_is_fatal(tmp_path: Path) -> None:
 
 def test_make_service_shipped_geoip(tmp_path: Path) -> None:
     """
-    By default the GeoLite2 database shipped with the install is used.
+    By default the geo-whois-asn-country database shipped with the install
+    is used, and its file is watched for new versions.
     """
     service = makeService(
         options(f"--db={tmp_path / 'r.db'}"), reactor=MemoryReactorClock(), environ={}
     )
     assert isinstance(service, EdgeProxyService)
     assert service.geo is not None
-    assert "GeoLite2" in str(service.geo_description)
-    assert service.geo.resolve("2.2.2.2") is not None
+    assert "geo-whois-asn-country" in str(service.geo_description)
+    assert service.getServiceNamed("geoip-reload") is not None
+    assert service.geo.resolve("90.85.1.1") is not None
     close = getattr(service.geo, "close", None)
     if close is not None:
         close()

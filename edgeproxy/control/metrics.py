@@ -52,6 +52,7 @@ listed):
 | edgeproxy_health_transitions_total | health_transitions | to |
 | edgeproxy_breaker_transitions_total | breaker_transitions | to |
 | edgeproxy_admin_connections_rejected_total | admin_connections_rejected | |
+| edgeproxy_geoip_reloads_total | geoip_reload | result |
 
 C{cause} is one of L{edgeproxy.net.proxy.CAUSES}; C{tier} the geo tier of
 the chosen backend (C{0} same country, C{1} same region, C{2} the POP's
@@ -96,6 +97,11 @@ given to L{EdgeproxyCollector}):
 | edgeproxy_resolver_lookups_in_flight | resolver.stats()["in_flight"] | |
 | edgeproxy_resolver_lookups_total (counter) | resolver.stats()["lookups"] | |
 | edgeproxy_resolver_lookup_failures_total (counter) | resolver.stats()["lookup_failures"] | |
+| edgeproxy_geoip_database_loaded | geo.status()["type"] is not None | |
+| edgeproxy_geoip_build_timestamp_seconds | geo.status()["build_epoch"] | |
+| edgeproxy_geoip_age_seconds | wall clock - build_epoch | |
+| edgeproxy_geoip_max_age_seconds | geo.status()["max_age_days"] | |
+| edgeproxy_geoip_stale | geo.status()["stale"] (1/0) | |
 
 C{edgeproxy_backend_connections} counts open connections plus connects in
 flight (what the router weighs).  C{edgeproxy_backend_up} is 0 when the
@@ -107,13 +113,18 @@ successful load (a failing reload makes it grow), exported once a load has
 succeeded.  The table's own word (its C{healthy}, C{deleted} and
 C{draining} columns) is C{edgeproxy_backend_routable}.  Join the
 per-backend series with C{edgeproxy_backend_info} for app, region and
-country.  L{metrics_registry} also adds C{prometheus_client}'s process
+country.  The C{geoip} gauges describe the GeoIP database in force (its
+build time from the file's metadata; C{stale} is 1 past
+C{--geoip-max-age}); C{edgeproxy_geoip_reloads_total} counts reloads of a
+changed file, C{error} once per broken version (the old database stays).
+L{metrics_registry} also adds C{prometheus_client}'s process
 collector (C{process_*}: CPU, memory, open file descriptors).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import (
     AbstractSet,
     Any,
@@ -349,6 +360,13 @@ COUNTERS: Mapping[str, CounterSpec] = {
         "admin_connections_rejected",
         "Admin listener connections closed at once because too many were open.",
     ),
+    "geoip_reload": _spec(
+        "geoip_reloads",
+        "Reloads of a changed GeoIP database file, by result (error: the file was"
+        " broken and the old database stayed in force; once per version of the file).",
+        label="result",
+        known=("ok", "error"),
+    ),
 }
 
 #: Store counters labelled with a backend id.
@@ -423,6 +441,8 @@ class MetricsState:
     lastReloadFailed: Optional[bool] = None
     bindings: Optional[int] = None
     resolver: Optional[Mapping[str, int]] = None
+    #: L{edgeproxy.geo.GeoIPResolver.status} and the wall clock then.
+    geo: Optional[Tuple[Mapping[str, Any], float]] = None
     extra: Tuple[Tuple[str, str, float], ...] = ()
 
     def collect(self) -> Iterator[Metric]:
@@ -435,6 +455,7 @@ class MetricsState:
         if self.snapshot is not None:
             yield from self._backends(self.snapshot)
         yield from self._resolver()
+        yield from self._geo()
         for name, doc, value in self.extra:
             yield GaugeMetricFamily(name, doc, value=value)
 
@@ -609,6 +630,38 @@ class MetricsState:
             add((b.id,), read(b.id))
         return gauge
 
+    def _geo(self) -> Iterator[Metric]:
+        if self.geo is None:
+            return
+        status, now = self.geo
+        built = status.get("build_epoch")
+        yield _gauge(
+            "geoip_database_loaded",
+            "1 if a GeoIP database is in force (0: clients have no geo but overrides).",
+            0 if built is None else 1,
+        )
+        if built is not None:
+            yield _gauge(
+                "geoip_build_timestamp_seconds",
+                "Build time of the GeoIP database in force (its metadata's build_epoch).",
+                built,
+            )
+            yield _gauge(
+                "geoip_age_seconds",
+                "Seconds since the GeoIP database in force was built.",
+                max(0.0, now - built),
+            )
+        yield _gauge(
+            "geoip_max_age_seconds",
+            "Age from which the GeoIP database is reported as stale (--geoip-max-age).",
+            float(status.get("max_age_days") or 0) * 86400,
+        )
+        yield _gauge(
+            "geoip_stale",
+            "1 if the GeoIP database is older than --geoip-max-age.",
+            1 if status.get("stale") else 0,
+        )
+
     def _resolver(self) -> Iterator[Metric]:
         stats = self.resolver
         if stats is None:
@@ -652,6 +705,9 @@ class EdgeproxyCollector:
     @param resolver: The backend host resolver (its C{stats()}).
     @param clock: Seconds on the clock of the repository's C{lastReloadOk}
         (the reactor's C{seconds}); without it, no table age.
+    @param geo: The geo resolver; its C{status(now)} is read if it has one
+        (L{edgeproxy.geo.GeoIPResolver}) for the C{geoip} gauges.
+    @param wallClock: Epoch seconds, for the database's age.
     @param extra: More gauges.
     """
 
@@ -666,9 +722,13 @@ class EdgeproxyCollector:
         admission: _Admission | None = None,
         resolver: IHostResolver | None = None,
         clock: Callable[[], float] | None = None,
+        geo: Any = None,
+        wallClock: Callable[[], float] = time.time,
         extra: Sequence[ExtraGauge] = (),
     ) -> None:
         self.metrics = metrics
+        self.geo = geo
+        self.wallClock = wallClock
         self.repository = repository
         self.load = load
         self.overlay = overlay
@@ -700,6 +760,14 @@ class EdgeproxyCollector:
         table_age = None
         if last_ok is not None and self.clock is not None:
             table_age = max(0.0, self.clock() - last_ok)
+        geo: Optional[Tuple[Mapping[str, Any], float]] = None
+        status = getattr(self.geo, "status", None)
+        if callable(status):
+            now = self.wallClock()
+            try:
+                geo = (status(now), now)
+            except Exception:
+                _log.failure("GeoIP status for the metrics failed")
         extra: List[Tuple[str, str, float]] = []
         for gauge in self.extra:
             try:
@@ -725,6 +793,7 @@ class EdgeproxyCollector:
             ),
             bindings=len(self.bindings) if self.bindings is not None else None,
             resolver=dict(self.resolver.stats()) if self.resolver is not None else None,
+            geo=geo,
             extra=tuple(extra),
         )
 

@@ -7,8 +7,9 @@ The page shows every backend of the routing table with its region,
 country, address, overall status, health check, circuit breaker, admin
 state and load against its soft and hard limits; the connections open
 against the cap, the bindings held, the routing table's age and reload
-status, and the geo mix of recent routing decisions (geo tiers as shares,
-top countries) over the last 5 minutes.  It updates itself with C{fetch()}
+status, the GeoIP database's build date and age (flagged when stale), and
+the geo mix of recent routing decisions (geo tiers as shares, top
+countries) over the last 5 minutes.  It updates itself with C{fetch()}
 and never reloads; a failed poll shows a banner and the last data stays.
 
 The page is built to be safe to open anywhere:
@@ -399,6 +400,10 @@ class StatusData:
     @param window: Seconds of the geo mix.
     @param maxBackends: At most this many backends are listed in full (the
         worst first; see L{render}).
+    @param geo: The geo resolver; its C{status(now)} (epoch seconds) is
+        shown as C{geo_database} where it has one
+        (L{edgeproxy.geo.GeoIPResolver.status}): the database's type, build
+        date, age, whether it is stale, and its reloads.
 
     @ivar recent: The L{RecentCounters} of the geo mix (C{None} without
         C{metrics}).
@@ -423,7 +428,9 @@ class StatusData:
         interval: float = SAMPLE_INTERVAL,
         window: float = WINDOW,
         maxBackends: int = MAX_BACKENDS,
+        geo: Optional[Any] = None,
     ) -> None:
+        self.geo = geo
         if maxBackends < 1:
             raise ValueError(f"maxBackends must be >= 1, got {maxBackends!r}")
         self.maxBackends = maxBackends
@@ -535,6 +542,7 @@ class StatusData:
                 else None
             ),
             "geo": geo_mix(*self.recent.deltas()) if self.recent is not None else None,
+            "geo_database": self._geoDatabase(wall),
             "reload": None,
             "table": None,
         }
@@ -560,6 +568,16 @@ class StatusData:
                 "version": str(snapshot.version),  # past 2**53: a string for JavaScript
             }
         return body
+
+    def _geoDatabase(self, wall: float) -> Optional[Dict[str, Any]]:
+        status = getattr(self.geo, "status", None)
+        if not callable(status):
+            return None
+        try:
+            return dict(status(wall))
+        except Exception:
+            _log.failure("GeoIP status for the status page failed")
+            return None
 
     def backend(
         self,
@@ -952,6 +970,25 @@ _SCRIPT = r"""
     cut.hidden = s.listed >= s.backends;
     put(cut, "Showing " + s.listed + " of " + s.backends + " backends: the worst first.");
     renderGeo(d.geo);
+    renderGeoDatabase(d.geo_database);
+  }
+
+  function renderGeoDatabase(g) {
+    byId("geodb-card").hidden = !g;
+    if (!g) { return; }
+    put(byId("geodb-built"), g.built ? "built " + g.built : "none");
+    var detail = [];
+    if (g.type) { detail.push(g.type + (g.shipped ? " (shipped)" : "")); }
+    if (g.stale) {
+      detail.push("STALE: " + g.age_days + " days old, over the " + g.max_age_days +
+                  "-day limit; refresh it");
+    } else if (g.age_days !== null) { detail.push(g.age_days + " days old"); }
+    if (g.error) { detail.push(g.error); }
+    if (g.last_reload_error) { detail.push("reload failed: " + g.last_reload_error); }
+    if (g.reloads) { detail.push(g.reloads + " reloads"); }
+    put(byId("geodb-detail"), detail.join("; "));
+    byId("geodb-card").setAttribute("data-state",
+        g.stale || !g.type || g.last_reload_error ? "bad" : "ok");
   }
 
   function showError(message) {
@@ -1040,6 +1077,8 @@ _BODY = """
 <p class="muted">clients kept on their backend</p></div>
 <div class="card" id="table-card"><h2>Routing table age</h2><p class="big" id="table-age">\u2013</p>
 <p id="reload" class="muted"></p></div>
+<div class="card" id="geodb-card" hidden><h2>GeoIP database</h2>
+<p class="big" id="geodb-built">\u2013</p><p id="geodb-detail" class="muted"></p></div>
 </div>
 <section class="panel"><h2>Backends</h2>
 <div class="scroll"><table id="backends">
