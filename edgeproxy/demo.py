@@ -7,7 +7,8 @@ C{conf/routing-sample.sql}).  Each answers a connection with one line that
 says who it is and which client address it was told about by the proxy's
 PROXY header, then echoes whatever it receives::
 
-    gru-1 (country BR, region sa) here; you are 90.85.1.1 port 40000 (PROXY v1 header from the proxy)
+    gru-1 (country BR, region sa) here; you are 90.85.1.1 port 40000 (PROXY v1 header from
+    the proxy)
 
 C{conf/demo.sh} starts these and the proxy together.
 

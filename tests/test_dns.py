@@ -356,7 +356,7 @@ def test_parse_query_reads_dnspython_queries() -> None:
     A query made by dnspython parses to its id, flags, question, EDNS
     payload, DO bit and client subnet (address cut to the source prefix).
     """
-    query = make_query("Web.Edge.Internal", "AAAA", ("90.85.1.0", 24))
+    query = make_query("Web.Edge.Internal", "AAAA", ("2.2.2.0", 24))
     query.flags |= dns.flags.CD
     query.want_dnssec(True)
     request = parse_query(query.to_wire())

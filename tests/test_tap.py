@@ -31,6 +31,8 @@ ENV_NAMES = {
     "binding-gc-interval": "EDGEPROXY_BINDING_GC_INTERVAL_SECS",
     "binding-max": "EDGEPROXY_BINDING_MAX",
     "geoip-db": "EDGEPROXY_GEOIP_PATH",
+    "geoip-max-age": "EDGEPROXY_GEOIP_MAX_AGE_DAYS",
+    "geoip-poll": "EDGEPROXY_GEOIP_POLL_SECS",
     "geo-overrides": "EDGEPROXY_GEO_OVERRIDES",
     "regions": "EDGEPROXY_REGIONS",
     "connect-timeout": "EDGEPROXY_CONNECT_TIMEOUT",
@@ -155,6 +157,8 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--binding-gc-interval=7",
         "--binding-max=10",
         "--geoip-db=/nonexistent.mmdb",
+        "--geoip-max-age=30",
+        "--geoip-poll=2",
         f"--geo-overrides={overrides}",
         f"--regions={regions}",
         "--connect-timeout=1.5",
@@ -201,6 +205,8 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["binding-gc-interval"] == 7.0
     assert options["binding-max"] == 10
     assert options["geoip-db"] == "/nonexistent.mmdb"
+    assert options["geoip-max-age"] == 30.0
+    assert options["geoip-poll"] == 2.0
     assert options["geo-overrides"] == overrides
     assert options["regions"] == regions
     assert options["connect-timeout"] == 1.5
@@ -277,6 +283,8 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_BINDING_GC_INTERVAL_SECS": "3",
         "EDGEPROXY_BINDING_MAX": "50",
         "EDGEPROXY_GEOIP_PATH": "none",
+        "EDGEPROXY_GEOIP_MAX_AGE_DAYS": "90",
+        "EDGEPROXY_GEOIP_POLL_SECS": "1.5",
         "EDGEPROXY_GEO_OVERRIDES": overrides,
         "EDGEPROXY_REGIONS": regions,
         "EDGEPROXY_CONNECT_TIMEOUT": "0.25",
@@ -321,6 +329,8 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["binding-gc-interval"] == 3.0
     assert options["binding-max"] == 50
     assert options["geoip-db"] == "none"
+    assert options["geoip-max-age"] == 90.0
+    assert options["geoip-poll"] == 1.5
     assert options["geo-overrides"] == overrides
     assert options["regions"] == regions
     assert options["connect-timeout"] == 0.25
@@ -707,15 +717,19 @@ def test_twistd_help_shows_listeners_and_schema() -> None:
 def test_twistd_version_is_edgeproxy_version() -> None:
     """
     C{twistd edgeproxy --version} prints edgeproxy's version (and Twisted's)
-    in one line, not Twisted's C{--version} text, and exits 0.
+    in its first line, not Twisted's C{--version} text, then the shipped
+    GeoIP database and its attribution, and exits 0.
     """
     import edgeproxy
+    from edgeproxy.geo import SHIPPED_ATTRIBUTION
     from twisted import copyright
 
     result = run_edgeproxy("--version")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 3
+    assert lines[1].startswith("Shipped GeoIP database: geo-whois-asn-country.mmdb, built ")
+    assert lines[2] == SHIPPED_ATTRIBUTION
     assert lines[0].startswith(f"edgeproxy {edgeproxy.__version__} (Twisted {copyright.version}")
     assert "Twisted version:" not in result.stdout
 
