@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, cast
 
 import pytest
 import pytest_twisted
 from faultkit import Echo, listen, wait_until
+from mmdbwriter import write_mmdb
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
 from edgeproxy.control.admin import AdminRoot, AdminSite
 from edgeproxy.control.status import StatusData, StatusResource, mount_status
+from edgeproxy.geo import GeoIPResolver
 from edgeproxy.interfaces import UNAVAILABLE
 from edgeproxy.net.admission import Admission
 from edgeproxy.net.health import HealthChecker
@@ -188,8 +191,9 @@ def test_status_page_in_chromium(tmp_path: Path, capsys: Any) -> Any:
     fetched once and a marker set by script survives) -- as down with the
     check's reason; it escapes a backend id made of markup, shows the geo
     mix, fits a 390 px wide phone screen without horizontal scrolling,
-    shows a banner when a poll fails, and logs no JavaScript error to the
-    console.  Screenshots go to C{tmp_path} (paths printed).
+    shows a banner when a poll fails, shows a stale GeoIP database with its
+    build date, and logs no JavaScript error to the console.  Screenshots
+    go to C{tmp_path} (paths printed).
     """
     alive = listen(reactor, Echo)
     spare = listen(reactor, Echo)
@@ -217,7 +221,18 @@ def test_status_page_in_chromium(tmp_path: Path, capsys: Any) -> Any:
     checker = HealthChecker(reactor, overlay, interval=0.2, timeout=1.0, rise=1, fall=1)
     checker.update(repository.current())
     checker.start()
+    geodb = GeoIPResolver.fromPaths(
+        write_mmdb(
+            str(tmp_path / "old.mmdb"),
+            [("8.8.8.0/24", {"country_code": "US"})],
+            database_type="country",
+            build_epoch=int(time.time()) - 100 * 86400,
+        ),
+        maxAge=60 * 86400,
+    )
+    assert geodb.database is not None
     data = StatusData(
+        geo=geodb,
         repository=repository,
         load=load,
         overlay=overlay,
@@ -300,6 +315,8 @@ def test_status_page_in_chromium(tmp_path: Path, capsys: Any) -> Any:
             browser.js, "return document.querySelector('.cards').textContent"
         )
         assert "of 1000 allowed" in cards and "reloads ok" in cards
+        assert f"GeoIP database built\n{geodb.database.builtDate}" in cards
+        assert "STALE: 100" in cards and "over the 60-day limit" in cards
 
         errors = yield deferToThread(browser.drain_console)
         assert [e for e in errors if e["level"] == "SEVERE"] == []

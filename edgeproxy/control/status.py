@@ -976,7 +976,7 @@ _SCRIPT = r"""
   function renderGeoDatabase(g) {
     byId("geodb-card").hidden = !g;
     if (!g) { return; }
-    put(byId("geodb-built"), g.built ? "built " + g.built : "none");
+    put(byId("geodb-built"), g.built || "none");
     var detail = [];
     if (g.type) { detail.push(g.type + (g.shipped ? " (shipped)" : "")); }
     if (g.stale) {
@@ -1077,7 +1077,7 @@ _BODY = """
 <p class="muted">clients kept on their backend</p></div>
 <div class="card" id="table-card"><h2>Routing table age</h2><p class="big" id="table-age">\u2013</p>
 <p id="reload" class="muted"></p></div>
-<div class="card" id="geodb-card" hidden><h2>GeoIP database</h2>
+<div class="card" id="geodb-card" hidden><h2>GeoIP database built</h2>
 <p class="big" id="geodb-built">\u2013</p><p id="geodb-detail" class="muted"></p></div>
 </div>
 <section class="panel"><h2>Backends</h2>
