@@ -824,8 +824,9 @@ class GeoDatabaseWatcher:
     the database in force grows older than the resolver's C{maxAge}.
 
     @param resolver: The resolver whose C{path} is watched.
-    @param reactor: For its thread pool (C{IReactorThreads}); C{None} opens
-        files on the calling thread (tests).
+    @param reactor: For its thread pool (C{IReactorThreads}); C{None} (or a
+        reactor without threads, such as C{MemoryReactorClock}) opens files
+        on the calling thread.
     @param metrics: Where reloads are counted, or C{None}.
     @param wallClock: Epoch seconds, for the age.
     """
@@ -881,11 +882,12 @@ class GeoDatabaseWatcher:
         self._missingLogged = False
         if identity == self._current or identity == self._failed:
             return succeed(None)
-        if self.reactor is not None:
+        pool = getattr(self.reactor, "getThreadPool", None)
+        if pool is not None:
             from twisted.internet.threads import deferToThreadPool
 
             opened: Deferred[GeoDatabase] = deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), open_database, path
+                self.reactor, pool(), open_database, path
             )
         else:
             opened = maybeDeferred(open_database, path)

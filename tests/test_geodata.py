@@ -321,6 +321,37 @@ def test_reload_on_atomic_rename(tmp_path: Path, events: List[Dict[str, Any]]) -
         resolver.close()
 
 
+def test_service_reloads_every_poll(tmp_path: Path) -> None:
+    """
+    twistd edgeproxy watches --geoip-db: once started, a file renamed over
+    it is in force after --geoip-poll seconds of the reactor's clock.
+    """
+    path = tmp_path / "GeoLite2-Country.mmdb"
+    _install(path, [("8.8.8.0/24", _geoip2_record("US", "NA"))], database_type="GeoLite2-Country")
+    clock = MemoryReactorClock()
+    options = Options()
+    options.parseOptions(
+        [f"--db={tmp_path / 'r.db'}", f"--geoip-db={path}", "--geoip-poll=3", "--admin=none"]
+    )
+    service = makeService(options, reactor=clock, environ={})
+    assert isinstance(service, EdgeProxyService)
+    geo = service.geo
+    assert isinstance(geo, GeoIPResolver)
+    service.startService()
+    try:
+        assert geo.resolve("8.8.8.8") == GeoInfo("US", "us")
+        _install(
+            path, [("8.8.8.0/24", _geoip2_record("BR", "SA"))], database_type="GeoLite2-Country"
+        )
+        clock.advance(2.9)
+        assert geo.resolve("8.8.8.8") == GeoInfo("US", "us")
+        clock.advance(0.2)
+        assert geo.resolve("8.8.8.8") == GeoInfo("BR", "sa")
+    finally:
+        service.stopService()
+        geo.close()
+
+
 def test_reload_to_another_format(tmp_path: Path) -> None:
     """
     The new file may be of another format (GeoLite2 Country replaced by an
