@@ -184,8 +184,10 @@ class NotALocationDatabaseError(GeoDatabaseError):
 SHAPE_GEOIP2 = "geoip2"  # {"country": {"iso_code"}, "continent": {"code"}}
 SHAPE_COUNTRY_CODE = "country_code"  # {"country_code": "FR"} (ip-location-db)
 
-#: Words in a C{database_type} that name a database without locations.
+#: Words in a C{database_type} that name a database without locations
+#: (unless it also has one of L{_LOCATION}: C{GeoIP2-City-ISP-Org} has both).
 _NOT_LOCATION = ("ASN", "ISP", "Domain", "Connection-Type", "Anonymous", "User-Count")
+_LOCATION = ("City", "Country", "Enterprise", "Location")
 
 #: Addresses sampled to learn a database's record shape (well spread, long
 #: allocated), before its first records in tree order.
@@ -333,7 +335,9 @@ class GeoDatabase:
         metadata = inner.metadata()
         kind = str(metadata.database_type)
         where = f"{path}: " if path else ""
-        if any(word in kind for word in _NOT_LOCATION):
+        if any(word in kind for word in _NOT_LOCATION) and not any(
+            word in kind for word in _LOCATION
+        ):
             raise NotALocationDatabaseError(
                 f"{where}{kind} is not a location database (no countries in it)"
             )

@@ -15,6 +15,7 @@ import datetime
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import shutil
@@ -31,6 +32,8 @@ import geoip2.database
 import pytest
 import pytest_twisted
 from faultkit import EventCollector
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mmdbwriter import write_mmdb
 from prometheus_client.exposition import generate_latest
 from twisted.internet.testing import MemoryReactorClock
@@ -49,6 +52,7 @@ from edgeproxy.geo import (
     NotALocationDatabaseError,
     default_geoip_path,
     open_database,
+    region_for,
 )
 from edgeproxy.geodata import UpdateError, update, update_from_url
 from edgeproxy.metrics import MetricsStore
@@ -132,6 +136,16 @@ FORMATS: List[Tuple[str, str, int, List[Tuple[str, Dict[str, Any]]]]] = [
         ],
     ),
     (
+        "geoip2-city-isp-org",
+        "GeoIP2-City-ISP-Org",
+        6,
+        [
+            ("81.2.69.0/24", _geoip2_record("GB", "EU", isp="x", organization="y")),
+            ("2400:8500:1::/48", _geoip2_record("JP", "AS", isp="z")),
+            ("41.0.0.0/16", _geoip2_record("ZA", "AF")),
+        ],
+    ),
+    (
         "ip-location-db-country",
         "country",
         6,
@@ -209,6 +223,59 @@ def test_flat_country_code_uses_continent_table(tmp_path: Path) -> None:
         assert r.resolve("6.6.1.1") is None
     finally:
         r.close()
+
+
+_GLOBAL_SLASH16 = [
+    n for n in range(1, 224 * 256) if ipaddress.ip_network(f"{n >> 8}.{n & 255}.0.0/16").is_global
+]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    entries=st.dictionaries(
+        st.sampled_from(_GLOBAL_SLASH16),
+        st.tuples(st.sampled_from(sorted(COUNTRY_CONTINENTS)), st.integers(0, 65535)),
+        min_size=1,
+        max_size=20,
+    ),
+    flat=st.booleans(),
+)
+def test_any_database_reads_back(entries: Dict[int, Tuple[str, int]], flat: bool) -> None:
+    """
+    Property: whatever /16 networks and countries a database holds, in
+    either record shape, every address in them resolves to its country and
+    the region of that country (or of its continent), and the addresses
+    just outside them to no geo.
+    """
+    folder = tempfile.mkdtemp(prefix="edgeproxy-geo-")
+    try:
+        records = []
+        for n, (country, _) in entries.items():
+            record: Dict[str, Any] = (
+                {"country_code": country}
+                if flat
+                else _geoip2_record(country, COUNTRY_CONTINENTS[country])
+            )
+            records.append((f"{n >> 8}.{n & 255}.0.0/16", record))
+        path = write_mmdb(
+            os.path.join(folder, "db.mmdb"), records, database_type="country" if flat else "X-City"
+        )
+        r = GeoIPResolver.fromPaths(path)
+        try:
+            for n, (country, low) in entries.items():
+                ip = f"{n >> 8}.{n & 255}.{low >> 8}.{low & 255}"
+                expected = region_for(country, COUNTRY_CONTINENTS[country])
+                assert r.resolve(ip) == GeoInfo(country, expected)
+                outside = n + 1
+                if outside not in entries and outside in _GLOBAL_SET:
+                    assert r.resolve(f"{outside >> 8}.{outside & 255}.0.1") is None
+        finally:
+            r.close()
+    finally:
+        shutil.rmtree(folder)
+
+
+_GLOBAL_SET = frozenset(_GLOBAL_SLASH16)
 
 
 def test_continent_table_covers_iso_3166() -> None:
@@ -758,7 +825,9 @@ class Registry:
         context.load_cert_chain(self.cafile, keyfile)
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.url = f"https://localhost:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def publish(self, package: str, version: str, tarball: bytes, integrity: str = "") -> None:
