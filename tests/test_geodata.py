@@ -278,6 +278,29 @@ def test_any_database_reads_back(entries: Dict[int, Tuple[str, int]], flat: bool
 _GLOBAL_SET = frozenset(_GLOBAL_SLASH16)
 
 
+@pytest.mark.parametrize("extension", [True, False])
+def test_both_readers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extension: bool) -> None:
+    """
+    The C extension's reader (on a private memory file) and the pure-Python
+    one (without the extension or memfd_create) give the same answers.
+    """
+    import edgeproxy.geo as geo_module
+
+    if not extension:
+        monkeypatch.setattr(geo_module, "_has_extension", lambda: False)
+    elif not geo_module._has_extension():
+        pytest.skip("maxminddb's C extension is not installed")
+    path = write_mmdb(str(tmp_path / "c.mmdb"), FORMATS[0][3], database_type="GeoLite2-City")
+    database = open_database(path)
+    try:
+        assert ("extension" in type(database.reader).__module__) is extension
+        r = GeoIPResolver(database)
+        assert r.resolve("81.2.69.160") == GeoInfo("GB", "eu")
+        assert r.resolve("2400:8500:1::1") == GeoInfo("JP", "ap")
+    finally:
+        database.close()
+
+
 def test_continent_table_covers_iso_3166() -> None:
     """
     COUNTRY_CONTINENTS has every ISO 3166-1 country the databases use (250
@@ -476,6 +499,34 @@ def test_broken_new_file_keeps_old_reader(
         assert resolver.resolve("8.8.8.8") == GeoInfo("MX", "us")
         assert _reloads(metrics) == {"error": 1, "ok": 1}
         assert resolver.lastReloadError is None
+    finally:
+        resolver.close()
+
+
+def test_file_rewritten_in_place_cannot_hurt_lookups(tmp_path: Path) -> None:
+    """
+    The database in force is a private in-memory copy: the file truncated
+    and rewritten in place (cp over it, not a rename) changes no answer and
+    cannot crash a lookup; the watcher then sees a broken file and keeps
+    the database, and loads the file once it is whole.
+    """
+    path, resolver, watcher, metrics = _watched(tmp_path)
+    try:
+        good = path.read_bytes()
+        with open(path, "r+b") as f:
+            f.truncate(64)
+            f.write(b"\xff" * 64)
+        for ip in ("8.8.8.8", "8.8.8.200", "::ffff:8.8.8.1", "2400:8500::1"):
+            resolver.resolve(ip)
+        assert resolver.resolve("8.8.8.9") == GeoInfo("US", "us")
+        watcher.check()
+        assert _reloads(metrics) == {"error": 1}
+        with open(path, "r+b") as f:
+            f.write(good)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        watcher.check()
+        assert _reloads(metrics) == {"error": 1, "ok": 1}
+        assert resolver.resolve("8.8.8.10") == GeoInfo("US", "us")
     finally:
         resolver.close()
 
