@@ -90,6 +90,7 @@ given to L{EdgeproxyCollector}):
 | edgeproxy_backend_up | overlay source "health" (1/0) | backend |
 | edgeproxy_backend_breaker_open | overlay source "breaker" (1/0) | backend |
 | edgeproxy_backend_admin_state | overlay source "admin" (one-hot) | backend, state |
+| edgeproxy_backend_rtt_seconds | rtt (the health checks' connect RTT) | backend |
 | edgeproxy_resolver_hosts | resolver.stats()["hosts"] | |
 | edgeproxy_resolver_unresolved_hosts | resolver.stats()["unresolved"] | |
 | edgeproxy_resolver_failing_hosts | resolver.stats()["failing"] | |
@@ -102,7 +103,10 @@ flight (what the router weighs).  C{edgeproxy_backend_up} is 0 when the
 health checks hold the backend down, C{edgeproxy_backend_breaker_open} 1
 when the circuit breaker holds it out; the admin state C{drain} is the
 C{admin} source's L{NO_NEW_CLIENTS} verdict, C{maint} its L{UNAVAILABLE}
-one, C{ready} no verdict.  The table age is the time since the last
+one, C{ready} no verdict.  C{edgeproxy_backend_rtt_seconds} is the
+connect RTT estimate the router weighs inside a geo tier (C{--rtt-weight}),
+for the backends that have one (a backend not yet measured has no series).
+The table age is the time since the last
 successful load (a failing reload makes it grow), exported once a load has
 succeeded.  The table's own word (its C{healthy}, C{deleted} and
 C{draining} columns) is C{edgeproxy_backend_routable}.  Join the
@@ -424,6 +428,8 @@ class MetricsState:
     bindings: Optional[int] = None
     resolver: Optional[Mapping[str, int]] = None
     extra: Tuple[Tuple[str, str, float], ...] = ()
+    #: Backend id -> connect RTT estimate in seconds (measured ones only).
+    rtts: Optional[Mapping[str, float]] = None
 
     def collect(self) -> Iterator[Metric]:
         """
@@ -566,6 +572,20 @@ class MetricsState:
                 backends,
                 lambda bid: get(bid, 0),
             )
+        if self.rtts is not None:
+            rtts = self.rtts
+            rtt = GaugeMetricFamily(
+                PREFIX + "backend_rtt_seconds",
+                "The backend's connect RTT from this POP (a moving average of the median of"
+                " the last three passed health checks), weighed inside a geo tier.",
+                labels=["backend"],
+            )
+            add = rtt.add_metric
+            for b in backends:
+                value = rtts.get(b.id)
+                if value is not None:
+                    add((b.id,), value)
+            yield rtt
         if self.verdicts is None:
             return
         verdicts = self.verdicts
@@ -653,6 +673,8 @@ class EdgeproxyCollector:
     @param clock: Seconds on the clock of the repository's C{lastReloadOk}
         (the reactor's C{seconds}); without it, no table age.
     @param extra: More gauges.
+    @param rtt: Backend id -> connect RTT in seconds (the health checker's
+        C{rtts}).
     """
 
     def __init__(
@@ -667,8 +689,10 @@ class EdgeproxyCollector:
         resolver: IHostResolver | None = None,
         clock: Callable[[], float] | None = None,
         extra: Sequence[ExtraGauge] = (),
+        rtt: Mapping[str, float] | None = None,
     ) -> None:
         self.metrics = metrics
+        self.rtt = rtt
         self.repository = repository
         self.load = load
         self.overlay = overlay
@@ -726,6 +750,7 @@ class EdgeproxyCollector:
             bindings=len(self.bindings) if self.bindings is not None else None,
             resolver=dict(self.resolver.stats()) if self.resolver is not None else None,
             extra=tuple(extra),
+            rtts=dict(self.rtt) if self.rtt is not None else None,
         )
 
     def collect(self) -> Iterator[Metric]:

@@ -5,7 +5,8 @@ JSON it renders, polled every 2 s.
 
 The page shows every backend of the routing table with its region,
 country, address, overall status, health check, circuit breaker, admin
-state and load against its soft and hard limits; the connections open
+state, load against its soft and hard limits, and connect RTT with the RTT
+term it adds to its score inside its geo tier (C{--rtt-weight}); the connections open
 against the cap, the bindings held, the routing table's age and reload
 status, and the geo mix of recent routing decisions (geo tiers as shares,
 top countries) over the last 5 minutes.  It updates itself with C{fetch()}
@@ -76,6 +77,7 @@ from edgeproxy.control.admin import JSONResource, json_body, json_error
 from edgeproxy.interfaces import AVAILABLE, NO_NEW_CLIENTS, UNAVAILABLE, IStateOverlay
 from edgeproxy.model import Backend, RoutingSnapshot
 from edgeproxy.routing.router import COUNTRIES, DECISIONS
+from edgeproxy.routing.selection import in_tier, rtt_ms
 
 __all__ = [
     "CLOSED",
@@ -399,6 +401,11 @@ class StatusData:
     @param window: Seconds of the geo mix.
     @param maxBackends: At most this many backends are listed in full (the
         worst first; see L{render}).
+    @param rttWeight: The router's C{rtt_weight}: each backend's
+        C{rtt_term} is what its RTT adds to its score (given its load now);
+        C{null} for a backend not measured yet, which is scored as the
+        median of its tier's measured candidates (that depends on the
+        client, see C{/api/v1/explain}).
 
     @ivar recent: The L{RecentCounters} of the geo mix (C{None} without
         C{metrics}).
@@ -423,10 +430,12 @@ class StatusData:
         interval: float = SAMPLE_INTERVAL,
         window: float = WINDOW,
         maxBackends: int = MAX_BACKENDS,
+        rttWeight: float = 0.0,
     ) -> None:
         if maxBackends < 1:
             raise ValueError(f"maxBackends must be >= 1, got {maxBackends!r}")
         self.maxBackends = maxBackends
+        self.rttWeight = rttWeight
         self.repository = repository
         self.load = load
         self.overlay = overlay
@@ -520,6 +529,7 @@ class StatusData:
             "service": "edgeproxy",
             "version": self.version,
             "region": self.region,
+            "rtt_weight": self.rttWeight,
             "time": round(wall, 3),
             "summary": {
                 "backends": sum(statuses.values()),
@@ -577,6 +587,17 @@ class StatusData:
         their parts.
         """
         bid = b.id
+        health = self._health(bid, sources, now)
+        ms: Optional[float] = None
+        term: Optional[float] = None
+        rtt = health.get("rtt") if health is not None else None
+        if rtt is not None:
+            ms = rtt_ms(rtt)
+        if ms is not None:
+            load = connections / max(1, b.soft_limit) / max(1, b.weight)
+            term = round(in_tier(load, ms, self.rttWeight) - load, 6) if self.rttWeight else 0.0
+        if health is not None:
+            del health["rtt"]
         return {
             "id": bid,
             "app": b.app,
@@ -588,12 +609,14 @@ class StatusData:
             "status": status,
             "routable": routable,
             "verdicts": {s: _VERDICTS.get(v, str(v)) for s, v in sorted(sources.items())},
-            "health": self._health(bid, sources, now),
+            "health": health,
             "breaker": self.breaker.state(bid) if self.breaker is not None else None,
             "admin": self._admin(bid, sources, wall),
             "connections": connections,
             "soft_limit": b.soft_limit,
             "hard_limit": b.hard_limit,
+            "rtt_ms": ms,
+            "rtt_term": term,
         }
 
     def _health(self, bid: str, sources: Mapping[str, int], now: float) -> Optional[Dict[str, Any]]:
@@ -609,6 +632,7 @@ class StatusData:
                     "since_age": None,
                     "last_check_age": None,
                     "rtt_ms": None,
+                    "rtt": None,
                 }
             return None
         rtt = getattr(status, "rtt", None)
@@ -619,6 +643,7 @@ class StatusData:
             "since_age": _age(now, getattr(status, "since", None)),
             "last_check_age": _age(now, getattr(status, "last_check", None)),
             "rtt_ms": round(rtt * 1000.0, 3) if rtt is not None else None,
+            "rtt": rtt,
         }
 
     def _admin(self, bid: str, sources: Mapping[str, int], wall: float) -> Optional[Dict[str, Any]]:
@@ -730,7 +755,7 @@ th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertic
 th{font-size:12px;color:var(--muted);font-weight:600;white-space:nowrap}
 td{overflow-wrap:anywhere}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.c-address,td.c-load,td.c-status{white-space:nowrap}
+td.c-address,td.c-load,td.c-rtt,td.c-status{white-space:nowrap}
 meter{width:80px;height:10px;vertical-align:middle}
 .pill{display:inline-block;white-space:nowrap;padding:0 8px;border-radius:10px;font-weight:600;
 font-size:12px;text-transform:uppercase;color:#fff;background:var(--off)}
@@ -806,7 +831,8 @@ _SCRIPT = r"""
   var COLUMNS = [
     ["id", "Backend"], ["app", "App"], ["region", "Region"], ["country", "Country"],
     ["address", "Address"], ["status", "Status"], ["health", "Health check"],
-    ["breaker", "Breaker"], ["admin", "Admin"], ["load", "Load"], ["routable", "Routable"]
+    ["breaker", "Breaker"], ["admin", "Admin"], ["load", "Load"], ["rtt", "RTT"],
+    ["routable", "Routable"]
   ];
   var rows = new Map();
 
@@ -864,7 +890,16 @@ _SCRIPT = r"""
           b.hard_limit > 0 ? Math.max(b.soft_limit, 0.9 * b.hard_limit) : top);
     row.loadMeter.title = b.connections + " connections, soft limit " + b.soft_limit +
       ", hard limit " + limit(b.hard_limit);
+    put(row.cells.rtt, rttText(b));
     put(row.cells.routable, b.routable ? "yes" : "no");
+  }
+  function rttText(b) {
+    if (b.rtt_ms === null || b.rtt_ms === undefined) { return "\u2013"; }
+    var text = b.rtt_ms + " ms";
+    if (b.rtt_term !== null && b.rtt_term !== undefined) {
+      text += " (+" + b.rtt_term.toFixed(3) + ")";
+    }
+    return text;
   }
 
   function renderBackends(list) {
@@ -1045,7 +1080,7 @@ _BODY = """
 <div class="scroll"><table id="backends">
 <thead><tr><th>Backend</th><th>App</th><th>Region</th><th>Country</th><th>Address</th>
 <th>Status</th><th>Health check</th><th>Breaker</th><th>Admin</th>
-<th>Load (now / soft / hard)</th><th>Routable</th></tr></thead>
+<th>Load (now / soft / hard)</th><th>RTT (score term)</th><th>Routable</th></tr></thead>
 <tbody id="backend-rows"></tbody></table></div>
 <p id="no-backends" class="muted" hidden>No backend in the routing table.</p>
 <p id="truncated" class="muted" hidden></p>
