@@ -540,6 +540,8 @@ def run(argv: Sequence[str]) -> None:
         return
     if args.proxy_from is not None:
         parser.error("--proxy-from needs --connect")
+    if not 0 <= args.rtt_weight < float("inf"):
+        parser.error(f"--rtt-weight must be a number >= 0, not {args.rtt_weight!r}")
     if args.explain is not None:
         print(explain(args.db, args.explain, args.region, rtt_weight=args.rtt_weight))
         return

@@ -511,3 +511,23 @@ def test_delayed_backend_wins_less_on_real_sockets(slow_port: FullBacklog) -> An
     finally:
         checker.stop()
         yield harness.stop([near_server])
+
+
+def test_make_service_wires_the_checker_rtts_into_routing(tmp_path: Any) -> None:
+    """
+    C{twistd edgeproxy --rtt-weight W} gives the router that weight and the
+    health checker's live RTT table, and the status page the weight.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from edgeproxy.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(
+        [f"--db={tmp_path / 'r.db'}", "--geoip-db=none", "--rtt-weight=0.5", "--listen=tcp:0"]
+    )
+    service: Any = makeService(options, reactor=MemoryReactorClock(), environ={})
+    router = service.router
+    assert router.rtt_weight == 0.5
+    assert router.rtt is service.health.rtts
+    assert service.status.rttWeight == 0.5

@@ -42,6 +42,12 @@ routing (up or unknown to down, down to up) are logged, once each, with the
 reason of the check that decided them ("connection refused", "timeout after
 1s", "HTTP 503").
 
+Connect RTT: every check that connects times its TCP connect, and the
+checks that pass feed each backend's L{RttEstimate} (a moving average of
+the median of the last three connect times, so that one slow probe does
+not count).  L{HealthChecker.rtts} is the live table of estimates that the
+router weighs inside a geo tier (C{--rtt-weight}, issue 13).
+
 Scheduling: each backend's first check is at a random moment within the
 first interval, and every later one an interval (give or take 10%, at
 random) after the previous one ended, so that the checks spread out (as
