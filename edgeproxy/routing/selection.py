@@ -51,7 +51,7 @@ scan of every candidate would give (see C{tests/test_selection.py}).
 from __future__ import annotations
 
 import random
-from typing import Container, Iterable, Iterator, List, Mapping, Sequence, Tuple
+from typing import Container, Iterable, List, Mapping, Sequence, Tuple
 
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
 
@@ -233,7 +233,14 @@ def select(
         base = phase * _TIER_STEP
         if use_rtt:
             best, best_score, ties = _rtt_phase(
-                _eligible(candidates, phase, country, region, local_region, exclude, blocked, load),
+                candidates,
+                phase,
+                country,
+                region,
+                local_region,
+                exclude,
+                blocked,
+                load,
                 base,
                 rtt,
                 rtt_weight,
@@ -290,7 +297,7 @@ def select(
     return best
 
 
-def _eligible(
+def _rtt_phase(
     candidates: Sequence[Backend],
     phase: int,
     country: str | None,
@@ -299,13 +306,30 @@ def _eligible(
     exclude: Container[str],
     blocked: Container[str],
     load: Mapping[str, int],
-) -> Iterator[Tuple[Backend, float]]:
+    base: float,
+    rtt: Mapping[str, float],
+    rtt_weight: float,
+    rng: random.Random,
+    best: Backend | None,
+    best_score: float,
+    ties: int,
+) -> Tuple[Backend | None, float, int]:
     """
-    The candidates of one phase of L{select} whose true tier is C{phase}
-    and that may be chosen, each with its load term (the RTT path; the
-    plain path does the same inline).
+    One phase of L{select} with the RTT term: score the candidates whose
+    true tier is C{phase} and fold them into the running minimum (C{best},
+    C{best_score}, C{ties}; the same reservoir sampling as the plain path).
+
+    One pass scores the measured candidates and keeps the unmeasured aside
+    with the measured RTTs; the unmeasured are scored afterwards with the
+    median (only worked out when some candidate needs it).  Reservoir
+    sampling does not depend on the order in which tied candidates come,
+    so exact ties are still broken uniformly.
     """
     load_get = load.get
+    rtt_get = rtt.get
+    ceiling = RTT_CEILING
+    pending: List[Tuple[Backend, float]] = []
+    measured: List[float] = []
     for b in candidates:
         if phase:
             if country is not None and b.country == country:
@@ -318,6 +342,7 @@ def _eligible(
         if bid in exclude or bid in blocked:
             continue
         current = load_get(bid, 0)
+        lt = 0.0
         if current:
             hard = b.hard_limit
             if hard > 0 and current >= hard:
@@ -328,46 +353,18 @@ def _eligible(
             weight = b.weight
             if weight < 1:
                 weight = 1
-            yield b, current / soft / weight
-        else:
-            yield b, 0.0
-
-
-def _rtt_phase(
-    eligible: Iterable[Tuple[Backend, float]],
-    base: float,
-    rtt: Mapping[str, float],
-    rtt_weight: float,
-    rng: random.Random,
-    best: Backend | None,
-    best_score: float,
-    ties: int,
-) -> Tuple[Backend | None, float, int]:
-    """
-    Score one tier's candidates with the RTT term and fold them into the
-    running minimum (C{best}, C{best_score}, C{ties}) of L{select}.
-
-    Two passes over the tier: the first reads the loads and RTTs, the
-    second scores, once the tier's median RTT (for the unmeasured) is
-    known; the median is only worked out when some candidate needs it.
-    """
-    rtt_get = rtt.get
-    scored: List[Tuple[Backend, float, float | None]] = []
-    measured: List[float] = []
-    for b, load in eligible:
-        seconds = rtt_get(b.id)
-        ms = rtt_ms(seconds) if seconds is not None else None
-        if ms is not None:
-            measured.append(ms)
-        scored.append((b, load, ms))
-    fallback = median(measured) if len(measured) < len(scored) else 0.0
-    ceiling = RTT_CEILING
-    for b, load, ms in scored:
-        extra = rtt_weight * (fallback if ms is None else ms)
-        room = ceiling - load
+            lt = current / soft / weight
+        seconds = rtt_get(bid)
+        if seconds is None or not 0.0 <= seconds < _INF:
+            pending.append((b, lt))
+            continue
+        ms = float(round(seconds * 1000.0))
+        measured.append(ms)
+        extra = rtt_weight * ms
+        room = ceiling - lt
         if extra > room:
             extra = room if room > 0.0 else 0.0
-        s = base + (load + extra)
+        s = base + (lt + extra)
         if s < best_score:
             best_score = s
             best = b
@@ -376,4 +373,20 @@ def _rtt_phase(
             ties += 1
             if rng.random() * ties < 1.0:
                 best = b
+    if pending:
+        fallback = rtt_weight * median(measured)
+        for b, lt in pending:
+            extra = fallback
+            room = ceiling - lt
+            if extra > room:
+                extra = room if room > 0.0 else 0.0
+            s = base + (lt + extra)
+            if s < best_score:
+                best_score = s
+                best = b
+                ties = 1
+            elif s == best_score:
+                ties += 1
+                if rng.random() * ties < 1.0:
+                    best = b
     return best, best_score, ties
