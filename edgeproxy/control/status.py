@@ -587,17 +587,7 @@ class StatusData:
         their parts.
         """
         bid = b.id
-        health = self._health(bid, sources, now)
-        ms: Optional[float] = None
-        term: Optional[float] = None
-        rtt = health.get("rtt") if health is not None else None
-        if rtt is not None:
-            ms = rtt_ms(rtt)
-        if ms is not None:
-            load = connections / max(1, b.soft_limit) / max(1, b.weight)
-            term = round(in_tier(load, ms, self.rttWeight) - load, 6) if self.rttWeight else 0.0
-        if health is not None:
-            del health["rtt"]
+        ms, term = self._rtt(b, connections)
         return {
             "id": bid,
             "app": b.app,
@@ -609,7 +599,7 @@ class StatusData:
             "status": status,
             "routable": routable,
             "verdicts": {s: _VERDICTS.get(v, str(v)) for s, v in sorted(sources.items())},
-            "health": health,
+            "health": self._health(bid, sources, now),
             "breaker": self.breaker.state(bid) if self.breaker is not None else None,
             "admin": self._admin(bid, sources, wall),
             "connections": connections,
@@ -632,7 +622,6 @@ class StatusData:
                     "since_age": None,
                     "last_check_age": None,
                     "rtt_ms": None,
-                    "rtt": None,
                 }
             return None
         rtt = getattr(status, "rtt", None)
@@ -643,8 +632,23 @@ class StatusData:
             "since_age": _age(now, getattr(status, "since", None)),
             "last_check_age": _age(now, getattr(status, "last_check", None)),
             "rtt_ms": round(rtt * 1000.0, 3) if rtt is not None else None,
-            "rtt": rtt,
         }
+
+    def _rtt(self, b: Backend, connections: int) -> Tuple[Optional[float], Optional[float]]:
+        """
+        The backend's RTT in whole milliseconds as the score counts it, and
+        the term it adds to its score at this load (see
+        L{edgeproxy.routing.selection}); C{(None, None)} when unmeasured.
+        """
+        status = self.checker.status(b.id) if self.checker is not None else None
+        seconds = getattr(status, "rtt", None)
+        ms = rtt_ms(seconds) if seconds is not None else None
+        if ms is None:
+            return None, None
+        if not self.rttWeight:
+            return ms, 0.0
+        load = connections / max(1, b.soft_limit) / max(1, b.weight)
+        return ms, round(in_tier(load, ms, self.rttWeight) - load, 6)
 
     def _admin(self, bid: str, sources: Mapping[str, int], wall: float) -> Optional[Dict[str, Any]]:
         if self.admin is None:
