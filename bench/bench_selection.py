@@ -5,6 +5,11 @@ Builds snapshots of 10, 1,000 and 10,000 backends spread over countries,
 regions and apps, and times one call of C{select} in a few typical cases.
 Prints the median (and 90th percentile) in microseconds per call.
 
+Each case runs three ways: without an RTT table (the scoring of SPEC
+section 3), with an RTT table and C{rtt_weight=0} (the term off), and with
+C{rtt_weight=0.01} (the default of C{--rtt-weight}), three backends in four
+measured (the others score as their tier's median).
+
     PYTHONPATH=. python bench/bench_selection.py [--repeat 200] [--number 200]
 
 Not a test: timing on a shared machine is noisy.
@@ -16,7 +21,7 @@ import argparse
 import random
 import statistics
 import timeit
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
 from edgeproxy.routing.selection import select
@@ -51,23 +56,40 @@ def build(n: int, countries: int = 50, apps: int = 10) -> Tuple[RoutingSnapshot,
     return RoutingSnapshot.build(rows), names
 
 
+#: How each case is run: (column title, with an RTT table, rtt_weight).
+MODES: List[Tuple[str, bool, float]] = [
+    ("no rtt", False, 0.0),
+    ("w=0", True, 0.0),
+    ("w=0.01", True, 0.01),
+]
+
+
 def cases(
-    snapshot: RoutingSnapshot, names: List[str]
+    snapshot: RoutingSnapshot, names: List[str], with_rtt: bool = False, weight: float = 0.0
 ) -> List[Tuple[str, Callable[[], Backend | None]]]:
     rng = random.Random(1)
     ids = [b.id for b in snapshot.backends]
     load = {i: (hash(i) % 30) for i in ids[: len(ids) // 2]}
+    rtt: Dict[str, float] = (
+        {i: (n % 97) / 1000.0 for n, i in enumerate(ids) if n % 4} if with_rtt else {}
+    )
     probe = snapshot.backends[min(5, len(ids) - 1)]
     app = probe.app
     geo = GeoInfo(probe.country, probe.region)
     region_only = GeoInfo("ZZ", probe.region)
     foreign = GeoInfo("ZZ", "zz")
+
+    def call(app: str | None, geo: GeoInfo | None, local: str) -> Callable[[], Backend | None]:
+        if not with_rtt:
+            return lambda: select(snapshot, app, geo, local, load, rng)
+        return lambda: select(snapshot, app, geo, local, load, rng, rtt=rtt, rtt_weight=weight)
+
     return [
-        ("app, country hit", lambda: select(snapshot, app, geo, "us", load, rng)),
-        ("no app, country hit", lambda: select(snapshot, None, geo, "us", load, rng)),
-        ("app, region hit", lambda: select(snapshot, app, region_only, "us", load, rng)),
-        ("app, no geo (local)", lambda: select(snapshot, app, None, "eu", load, rng)),
-        ("app, nothing near", lambda: select(snapshot, app, foreign, "xx", load, rng)),
+        ("app, country hit", call(app, geo, "us")),
+        ("no app, country hit", call(None, geo, "us")),
+        ("app, region hit", call(app, region_only, "us")),
+        ("app, no geo (local)", call(app, None, "eu")),
+        ("app, nothing near", call(app, foreign, "xx")),
     ]
 
 
@@ -76,16 +98,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--number", type=int, default=200)
     args = parser.parse_args()
-    print("select(): microseconds per call (lower is better)")
-    print(f"{'backends':>8}  {'case':<22} {'median us':>10} {'p90 us':>8}")
+    print("select(): microseconds per call, median (p90); lower is better")
+    header = "".join(f" {title:>17}" for title, _, _ in MODES)
+    print(f"{'backends':>8}  {'case':<22}{header}")
     for n in (10, 1000, 10000):
         snapshot, names = build(n)
-        for name, fn in cases(snapshot, names):
-            assert fn() is not None, (n, name)
-            times = timeit.repeat(fn, repeat=args.repeat, number=args.number)
-            per = sorted(t / args.number * 1e6 for t in times)
-            p90 = per[int(len(per) * 0.9)]
-            print(f"{n:>8}  {name:<22} {statistics.median(per):>10.2f} {p90:>8.2f}")
+        columns = [cases(snapshot, names, with_rtt, weight) for _, with_rtt, weight in MODES]
+        for row in zip(*columns):
+            name = row[0][0]
+            cells = []
+            for _, fn in row:
+                assert fn() is not None, (n, name)
+                times = timeit.repeat(fn, repeat=args.repeat, number=args.number)
+                per = sorted(t / args.number * 1e6 for t in times)
+                p90 = per[int(len(per) * 0.9)]
+                cells.append(f" {statistics.median(per):>8.2f} ({p90:>6.2f})")
+            print(f"{n:>8}  {name:<22}{''.join(cells)}")
 
 
 if __name__ == "__main__":

@@ -324,10 +324,18 @@ def _explain(answer: Mapping[str, Any], out: TextIO) -> None:
     )
     if answer.get("binding"):
         print(f"  bound to {answer['binding']}", file=out)
+    if answer.get("rtt_weight"):
+        print(f"  rtt weight {answer['rtt_weight']:g} per ms", file=out)
     for c in answer.get("candidates", []):
+        rtt = ""
+        if "rtt_term" in c:
+            ms = c.get("rtt_ms")
+            rtt = (
+                f", rtt {ms:g} ms" if ms is not None else ", rtt unmeasured"
+            ) + f" +{c['rtt_term'] or 0.0:.3f}"
         print(
             f"  {c['id']:<8} tier {c['tier']}  score {c['score']:.3f}  (load {c['load']},"
-            f" soft_limit {c['soft_limit']}, weight {c['weight']})",
+            f" soft_limit {c['soft_limit']}, weight {c['weight']}{rtt})",
             file=out,
         )
     for e in answer.get("excluded", []):

@@ -28,7 +28,7 @@ import re
 import socket
 import sys
 import time
-from typing import Any, BinaryIO, List, Optional, Sequence
+from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
@@ -210,12 +210,51 @@ def start_backends(
     return gatherResults(listening, consumeErrors=True)
 
 
-def explain(db: str, client_ip: str, region: str, app: Optional[str] = None) -> str:
+def measure_rtts(backends: Sequence[Any], timeout: float = 0.5, tries: int = 3) -> Dict[str, float]:
+    """
+    The connect RTT of each of C{backends} (L{edgeproxy.model.Backend}s) as
+    the health checks would estimate it: C{tries} TCP connects, each closed
+    at once, fed to an L{edgeproxy.net.health.RttEstimate}.  A backend whose
+    connect fails is left out (unmeasured).  Blocking: for the command line
+    only, never on a reactor.
+    """
+    from edgeproxy.net.health import RttEstimate
+
+    found: Dict[str, float] = {}
+    for b in backends:
+        estimate = RttEstimate()
+        for _ in range(tries):
+            started = time.perf_counter()
+            try:
+                socket.create_connection((b.host, b.port), timeout=timeout).close()
+            except OSError:
+                break
+            estimate.add(time.perf_counter() - started)
+        else:
+            if estimate.value is not None:
+                found[b.id] = estimate.value
+    return found
+
+
+def explain(
+    db: str,
+    client_ip: str,
+    region: str,
+    app: Optional[str] = None,
+    rtt_weight: float = 0.01,
+    measure: bool = True,
+) -> str:
     """
     Why a new client at C{client_ip} would get the backend it gets from the
     routing table in C{db} (nothing is bound or counted): the client's geo,
-    then the candidates by score, best first, then the backends that are no
-    candidate (unhealthy, deleted, draining...) with the reason.
+    then the candidates by score, best first, with their RTT and RTT term,
+    then the backends that are no candidate (unhealthy, deleted,
+    draining...) with the reason.
+
+    @param rtt_weight: The proxy's C{--rtt-weight}.
+    @param measure: Measure each routable backend's connect RTT now (see
+        L{measure_rtts}), as the proxy's health checks do; without it every
+        backend is unmeasured.
     """
     from edgeproxy.geo import GeoIPResolver
     from edgeproxy.metrics import MetricsStore
@@ -230,7 +269,19 @@ def explain(db: str, client_ip: str, region: str, app: Optional[str] = None) -> 
     geo = GeoIPResolver.fromPaths(None)
     from twisted.internet.task import Clock
 
-    router = Router(repository, BindingTable(), geo, MetricsStore(), region, Clock())
+    snapshot = repository.current()
+    routable = snapshot.by_app.get(app, ())
+    rtts = measure_rtts(routable) if measure and rtt_weight > 0 else {}
+    router = Router(
+        repository,
+        BindingTable(),
+        geo,
+        MetricsStore(),
+        region,
+        Clock(),
+        rtt=rtts,
+        rtt_weight=rtt_weight,
+    )
     why = router.explain(client_ip, app, limit=10)
     geo.close()
     where = why["geo"]
@@ -242,17 +293,31 @@ def explain(db: str, client_ip: str, region: str, app: Optional[str] = None) -> 
             else f"country {where['country']}, region {where['region']}"
         )
         + f"; this POP's region is {region}",
-        "  score = tier * 100 + (connections / soft_limit) / weight; lowest wins",
+        "  score = tier * 100 + (connections / soft_limit) / weight"
+        f" + {rtt_weight:g} * rtt_ms; lowest wins",
         "  tier 0 same country, 1 same region, 2 this POP's region, 3 anything else",
     ]
     for c in why["candidates"]:
         lines.append(
             f"  {c['id']:<8} tier {c['tier']}  score {c['score']:.3f}  "
-            f"(load {c['load']}, soft_limit {c['soft_limit']}, weight {c['weight']})"
+            f"(load {c['load']}, soft_limit {c['soft_limit']}, weight {c['weight']}, "
+            f"{rtt_text(c)})"
         )
     for e in why["excluded"]:
         lines.append(f"  {e['id']:<8} not a candidate: {e['reason']}")
     return "\n".join(lines)
+
+
+def rtt_text(candidate: Mapping[str, Any]) -> str:
+    """
+    A candidate's RTT and RTT term from L{Router.explain}, for humans:
+    C{rtt 12 ms +0.120}, or C{rtt unmeasured, as its tier's median +0.120}.
+    """
+    ms = candidate.get("rtt_ms")
+    term = candidate.get("rtt_term") or 0.0
+    if ms is None:
+        return f"rtt unmeasured, as its tier's median +{term:.3f}"
+    return f"rtt {ms:g} ms +{term:.3f}"
 
 
 class ClientError(Exception):
@@ -422,6 +487,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--db", default="routing.db", help="routing table for --explain")
     parser.add_argument("--region", default="sa", help="this POP's region for --explain")
+    parser.add_argument(
+        "--rtt-weight",
+        metavar="W",
+        type=float,
+        default=0.01,
+        help="with --explain: the proxy's --rtt-weight (default: 0.01); the RTTs are"
+        " measured now with three TCP connects to each backend",
+    )
     parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
         "--only",
@@ -468,8 +541,10 @@ def run(argv: Sequence[str]) -> None:
         return
     if args.proxy_from is not None:
         parser.error("--proxy-from needs --connect")
+    if not 0 <= args.rtt_weight < float("inf"):
+        parser.error(f"--rtt-weight must be a number >= 0, not {args.rtt_weight!r}")
     if args.explain is not None:
-        print(explain(args.db, args.explain, args.region))
+        print(explain(args.db, args.explain, args.region, rtt_weight=args.rtt_weight))
         return
     from twisted.internet.task import react
 
@@ -488,7 +563,7 @@ def main(reactor: Any, *argv: str) -> "Deferred[Any]":
     if args.connect is not None:
         parser.error("--connect is for the command line (edgeproxy.demo.run), not a reactor")
     if args.explain is not None:
-        print(explain(args.db, args.explain, args.region))
+        print(explain(args.db, args.explain, args.region, rtt_weight=args.rtt_weight))
         return succeed(None)
     backends = [attrs.evolve(b, port=args.base_port + i) for i, b in enumerate(DEMO_BACKENDS)]
     if args.only:

@@ -43,6 +43,7 @@ from edgeproxy.interfaces import (
 from edgeproxy.model import RoutingSnapshot
 from edgeproxy.net.backendops import BackendOperations
 from edgeproxy.routing.admin import AdminState, AdminStates
+from edgeproxy.routing.router import Router
 from edgeproxy.stores.statefile import StateFile
 
 if TYPE_CHECKING:
@@ -440,7 +441,8 @@ def build_service(
         reopened on SIGUSR1 while the service runs; C{None} for none.
     @param health_checker: An L{edgeproxy.net.health.HealthChecker} feeding
         the router's overlay, or C{None} for no active checks; it follows
-        the repository and runs while the service runs.
+        the repository and runs while the service runs.  Its RTT table
+        becomes the router's C{rtt} input when the router has none.
     @param shutdown_timeout: Seconds a graceful shutdown (stopping the
         service) lets open connections finish before closing them.
     @param resolver: Where backend host names get their addresses; default
@@ -570,6 +572,9 @@ def build_service(
         top.admin = admin_states
         top.operations = operations
     if health_checker is not None:
+        if isinstance(router, Router) and router.rtt is None:
+            # The checks' connect RTTs are the router's RTT input (issue 13).
+            router.rtt = health_checker.rtts
         health_checker.update(repository.current())
         repository.addListener(health_checker.routingTableChanged)
         health_checker.setName(HEALTH_SERVICE)
@@ -653,6 +658,7 @@ def _addAdmin(
         resolver=resolver,
         clock=reactor.seconds,
         geo=top.geo,
+        rtt=getattr(top.health, "rtts", None),
     )
 
     def health() -> dict[str, Any]:
@@ -725,6 +731,7 @@ def _addAdmin(
         region=top.region,
         clock=reactor.seconds,
         geo=top.geo,
+        rttWeight=getattr(router, "rtt_weight", 0.0),
     )
     repository.addListener(status.routingTableChanged)
     sampling = TimerService(SAMPLE_INTERVAL, status.sample)

@@ -580,6 +580,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "on: when health checks or breakers eject every candidate, route to the best"
         " of them anyway (Envoy's panic mode); off: refuse the client",
     ),
+    # --- RTT-aware closeness (issue 13) ---
+    _Option(
+        "rtt-weight",
+        "EDGEPROXY_RTT_WEIGHT",
+        0.01,
+        _non_negative_float,
+        "Score points per millisecond of a backend's health-check connect RTT inside a"
+        " geo tier (0.01: 100 ms weigh as much as a full soft limit of load); 0 = no RTT term",
+    ),
     _Option(
         "state-file",
         "EDGEPROXY_STATE_FILE",
@@ -1051,6 +1060,7 @@ def makeService(
         ipv6_prefix=options["binding-ipv6-prefix"],
         breaker=breaker,
         panic=options["panic-routing"],
+        rtt_weight=options["rtt-weight"],
     )
     from edgeproxy.net.health import HealthChecker
 

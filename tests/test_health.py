@@ -433,27 +433,35 @@ def test_state_changes_only_as_rise_and_fall_allow(rise: int, fall: int, results
             assert after == UP
 
 
-def test_rtt_is_an_ewma_of_connect_times():
+def test_rtt_is_a_median_filtered_ewma_of_passed_checks():
     """
-    rtt() is None until a check connects, then the moving average with
-    weight 0.3 of the connect times, including checks that connected but
-    failed (an HTTP 503); checks that did not connect leave it alone.
+    rtt() is None until a check passes, then the L{RttEstimate} of the
+    connect times of the checks that passed: checks that failed, even after
+    connecting (an HTTP 503), and checks that did not connect are no samples.
     """
     probe = FakeProbe()
     checker, clock, _, _ = make(backend("a"), probe=probe)
-    assert checker.rtt("a") is None
+    assert checker.rtt("a") is None and "a" not in checker.rtts
     probe.answer(
         "a",
-        ProbeResult(True, "connected", 0.1),
         ProbeResult(False, "HTTP 503", 0.2),
+        ProbeResult(True, "connected", 0.1),
+        ProbeResult(False, "HTTP 503", 0.9),
         ProbeResult(False, "connection refused"),
+        ProbeResult(True, "connected", 0.2),
+        ProbeResult(True, "connected", 0.3),
     )
     checks(clock, probe, "a", 1)
+    assert checker.rtt("a") is None
+    checks(clock, probe, "a", 1)
+    assert checker.rtt("a") == pytest.approx(0.1) and checker.rtts["a"] == checker.rtt("a")
+    checks(clock, probe, "a", 2)
     assert checker.rtt("a") == pytest.approx(0.1)
-    checks(clock, probe, "a", 1)
+    checks(clock, probe, "a", 1)  # window [0.1, 0.2]: the lower median
+    assert checker.rtt("a") == pytest.approx(0.1)
+    checks(clock, probe, "a", 1)  # window full: EWMA of the median 0.2
     assert checker.rtt("a") == pytest.approx(0.3 * 0.2 + 0.7 * 0.1)
-    checks(clock, probe, "a", 1)
-    assert checker.rtt("a") == pytest.approx(0.13)
+    assert checker.rtts["a"] == checker.rtt("a")
     assert checker.rtt("nope") is None
 
 
@@ -722,8 +730,8 @@ def test_changed_address_or_check_starts_afresh(events: List[Dict[str, Any]]):
     checker, clock, overlay, _ = make(probe=probe, fall=1)
     checker.update(repository.current())
     repository.addListener(checker.routingTableChanged)
-    probe.answer("a", ProbeResult(False, "HTTP 503", 0.5))
-    checks(clock, probe, "a", 1)
+    probe.answer("a", ProbeResult(True, "HTTP 200", 0.5))
+    checks(clock, probe, "a", 2)
     assert checker.state("a") == DOWN and checker.rtt("a") == 0.5
     repository.set([backend("a", weight=5)])
     repository.set([backend("a", weight=5, health_check="tcp")])
@@ -732,6 +740,7 @@ def test_changed_address_or_check_starts_afresh(events: List[Dict[str, Any]]):
         repository.set([backend("a", **change)])
         assert checker.state("a") == UNKNOWN
         assert overlay.verdict("a") == AVAILABLE and checker.rtt("a") is None
+        assert "a" not in checker.rtts
         checks(clock, probe, "a", 1)
         assert checker.state("a") == DOWN
     assert any("checking it afresh" in t for t in texts(events, LogLevel.info))

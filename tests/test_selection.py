@@ -532,3 +532,284 @@ def test_blocked_is_like_excluded(situation, data):
     else:
         assert chosen is not None and chosen.id not in blocked
         assert chosen.id in argmin
+
+
+# --- the RTT term (issue 13) ----------------------------------------------------
+#
+# A second brute-force reference, written out again from the formula of the
+# module docstring: per tier, the median of the measured candidates' whole
+# milliseconds stands in for the unmeasured; in_tier = load + min(w * ms,
+# max(0, 99 - load)).
+
+
+def _ref_ms(seconds: float) -> float:
+    return float(round(seconds * 1000.0))
+
+
+def _ref_median(values: list[float]) -> float:
+    values = sorted(values)
+    if not values:
+        return 0.0
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _ref_load(b: Backend, current: int) -> float:
+    return current / max(1, b.soft_limit) / max(1, b.weight)
+
+
+def _ref_rtt_scores(snapshot, app, geo, local_region, load, rtt, weight, exclude=frozenset()):
+    """
+    Brute force with the RTT term: backend id -> score, for every candidate.
+    """
+    candidates = list(_ref_candidates(snapshot, app, load, exclude))
+    measured: dict[int, list[float]] = {}
+    for b, _ in candidates:
+        if b.id in rtt:
+            measured.setdefault(_ref_tier(b, geo, local_region), []).append(_ref_ms(rtt[b.id]))
+    scores = {}
+    for b, cur in candidates:
+        tier = _ref_tier(b, geo, local_region)
+        ms = _ref_ms(rtt[b.id]) if b.id in rtt else _ref_median(measured.get(tier, []))
+        lt = _ref_load(b, cur)
+        scores[b.id] = tier * 100.0 + (lt + min(weight * ms, max(0.0, 99.0 - lt)))
+    return scores
+
+
+def _id(b: Backend | None) -> str:
+    assert b is not None
+    return b.id
+
+
+_rtt_values = st.one_of(
+    st.sampled_from([0.0, 0.0002, 0.0004, 0.0005, 0.001, 0.0104, 0.02, 0.05, 0.3, 1.0, 100.0]),
+    st.floats(0.0, 10.0),
+    st.just(1e6),
+)
+_rtt_weights = st.one_of(st.sampled_from([0.001, 0.01, 0.1, 1.0, 10.0, 1e6]), st.floats(1e-6, 1e6))
+
+
+@st.composite
+def _rtt_tables(draw, snapshot):
+    table = {}
+    for b in snapshot.backends:
+        if draw(st.integers(0, 3)):
+            table[b.id] = draw(_rtt_values)
+    return table
+
+
+@settings(max_examples=300)
+@given(_situations(), st.data())
+def test_rtt_select_matches_brute_force(situation, data):
+    """
+    With the RTT term, the indexed walk still finds exactly what a scan of
+    every candidate scored by the written-out formula finds (the median of
+    the tier's measured candidates standing in for the unmeasured).
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    rtt = data.draw(_rtt_tables(snapshot))
+    weight = data.draw(_rtt_weights)
+    chosen = select(
+        snapshot, app, geo, local, load, random.Random(seed), exclude, rtt=rtt, rtt_weight=weight
+    )
+    scores = _ref_rtt_scores(snapshot, app, geo, local, load, rtt, weight, exclude)
+    if not scores:
+        assert chosen is None
+        return
+    assert chosen is not None
+    best = min(scores.values())
+    assert scores[chosen.id] == best
+
+
+@settings(max_examples=300)
+@given(_situations(), st.data())
+def test_rtt_weight_zero_is_todays_choice(situation, data):
+    """
+    With C{rtt_weight} 0, whatever the RTT table, the choice is today's for
+    every input: the same backend as C{select} without RTT given the same
+    random source (so also the same random draws), and one the plain scan
+    of every candidate finds at the minimum score.  An empty RTT table with
+    any weight is the same.
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    rtt = data.draw(_rtt_tables(snapshot))
+    weight = data.draw(_rtt_weights)
+    plain = select(snapshot, app, geo, local, load, random.Random(seed), exclude)
+    off = select(
+        snapshot, app, geo, local, load, random.Random(seed), exclude, rtt=rtt, rtt_weight=0.0
+    )
+    empty = select(
+        snapshot, app, geo, local, load, random.Random(seed), exclude, rtt={}, rtt_weight=weight
+    )
+    assert off is plain and empty is plain
+    best, argmin = select_reference(snapshot, app, geo, local, load, exclude)
+    assert (plain is None) == (best is None)
+    if plain is not None:
+        assert plain.id in argmin
+
+
+@settings(max_examples=500)
+@given(_situations(), st.data())
+def test_no_rtt_lets_a_worse_tier_win(situation, data):
+    """
+    The tier dominates whatever the RTTs and the weight: the pick with the
+    RTT term is never of a worse tier than a candidate that scores strictly
+    lower than the pick without the RTT term (so a worse tier never wins
+    over a better-tier backend that would win without RTT); and, as without
+    RTT, while some candidate of tier t has a load term under 100 the pick's
+    tier is no worse than t.
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    rtt = data.draw(_rtt_tables(snapshot))
+    weight = data.draw(_rtt_weights)
+    chosen = select(
+        snapshot, app, geo, local, load, random.Random(seed), exclude, rtt=rtt, rtt_weight=weight
+    )
+    candidates = list(_ref_candidates(snapshot, app, load, exclude))
+    assume(chosen is not None)
+    assert chosen is not None
+    tier = _ref_tier(chosen, geo, local)
+    plain = _ref_score(chosen, geo, local, load.get(chosen.id, 0))
+    for b, cur in candidates:
+        if _ref_tier(b, geo, local) < tier:
+            assert _ref_score(b, geo, local, cur) >= plain, (b.id, chosen.id)
+    roomy = [_ref_tier(b, geo, local) for b, cur in candidates if _ref_load(b, cur) < 100]
+    if roomy:
+        assert tier <= min(roomy)
+
+
+@given(
+    st.integers(0, 3),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(0, 20),
+    st.floats(0.0, 2.0),
+    st.floats(0.0, 2.0),
+    st.sampled_from([0.001, 0.01, 0.1, 0.5]),
+    st.integers(0, 2**32),
+)
+def test_nearer_of_two_equally_loaded_wins(tier, soft, weight, current, rtt_a, rtt_b, w, seed):
+    """
+    Of two backends of the same tier with the same load, limits and
+    weight, the one whose RTT is at least one whole millisecond lower
+    always wins, as long as the RTT term fits under the tier's ceiling;
+    equal whole milliseconds tie (either may win).
+    """
+    geo = GeoInfo("BR", "sa")
+    places = [("BR", "sa"), ("AR", "sa"), ("US", "us"), ("JP", "ap")]
+    country, region = places[tier]
+    rows = [
+        backend(i, country=country, region=region, soft_limit=soft, weight=weight)
+        for i in ("a", "b")
+    ]
+    snapshot = RoutingSnapshot.build(rows)
+    load = {"a": current, "b": current}
+    ms_a, ms_b = _ref_ms(rtt_a), _ref_ms(rtt_b)
+    assume(_ref_load(rows[0], current) + w * max(ms_a, ms_b) < 99)
+    chosen = select(
+        snapshot,
+        None,
+        geo,
+        "us",
+        load,
+        random.Random(seed),
+        rtt={"a": rtt_a, "b": rtt_b},
+        rtt_weight=w,
+    )
+    assert chosen is not None
+    if ms_a < ms_b:
+        assert chosen.id == "a"
+    elif ms_b < ms_a:
+        assert chosen.id == "b"
+
+
+def test_unmeasured_backend_scores_as_its_tiers_median():
+    """
+    A backend without a measurement scores as the median RTT of the
+    measured candidates of its tier (not of other tiers, not of backends
+    that are no candidate): between 10, 20 and 30 ms it ties the 20 ms one;
+    between 10 and 30 ms it scores 20 ms; and a tier with nothing measured
+    scores 0 for all.
+    """
+    rows = [
+        backend("near", country="BR", region="sa", soft_limit=100),
+        backend("mid", country="BR", region="sa", soft_limit=100),
+        backend("far", country="BR", region="sa", soft_limit=100),
+        backend("new", country="BR", region="sa", soft_limit=100),
+        backend("other-tier", country="US", region="us"),
+    ]
+    snapshot = RoutingSnapshot.build(rows)
+    geo = GeoInfo("BR", "sa")
+    rtt = {"near": 0.010, "mid": 0.020, "far": 0.030, "other-tier": 0.0}
+    # "near" carries load: 0.5 + 0.10 > 0.20, out of the way.
+    load = {"near": 50}
+
+    def picks(exclude: frozenset = frozenset()) -> set:
+        return {
+            _id(
+                select(
+                    snapshot,
+                    None,
+                    geo,
+                    "us",
+                    load,
+                    random.Random(seed),
+                    exclude,
+                    rtt=rtt,
+                    rtt_weight=0.01,
+                )
+            )
+            for seed in range(60)
+        }
+
+    assert picks() == {"new", "mid"}
+    del rtt["mid"]  # measured: 10 and 30 ms, median 20
+    assert picks() == {"new", "mid"}
+    assert picks(frozenset({"mid", "new"})) == {"far"}  # 0.30 against 0.60
+    # Without "near", the median is that of {30}: a three-way tie with "far".
+    assert picks(frozenset({"near"})) == {"new", "mid", "far"}
+    rtt.clear()
+    rtt["other-tier"] = 0.5
+    assert picks() == {"new", "mid", "far"}
+
+
+def test_rtt_below_half_a_millisecond_keeps_random_ties():
+    """
+    RTTs that round to the same whole millisecond tie, so equally near
+    backends (one LAN, loopback) still share their clients at random.
+    """
+    rows = [backend(i, country="BR", region="sa") for i in ("a", "b", "c")]
+    snapshot = RoutingSnapshot.build(rows)
+    rtt = {"a": 0.0001, "b": 0.0004, "c": 0.00049}
+    seen = Counter(
+        _id(
+            select(
+                snapshot,
+                None,
+                GeoInfo("BR", "sa"),
+                "us",
+                {},
+                random.Random(seed),
+                rtt=rtt,
+                rtt_weight=1.0,
+            )
+        )
+        for seed in range(300)
+    )
+    assert set(seen) == {"a", "b", "c"} and min(seen.values()) > 50
+
+
+def test_rtt_term_never_crosses_into_the_next_tier():
+    """
+    However large the RTT and the weight, a backend's RTT term stops below
+    the next tier (99 in load plus RTT), and a backend whose load alone is
+    99 or more scores exactly as without RTT.
+    """
+    b = backend("a", country="BR", region="sa", soft_limit=1)
+    geo = GeoInfo("BR", "sa")
+    assert score(b, geo, "us", 0, 1e9, 1e6) == 99.0
+    assert score(b, geo, "us", 50, 1e9, 1e6) == 99.0
+    assert score(b, geo, "us", 99, 1e9, 1e6) == 99.0
+    assert score(b, geo, "us", 150, 1e9, 1e6) == 150.0
+    assert score(b, geo, "us", 10, 20.0, 0.5) == 20.0
+    assert score(b, geo, "us", 10, None, 0.5) == 10.0 == score(b, geo, "us", 10)

@@ -93,6 +93,8 @@ def test_backend_fields_from_the_in_memory_parts() -> None:
         "connections": 7,
         "soft_limit": 10,
         "hard_limit": 20,
+        "rtt_ms": None,
+        "rtt_term": None,
     }
     v6 = _by_id(body)["v6"]
     assert (v6["address"], v6["country"], v6["connections"]) == ("[fd00::1]:9000", None, 0)

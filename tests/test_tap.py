@@ -53,6 +53,7 @@ ENV_NAMES = {
     "breaker-failures": "EDGEPROXY_BREAKER_FAILURES",
     "breaker-cooldown": "EDGEPROXY_BREAKER_COOLDOWN",
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
+    "rtt-weight": "EDGEPROXY_RTT_WEIGHT",
     "state-file": "EDGEPROXY_STATE_FILE",
     "admin": "EDGEPROXY_ADMIN",
     "api-token-file": "EDGEPROXY_API_TOKEN_FILE",
@@ -124,6 +125,7 @@ def test_defaults() -> None:
     assert options["breaker-failures"] == 5
     assert options["breaker-cooldown"] == 30.0
     assert options["panic-routing"] is True
+    assert options["rtt-weight"] == 0.01
     assert options["state-file"] is None
     assert options["admin"] == "tcp:8090:interface=127.0.0.1"
     assert options["api-token-file"] is None
@@ -180,6 +182,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--breaker-failures=0",
         "--breaker-cooldown=7",
         "--panic-routing=off",
+        "--rtt-weight=0.5",
         f"--state-file={tmp_path / 's.json'}",
         "--admin=tcp:0:interface=127.0.0.1",
         f"--api-token-file={overrides}",
@@ -230,6 +233,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["breaker-failures"] == 0
     assert options["breaker-cooldown"] == 7.0
     assert options["panic-routing"] is False
+    assert options["rtt-weight"] == 0.5
     assert options["state-file"] == str(tmp_path / "s.json")
     assert options["admin"] == "tcp:0:interface=127.0.0.1"
     assert options["api-token-file"] == overrides
@@ -305,6 +309,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_BREAKER_FAILURES": "9",
         "EDGEPROXY_BREAKER_COOLDOWN": "0.5",
         "EDGEPROXY_PANIC_ROUTING": "no",
+        "EDGEPROXY_RTT_WEIGHT": "0",
         "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
         "EDGEPROXY_ADMIN": "none",
         "EDGEPROXY_API_TOKEN_FILE": regions,
@@ -354,6 +359,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["breaker-failures"] == 9
     assert options["breaker-cooldown"] == 0.5
     assert options["panic-routing"] is False
+    assert options["rtt-weight"] == 0.0
     assert options["state-file"] == str(tmp_path / "env-state.json")
     assert options["admin"] == "none"
     assert options["api-token-file"] == regions

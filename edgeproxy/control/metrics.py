@@ -91,6 +91,7 @@ given to L{EdgeproxyCollector}):
 | edgeproxy_backend_up | overlay source "health" (1/0) | backend |
 | edgeproxy_backend_breaker_open | overlay source "breaker" (1/0) | backend |
 | edgeproxy_backend_admin_state | overlay source "admin" (one-hot) | backend, state |
+| edgeproxy_backend_rtt_seconds | rtt (the health checks' connect RTT) | backend |
 | edgeproxy_resolver_hosts | resolver.stats()["hosts"] | |
 | edgeproxy_resolver_unresolved_hosts | resolver.stats()["unresolved"] | |
 | edgeproxy_resolver_failing_hosts | resolver.stats()["failing"] | |
@@ -108,7 +109,10 @@ flight (what the router weighs).  C{edgeproxy_backend_up} is 0 when the
 health checks hold the backend down, C{edgeproxy_backend_breaker_open} 1
 when the circuit breaker holds it out; the admin state C{drain} is the
 C{admin} source's L{NO_NEW_CLIENTS} verdict, C{maint} its L{UNAVAILABLE}
-one, C{ready} no verdict.  The table age is the time since the last
+one, C{ready} no verdict.  C{edgeproxy_backend_rtt_seconds} is the
+connect RTT estimate the router weighs inside a geo tier (C{--rtt-weight}),
+for the backends that have one (a backend not yet measured has no series).
+The table age is the time since the last
 successful load (a failing reload makes it grow), exported once a load has
 succeeded.  The table's own word (its C{healthy}, C{deleted} and
 C{draining} columns) is C{edgeproxy_backend_routable}.  Join the
@@ -444,6 +448,8 @@ class MetricsState:
     #: L{edgeproxy.geo.GeoIPResolver.status} and the wall clock then.
     geo: Optional[Tuple[Mapping[str, Any], float]] = None
     extra: Tuple[Tuple[str, str, float], ...] = ()
+    #: Backend id -> connect RTT estimate in seconds (measured ones only).
+    rtts: Optional[Mapping[str, float]] = None
 
     def collect(self) -> Iterator[Metric]:
         """
@@ -587,6 +593,20 @@ class MetricsState:
                 backends,
                 lambda bid: get(bid, 0),
             )
+        if self.rtts is not None:
+            rtts = self.rtts
+            rtt = GaugeMetricFamily(
+                PREFIX + "backend_rtt_seconds",
+                "The backend's connect RTT from this POP (a moving average of the median of"
+                " the last three passed health checks), weighed inside a geo tier.",
+                labels=["backend"],
+            )
+            add = rtt.add_metric
+            for b in backends:
+                value = rtts.get(b.id)
+                if value is not None:
+                    add((b.id,), value)
+            yield rtt
         if self.verdicts is None:
             return
         verdicts = self.verdicts
@@ -709,6 +729,8 @@ class EdgeproxyCollector:
         (L{edgeproxy.geo.GeoIPResolver}) for the C{geoip} gauges.
     @param wallClock: Epoch seconds, for the database's age.
     @param extra: More gauges.
+    @param rtt: Backend id -> connect RTT in seconds (the health checker's
+        C{rtts}).
     """
 
     def __init__(
@@ -725,10 +747,12 @@ class EdgeproxyCollector:
         geo: Any = None,
         wallClock: Callable[[], float] = time.time,
         extra: Sequence[ExtraGauge] = (),
+        rtt: Mapping[str, float] | None = None,
     ) -> None:
         self.metrics = metrics
         self.geo = geo
         self.wallClock = wallClock
+        self.rtt = rtt
         self.repository = repository
         self.load = load
         self.overlay = overlay
@@ -795,6 +819,7 @@ class EdgeproxyCollector:
             resolver=dict(self.resolver.stats()) if self.resolver is not None else None,
             geo=geo,
             extra=tuple(extra),
+            rtts=dict(self.rtt) if self.rtt is not None else None,
         )
 
     def collect(self) -> Iterator[Metric]:

@@ -5,7 +5,8 @@ JSON it renders, polled every 2 s.
 
 The page shows every backend of the routing table with its region,
 country, address, overall status, health check, circuit breaker, admin
-state and load against its soft and hard limits; the connections open
+state, load against its soft and hard limits, and connect RTT with the RTT
+term it adds to its score inside its geo tier (C{--rtt-weight}); the connections open
 against the cap, the bindings held, the routing table's age and reload
 status, the GeoIP database's build date and age (flagged when stale), and
 the geo mix of recent routing decisions (geo tiers as shares, top
@@ -77,6 +78,7 @@ from edgeproxy.control.admin import JSONResource, json_body, json_error
 from edgeproxy.interfaces import AVAILABLE, NO_NEW_CLIENTS, UNAVAILABLE, IStateOverlay
 from edgeproxy.model import Backend, RoutingSnapshot
 from edgeproxy.routing.router import COUNTRIES, DECISIONS
+from edgeproxy.routing.selection import in_tier, rtt_ms
 
 __all__ = [
     "CLOSED",
@@ -404,6 +406,11 @@ class StatusData:
         shown as C{geo_database} where it has one
         (L{edgeproxy.geo.GeoIPResolver.status}): the database's type, build
         date, age, whether it is stale, and its reloads.
+    @param rttWeight: The router's C{rtt_weight}: each backend's
+        C{rtt_term} is what its RTT adds to its score (given its load now);
+        C{null} for a backend not measured yet, which is scored as the
+        median of its tier's measured candidates (that depends on the
+        client, see C{/api/v1/explain}).
 
     @ivar recent: The L{RecentCounters} of the geo mix (C{None} without
         C{metrics}).
@@ -429,11 +436,13 @@ class StatusData:
         window: float = WINDOW,
         maxBackends: int = MAX_BACKENDS,
         geo: Optional[Any] = None,
+        rttWeight: float = 0.0,
     ) -> None:
         self.geo = geo
         if maxBackends < 1:
             raise ValueError(f"maxBackends must be >= 1, got {maxBackends!r}")
         self.maxBackends = maxBackends
+        self.rttWeight = rttWeight
         self.repository = repository
         self.load = load
         self.overlay = overlay
@@ -527,6 +536,7 @@ class StatusData:
             "service": "edgeproxy",
             "version": self.version,
             "region": self.region,
+            "rtt_weight": self.rttWeight,
             "time": round(wall, 3),
             "summary": {
                 "backends": sum(statuses.values()),
@@ -595,6 +605,7 @@ class StatusData:
         their parts.
         """
         bid = b.id
+        ms, term = self._rtt(b, connections)
         return {
             "id": bid,
             "app": b.app,
@@ -612,6 +623,8 @@ class StatusData:
             "connections": connections,
             "soft_limit": b.soft_limit,
             "hard_limit": b.hard_limit,
+            "rtt_ms": ms,
+            "rtt_term": term,
         }
 
     def _health(self, bid: str, sources: Mapping[str, int], now: float) -> Optional[Dict[str, Any]]:
@@ -638,6 +651,22 @@ class StatusData:
             "last_check_age": _age(now, getattr(status, "last_check", None)),
             "rtt_ms": round(rtt * 1000.0, 3) if rtt is not None else None,
         }
+
+    def _rtt(self, b: Backend, connections: int) -> Tuple[Optional[float], Optional[float]]:
+        """
+        The backend's RTT in whole milliseconds as the score counts it, and
+        the term it adds to its score at this load (see
+        L{edgeproxy.routing.selection}); C{(None, None)} when unmeasured.
+        """
+        status = self.checker.status(b.id) if self.checker is not None else None
+        seconds = getattr(status, "rtt", None)
+        ms = rtt_ms(seconds) if seconds is not None else None
+        if ms is None:
+            return None, None
+        if not self.rttWeight:
+            return ms, 0.0
+        load = connections / max(1, b.soft_limit) / max(1, b.weight)
+        return ms, round(in_tier(load, ms, self.rttWeight) - load, 6)
 
     def _admin(self, bid: str, sources: Mapping[str, int], wall: float) -> Optional[Dict[str, Any]]:
         if self.admin is None:
@@ -748,7 +777,7 @@ th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertic
 th{font-size:12px;color:var(--muted);font-weight:600;white-space:nowrap}
 td{overflow-wrap:anywhere}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.c-address,td.c-load,td.c-status{white-space:nowrap}
+td.c-address,td.c-load,td.c-rtt,td.c-status{white-space:nowrap}
 meter{width:80px;height:10px;vertical-align:middle}
 .pill{display:inline-block;white-space:nowrap;padding:0 8px;border-radius:10px;font-weight:600;
 font-size:12px;text-transform:uppercase;color:#fff;background:var(--off)}
@@ -824,7 +853,8 @@ _SCRIPT = r"""
   var COLUMNS = [
     ["id", "Backend"], ["app", "App"], ["region", "Region"], ["country", "Country"],
     ["address", "Address"], ["status", "Status"], ["health", "Health check"],
-    ["breaker", "Breaker"], ["admin", "Admin"], ["load", "Load"], ["routable", "Routable"]
+    ["breaker", "Breaker"], ["admin", "Admin"], ["load", "Load"], ["rtt", "RTT"],
+    ["routable", "Routable"]
   ];
   var rows = new Map();
 
@@ -882,7 +912,16 @@ _SCRIPT = r"""
           b.hard_limit > 0 ? Math.max(b.soft_limit, 0.9 * b.hard_limit) : top);
     row.loadMeter.title = b.connections + " connections, soft limit " + b.soft_limit +
       ", hard limit " + limit(b.hard_limit);
+    put(row.cells.rtt, rttText(b));
     put(row.cells.routable, b.routable ? "yes" : "no");
+  }
+  function rttText(b) {
+    if (b.rtt_ms === null || b.rtt_ms === undefined) { return "\u2013"; }
+    var text = b.rtt_ms + " ms";
+    if (b.rtt_term !== null && b.rtt_term !== undefined) {
+      text += " (+" + b.rtt_term.toFixed(3) + ")";
+    }
+    return text;
   }
 
   function renderBackends(list) {
@@ -1084,7 +1123,7 @@ _BODY = """
 <div class="scroll"><table id="backends">
 <thead><tr><th>Backend</th><th>App</th><th>Region</th><th>Country</th><th>Address</th>
 <th>Status</th><th>Health check</th><th>Breaker</th><th>Admin</th>
-<th>Load (now / soft / hard)</th><th>Routable</th></tr></thead>
+<th>Load (now / soft / hard)</th><th>RTT (score term)</th><th>Routable</th></tr></thead>
 <tbody id="backend-rows"></tbody></table></div>
 <p id="no-backends" class="muted" hidden>No backend in the routing table.</p>
 <p id="truncated" class="muted" hidden></p>

@@ -42,6 +42,12 @@ routing (up or unknown to down, down to up) are logged, once each, with the
 reason of the check that decided them ("connection refused", "timeout after
 1s", "HTTP 503").
 
+Connect RTT: every check that connects times its TCP connect, and the
+checks that pass feed each backend's L{RttEstimate} (a moving average of
+the median of the last three connect times, so that one slow probe does
+not count).  L{HealthChecker.rtts} is the live table of estimates that the
+router weighs inside a geo tier (C{--rtt-weight}, issue 13).
+
 Scheduling: each backend's first check is at a random moment within the
 first interval, and every later one an interval (give or take 10%, at
 random) after the previous one ended, so that the checks spread out (as
@@ -65,7 +71,8 @@ from __future__ import annotations
 import errno
 import os
 import random
-from typing import Any, Callable, Dict, Optional, Union
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Mapping, Optional, Union
 
 import attrs
 from treq.client import HTTPClient
@@ -109,6 +116,7 @@ __all__ = [
     "JITTER",
     "OFF",
     "RTT_ALPHA",
+    "RTT_WINDOW",
     "SOURCE",
     "TCP_CHECK",
     "UNKNOWN",
@@ -119,6 +127,7 @@ __all__ = [
     "Probe",
     "ProbeResult",
     "Prober",
+    "RttEstimate",
     "parse_check",
 ]
 
@@ -136,8 +145,12 @@ OFF = "off"
 #: The default check: a TCP connect.
 TCP_CHECK = HealthCheckSpec(CHECK_TCP)
 
-#: Weight of the newest connect time in the RTT moving average.
+#: Weight of the newest (median-filtered) connect time in the RTT moving
+#: average.
 RTT_ALPHA = 0.3
+
+#: Connect times kept per backend for the median filter of the RTT.
+RTT_WINDOW = 3
 
 #: Later checks come every interval times a factor drawn in 1 +- this.
 JITTER = 0.1
@@ -414,6 +427,58 @@ class Prober:
         return ProbeResult(False, _describe(failure.value, self.timeout))
 
 
+# --- the RTT estimate ---------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class RttEstimate:
+    """
+    A backend's connect RTT: an exponentially weighted moving average
+    (weight L{RTT_ALPHA} for the newest) of the median of the last
+    L{RTT_WINDOW} (3) connect times.
+
+    Why a median first: a connect time is the path's RTT plus delays that
+    only ever add (a SYN lost and sent again after a second, a busy reactor
+    noticing the connect late, a backlog full for a moment).  The noise is
+    one-sided and comes in single spikes.  An EWMA alone lets one 1 s spike
+    on a 10 ms path add 300 ms to the estimate and take a dozen checks to
+    fade; the median of three ignores any one sample, however slow: the
+    value fed to the average lies between the other two samples of the
+    window.  A real change (the backend moved, a route changed) shows after
+    two checks, and the average then smooths what the median lets through.
+    Clipping each sample against the previous estimate would do too, but
+    needs a clip factor to choose and still lets part of every spike in.
+
+    Until the window is full the estimate I{is} the lower median of what
+    there is (the only sample; the smaller of two), so that one slow first
+    check is not carried into the average either.
+
+    Only checks that passed are samples (see L{HealthChecker.rtt}).
+
+    @ivar value: The estimate in seconds, or C{None} before a sample.
+    @ivar count: Samples taken.
+    """
+
+    value: Optional[float] = None
+    count: int = 0
+    window: Deque[float] = attrs.field(factory=lambda: deque(maxlen=RTT_WINDOW))
+
+    def add(self, sample: float) -> float:
+        """
+        Take one connect time (seconds, not negative); return the estimate.
+        """
+        window = self.window
+        window.append(sample)
+        ordered = sorted(window)
+        middle = ordered[(len(ordered) - 1) // 2]
+        self.count += 1
+        if self.value is None or self.count < RTT_WINDOW:
+            self.value = middle
+        else:
+            self.value = RTT_ALPHA * middle + (1.0 - RTT_ALPHA) * self.value
+        return self.value
+
+
 # --- the checker --------------------------------------------------------------
 
 
@@ -430,7 +495,7 @@ class _Check:
     since: float
     reason: Optional[str] = None
     lastCheck: Optional[float] = None
-    rtt: Optional[float] = None
+    estimate: RttEstimate = attrs.Factory(RttEstimate)
     call: Optional[IDelayedCall] = None
     inFlight: Optional["Deferred[Any]"] = None
     timer: Optional[IDelayedCall] = None
@@ -469,6 +534,10 @@ class HealthChecker(Service):
     @ivar metrics: Counts C{health_probes} (label C{up} or C{down}: each
         check's result) and C{health_transitions} (label C{down} or C{up}:
         changes that changed routing); optional.
+    @ivar rtts: Backend id -> its connect RTT estimate in seconds (see
+        L{rtt}), for the backends that have one: a live table, updated in
+        place after each passed check, that the router reads as the RTT
+        input of the selection (L{edgeproxy.routing.router.Router.rtt}).
     """
 
     def __init__(
@@ -510,6 +579,8 @@ class HealthChecker(Service):
         self.metrics = metrics
         self.probe: Probe = probe if probe is not None else Prober(reactor, self.timeout, resolver)
         self._checks: Dict[str, _Check] = {}
+        self._rtts: Dict[str, float] = {}
+        self.rtts: Mapping[str, float] = self._rtts
 
     def __repr__(self) -> str:
         return (
@@ -546,6 +617,7 @@ class HealthChecker(Service):
         for backend_id in [i for i in self._checks if i not in wanted]:
             self._drop(self._checks.pop(backend_id))
             forget.add(backend_id)
+            self._rtts.pop(backend_id, None)
         now = self.reactor.seconds()
         for backend_id, backend in wanted.items():
             spec = self._specFor(backend)
@@ -557,6 +629,7 @@ class HealthChecker(Service):
                     continue
                 self._drop(check)
                 forget.add(backend_id)
+                self._rtts.pop(backend_id, None)
                 if check.state == DOWN:
                     _log.info(
                         "backend {backend} was down; its address or health check changed "
@@ -657,17 +730,26 @@ class HealthChecker(Service):
         c = self._checks.get(backend_id)
         if c is None:
             return None
-        return HealthStatus(c.state, str(c.spec), c.reason, c.since, c.lastCheck, c.health, c.rtt)
+        return HealthStatus(
+            c.state, str(c.spec), c.reason, c.since, c.lastCheck, c.health, c.estimate.value
+        )
 
     def rtt(self, backend_id: str) -> Optional[float]:
         """
-        The exponentially weighted moving average (weight L{RTT_ALPHA} for
-        the newest) of the TCP connect time of the checks that connected, in
-        seconds; C{None} before the first one, for unchecked backends and for
-        backends not followed.  Starts afresh when the address changes.
+        The backend's connect RTT in seconds: the L{RttEstimate} (a moving
+        average of the median of the last three) of the TCP connect times of
+        the checks that passed; C{None} before the first one, for unchecked
+        backends and for backends not followed.  Starts afresh when the
+        address or the check changes.
+
+        A failed check is no sample, even one that connected (an HTTP 503,
+        a response that timed out): a failing backend is often a host
+        restarting or overloaded, whose connect times (a full accept
+        backlog, SYNs sent again) tell of its trouble rather than its
+        distance, and while it is down it takes no clients anyway.
         """
         check = self._checks.get(backend_id)
-        return None if check is None else check.rtt
+        return None if check is None else check.estimate.value
 
     # --- scheduling --------------------------------------------------------
 
@@ -782,12 +864,8 @@ class HealthChecker(Service):
         check.lastCheck = now
         check.reason = result.reason
         self._count("health_probes", "up" if result.up else "down")
-        if result.connect_time is not None:
-            check.rtt = (
-                result.connect_time
-                if check.rtt is None
-                else RTT_ALPHA * result.connect_time + (1 - RTT_ALPHA) * check.rtt
-            )
+        if result.up and result.connect_time is not None and result.connect_time >= 0.0:
+            self._rtts[check.backend.id] = check.estimate.add(result.connect_time)
         top = self.rise + self.fall - 1
         if result.up:
             check.health = min(top, check.health + 1)

@@ -6,6 +6,7 @@ synchronous call per connect attempt.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import AbstractSet, Any, Dict, FrozenSet, List, Mapping
 
@@ -28,7 +29,7 @@ from edgeproxy.routing.bindings import client_key
 from edgeproxy.routing.breaker import CircuitBreaker
 from edgeproxy.routing.load import LoadTable
 from edgeproxy.routing.overlay import StateOverlay
-from edgeproxy.routing.selection import geo_tier, score, select
+from edgeproxy.routing.selection import geo_tier, median, rtt_ms, score, select
 
 __all__ = ["NO_BACKEND", "PANIC", "Router"]
 
@@ -55,6 +56,7 @@ PANIC = "routing_panic"
 _PROXY_SOURCES = frozenset({"health", "breaker"})
 
 _NO_EXCLUDE: FrozenSet[str] = frozenset()
+_NO_RTT: Mapping[str, float] = {}
 
 #: Selections per attempt when acquire() finds the chosen backend full
 #: (possible only when the load table is shared with other workers).
@@ -97,6 +99,12 @@ class Router:
         C{False} the client is refused (no-backend).  The operator's own
         word (the table's C{healthy} column, drain and maint) is never
         overridden.
+    @ivar rtt: Backend id -> connect RTT in seconds, read live at every
+        decision (the health checker's
+        L{edgeproxy.net.health.HealthChecker.rtts}), or C{None}: no RTT.
+    @ivar rtt_weight: Score points per millisecond of RTT inside a geo tier
+        (C{--rtt-weight}; see L{edgeproxy.routing.selection}); 0 scores
+        exactly as without RTT.
     """
 
     def __init__(
@@ -114,7 +122,16 @@ class Router:
         ipv6_prefix: int = 64,
         breaker: CircuitBreaker | None = None,
         panic: bool = True,
+        rtt: Mapping[str, float] | None = None,
+        rtt_weight: float = 0.0,
     ) -> None:
+        """
+        @raise ValueError: A negative or non-finite C{rtt_weight}.
+        """
+        if not (isinstance(rtt_weight, (int, float)) and math.isfinite(rtt_weight)):
+            raise ValueError(f"rtt_weight must be a finite number, not {rtt_weight!r}")
+        if rtt_weight < 0:
+            raise ValueError(f"rtt_weight must not be negative, not {rtt_weight!r}")
         self._repository = repository
         self._bindings = bindings
         self._geo = geo
@@ -128,6 +145,8 @@ class Router:
         self.ipv6_prefix = ipv6_prefix
         self.breaker = breaker
         self.panic = panic
+        self.rtt: Mapping[str, float] | None = rtt
+        self.rtt_weight = float(rtt_weight)
         self._halfOpen: AbstractSet[str] = breaker.halfOpen if breaker is not None else frozenset()
         self._panicking: set[str | None] = set()
         #: The geo tier of the backend the last L{choose} returned (0-3),
@@ -234,9 +253,19 @@ class Router:
         load = self.load
         bindings = self._bindings
         skip = exclude
+        rtt = self.rtt if self.rtt is not None else _NO_RTT
         for _ in range(_ACQUIRE_TRIES):
             chosen = select(
-                snapshot, app, geo, self.local_region, load.connections, self._rng, skip, blocked
+                snapshot,
+                app,
+                geo,
+                self.local_region,
+                load.connections,
+                self._rng,
+                skip,
+                blocked,
+                rtt=rtt,
+                rtt_weight=self.rtt_weight,
             )
             if chosen is None:
                 break
@@ -306,9 +335,13 @@ class Router:
             (C{{"country", "region"}} or C{None}), C{local_region},
             C{binding} (the bound backend id, when the binding repository
             can be read without refreshing it, else C{None}),
-            C{candidates}: the best C{limit} candidates by score, each
-            C{{"id", "tier", "score", "load", "weight", "soft_limit",
-            "hard_limit"}}, and C{excluded}: the first C{limit} other
+            C{rtt_weight}, C{candidates}: the best C{limit} candidates by
+            score, each C{{"id", "tier", "score", "load", "weight",
+            "soft_limit", "hard_limit", "rtt_ms", "rtt_median", "rtt_term"}}
+            (C{rtt_ms}: its RTT in whole milliseconds as the score counts
+            it, C{None} when unmeasured; C{rtt_median}: whether it is scored
+            with its tier's median for want of its own; C{rtt_term}: what the
+            RTT adds to its score), and C{excluded}: the first C{limit} other
             backends of the table in table order, each C{{"id", "reason"}}
             with the reason it is no candidate: C{"deleted"},
             C{"unhealthy"}, C{"draining"}, C{"other app"} (the listener is
@@ -329,6 +362,9 @@ class Router:
         rows: List[Dict[str, Any]] = []
         reasons: Dict[str, str] = {}
         closed = self.overlay.closedToNew
+        rtt = self.rtt if self.rtt is not None else _NO_RTT
+        weight = self.rtt_weight if rtt else 0.0
+        measured: Dict[int, List[float]] = {}
         for b in snapshot.by_app.get(app, ()):
             current = load.get(b.id, 0)
             if b.id in closed:
@@ -337,17 +373,38 @@ class Router:
             if b.hard_limit > 0 and current >= b.hard_limit:
                 reasons[b.id] = "at hard limit"
                 continue
+            tier = geo_tier(b, geo, self.local_region)
+            seconds = rtt.get(b.id)
+            ms = rtt_ms(seconds) if seconds is not None else None
+            if ms is not None:
+                measured.setdefault(tier, []).append(ms)
             rows.append(
                 {
                     "id": b.id,
-                    "tier": geo_tier(b, geo, self.local_region),
+                    "tier": tier,
                     "score": score(b, geo, self.local_region, current),
                     "load": current,
                     "weight": b.weight,
                     "soft_limit": b.soft_limit,
                     "hard_limit": b.hard_limit,
+                    "rtt_ms": ms,
+                    "rtt_median": False,
+                    "rtt_term": 0.0,
                 }
             )
+        if weight > 0.0:
+            # As select() scores: the unmeasured get their tier's median.
+            medians = {tier: median(values) for tier, values in measured.items()}
+            for row in rows:
+                ms = row["rtt_ms"]
+                if ms is None:
+                    ms = medians.get(row["tier"], 0.0)
+                    row["rtt_median"] = True
+                plain = row["score"]
+                row["score"] = score(
+                    snapshot.by_id[row["id"]], geo, self.local_region, row["load"], ms, weight
+                )
+                row["rtt_term"] = row["score"] - plain
         rows.sort(key=lambda r: (r["score"], r["id"]))
         candidates = {r["id"] for r in rows}
         excluded: List[Dict[str, Any]] = []
@@ -370,6 +427,7 @@ class Router:
             "app": app,
             "geo": None if geo is None else {"country": geo.country, "region": geo.region},
             "local_region": self.local_region,
+            "rtt_weight": self.rtt_weight,
             "binding": None if binding is None else binding.backend_id,
             "candidates": rows[:limit],
             "excluded": excluded,
