@@ -96,7 +96,7 @@ def feed_in_pieces(data: bytes, cuts: List[int]) -> Optional[Outcome]:
     """
     reader = ClientHelloReader()
     previous = 0
-    for cut in sorted(set(c for c in cuts if 0 < c < len(data))) + [len(data)]:
+    for cut in [*sorted(set(c for c in cuts if 0 < c < len(data))), len(data)]:
         outcome = reader.feed(data[previous:cut])
         previous = cut
         if outcome is not None:
@@ -140,7 +140,7 @@ def test_any_split_same_name(name: str, sizes: List[int], cuts: List[int], tail:
     outcome: Optional[Outcome] = None
     previous = 0
     stream = data + tail
-    for cut in sorted(set(c for c in cuts if 0 < c < len(stream))) + [len(stream)]:
+    for cut in [*sorted(set(c for c in cuts if 0 < c < len(stream))), len(stream)]:
         outcome = reader.feed(stream[previous:cut])
         previous = cut
         if outcome is not None:
@@ -327,8 +327,15 @@ def test_openssl_s_client_hello() -> None:
         server.listen(1)
         port = server.getsockname()[1]
         client = subprocess.Popen(
-            [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "Api.Example.Net"]
-            + extra,
+            [
+                openssl,
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{port}",
+                "-servername",
+                "Api.Example.Net",
+                *extra,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
