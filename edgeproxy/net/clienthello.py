@@ -26,10 +26,11 @@ sending it whole.  Nothing raises on any input.
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Optional, Union
 
 import attrs
+
+from edgeproxy.model import normalise_name
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -71,9 +72,6 @@ _MAX_RECORD = 1 << 14
 _EXT_SERVER_NAME = 0
 _HOST_NAME = 0
 
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
-
-
 @attrs.frozen(slots=True)
 class ServerName:
     """
@@ -108,25 +106,6 @@ class Refused:
 
 
 Outcome = Union[ServerName, NoServerName, Refused]
-
-
-def normalise_name(text: str) -> Optional[str]:
-    """
-    C{text} as a host name: lower case, one trailing dot dropped; C{None}
-    unless it is ASCII letters, digits, hyphens and underscores in labels of
-    1 to 63 characters (no hyphen at either end), at most 253 in all.
-    """
-    if not text.isascii():
-        return None
-    name = text.lower()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name or len(name) > 253:
-        return None
-    for label in name.split("."):
-        if not _LABEL.match(label):
-            return None
-    return name
 
 
 def _is_ip_literal(text: str) -> bool:
