@@ -185,8 +185,7 @@ def parse_sni_names(text: str) -> Tuple[str, ...]:
     needs at least two labels after its C{*.}; an IP address is not a
     name (RFC 6066 sends none).
 
-    @raise ValueError: An invalid entry; the message names it, in words
-        that fit after "C{'text' is not a list of server names: }".
+    @raise ValueError: An invalid entry; the message names it.
     """
     if type(text) is not str:
         raise ValueError(f"{type(text).__name__} is not text")
@@ -212,7 +211,7 @@ def parse_sni_names(text: str) -> Tuple[str, ...]:
         if name not in names:
             names.append(name)
     if not names:
-        raise ValueError("no name in it")
+        raise ValueError(f"no name in {text!r}")
     if len(names) > MAX_SNI_NAMES:
         raise ValueError(f"more than {MAX_SNI_NAMES} names")
     return tuple(names)

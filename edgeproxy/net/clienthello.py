@@ -72,6 +72,7 @@ _MAX_RECORD = 1 << 14
 _EXT_SERVER_NAME = 0
 _HOST_NAME = 0
 
+
 @attrs.frozen(slots=True)
 class ServerName:
     """

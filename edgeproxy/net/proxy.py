@@ -100,6 +100,8 @@ CAUSES = (
     "shutdown",
     "maint",
     "drain-deadline",
+    "hello-refused",
+    "hello-timeout",
 )
 
 #: The idle sweep looks at the byte counters this many times per idle

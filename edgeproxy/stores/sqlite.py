@@ -367,9 +367,7 @@ def validate_row(row: Mapping[str, object]) -> Backend:
         try:
             sni = parse_sni_names(sni_text)
         except ValueError as e:
-            raise InvalidRowError(
-                "sni", f"{_show(sni_text)} is not a list of server names: {e}"
-            ) from None
+            raise InvalidRowError("sni", str(e)) from None
         if app is None:
             raise InvalidRowError("sni", "server names need an app to route to")
     return Backend(
