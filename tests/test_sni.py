@@ -503,6 +503,31 @@ def test_timeout_and_incomplete() -> None:
         logs.stop()
 
 
+def test_fin_mid_hello_closes() -> None:
+    """
+    A client that half-closes before its hello is whole is closed at once
+    (C{incomplete}), without waiting for the timeout or connecting; a FIN
+    right after a whole hello is carried to the backend after the hello.
+    """
+    w = World(ROWS)
+    proto, transport = w.accept()
+    hello = tls_hello("api.example.com")
+    proto.dataReceived(hello[:50])
+    proto.readConnectionLost()
+    assert transport.aborted
+    w.lose(proto)
+    assert w.metrics.counter(REJECTED_COUNTER, "incomplete") == 1
+    assert w.reactor.tcpClients == [] and w.reactor.getDelayedCalls() == []
+
+    proto, transport = w.accept()
+    proto.dataReceived(hello)
+    proto.readConnectionLost()
+    assert not transport.aborted
+    _, backend_transport = w.connect()
+    assert backend_transport.value() == hello
+    assert backend_transport.disconnecting
+
+
 def test_refusals_logged_once_a_minute_per_reason() -> None:
     """
     A flood of one refusal reason logs one line per minute (the next says

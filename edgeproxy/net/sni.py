@@ -232,6 +232,22 @@ class SniClientProtocol(ProxyClientProtocol):
             if call.active():
                 call.cancel()
 
+    def readConnectionLost(self) -> None:
+        if self._hello is not None:
+            # The client's FIN before its hello was whole: it never will be.
+            buffered = bool(self._helloBuffer)
+            self._hello = None
+            self._helloBuffer = None
+            self._stopHelloTimer()
+            if buffered:
+                factory: SniProxyFactory = self.factory  # type: ignore[assignment]
+                factory.refused("incomplete", self.clientHost, None)
+            self._clientReadDone = True
+            self._finCause = "client-closed"
+            _abortClient(self)
+            return
+        ProxyClientProtocol.readConnectionLost(self)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stopHelloTimer()
         if self._hello is not None:
