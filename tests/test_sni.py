@@ -600,3 +600,35 @@ def test_hello_struct_sanity() -> None:
     """
     hello = tls_hello("a.test")
     assert hello[0] == 22 and struct.unpack("!H", hello[3:5])[0] == len(hello) - 5
+
+
+def test_make_service_builds_sni_listeners(tmp_path: Path) -> None:
+    """
+    Through twistd's makeService: C{web=sni:haproxy:tcp:0} gets an SNI
+    factory with the default app C{web}, the handshake timeout and the
+    store's repository, behind a PROXY-header endpoint.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from edgeproxy.net.endpoints import ProxyHeaderServerEndpoint
+    from edgeproxy.service import listener_service_name
+    from edgeproxy.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(
+        [
+            f"--db={tmp_path / 'r.db'}",
+            "--geoip-db=none",
+            "--admin=none",
+            "--tls-handshake-timeout=4",
+            "--listen=web=sni:haproxy:tcp:0:interface=127.0.0.1",
+        ]
+    )
+    options.applyEnvironment({})
+    service = makeService(options, reactor=MemoryReactorClock(), environ={})
+    listener = service.getServiceNamed(listener_service_name(0))
+    assert isinstance(listener.endpoint, ProxyHeaderServerEndpoint)  # type: ignore[attr-defined]
+    factory = listener.factory  # type: ignore[attr-defined]
+    assert isinstance(factory, SniProxyFactory)
+    assert (factory.app, factory.helloTimeout) == ("web", 4.0)
+    assert not factory.clientsAdmittedAtAccept
