@@ -626,7 +626,7 @@ def test_make_service_builds_sni_listeners(tmp_path: Path) -> None:
     )
     options.applyEnvironment({})
     service = makeService(options, reactor=MemoryReactorClock(), environ={})
-    listener = service.getServiceNamed(listener_service_name(0))
+    listener = service.getServiceNamed(listener_service_name(0))  # type: ignore[attr-defined]
     assert isinstance(listener.endpoint, ProxyHeaderServerEndpoint)  # type: ignore[attr-defined]
     factory = listener.factory  # type: ignore[attr-defined]
     assert isinstance(factory, SniProxyFactory)
