@@ -171,7 +171,8 @@ class SniClientProtocol(ProxyClientProtocol):
             return
         self.bytesToBackend += len(data)
         buffer = self._helloBuffer
-        buffer += data  # type: ignore[operator]
+        assert buffer is not None  # set with the reader
+        buffer += data
         outcome = reader.feed(data)
         if outcome is None:
             return
@@ -189,7 +190,7 @@ class SniClientProtocol(ProxyClientProtocol):
             if found is not None:
                 self.app = found[0]
                 factory.metrics.increment(ROUTED_COUNTER, "wildcard" if found[1] else "name")
-                self._relay(bytes(buffer))  # type: ignore[arg-type]
+                self._relay(bytes(buffer))
                 return
             reason = "unknown-name"
         else:
@@ -200,7 +201,7 @@ class SniClientProtocol(ProxyClientProtocol):
             return
         self.app = factory.app
         factory.metrics.increment(ROUTED_COUNTER, "default")
-        self._relay(bytes(buffer))  # type: ignore[arg-type]
+        self._relay(bytes(buffer))
 
     def _relay(self, hello: bytes) -> None:
         """
