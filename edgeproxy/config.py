@@ -46,9 +46,19 @@ class ListenerSpec:
     One C{--listen} value: an endpoint description, optionally bound to an app.
 
     @ivar description: Twisted endpoint description (C{tcp:8080},
-        C{haproxy:tcp:8080}, C{txsni:certs:tcp:8443}).
+        C{haproxy:tcp:8080}, C{txsni:certs:tcp:8443}), or an SNI passthrough
+        one (C{sni:tcp:443}).
     @ivar app: Only route to this app's backends; C{None} routes to all.
+        On an SNI passthrough listener: the default app, for hellos whose
+        server name is missing or claimed by no app (C{None}: close them).
     """
 
     description: str
     app: Optional[str] = None
+
+    @property
+    def passthrough(self) -> bool:
+        """
+        Whether this is an SNI passthrough listener (C{sni:...}).
+        """
+        return self.description.startswith("sni:")

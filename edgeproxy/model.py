@@ -10,6 +10,7 @@ candidates instead of scanning every backend.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import attrs
@@ -44,6 +45,10 @@ class Backend:
     @ivar heartbeat_at: For a backend registered through the API, when it
         last sent a heartbeat (epoch seconds; the registration counts as
         one); C{None} for a row written by hand, which never expires.
+    @ivar sni: The TLS server names this backend's app answers on C{sni:}
+        listeners (the C{sni} column): exact host names and C{*.domain}
+        wildcards, normalised (lower case, no trailing dot; see
+        L{parse_sni_names}); empty for none.
     """
 
     id: str
@@ -60,6 +65,7 @@ class Backend:
     proxy_protocol: int = PROXY_OFF
     draining: bool = False
     health_check: Optional[str] = None
+    sni: Tuple[str, ...] = ()
     # Not part of equality or the hash: a heartbeat does not change what
     # the table routes, so it must not make every reload look like a
     # change (listeners rebuilding indexes, bindings re-checked...).
@@ -139,6 +145,94 @@ def parse_check(text: str) -> HealthCheckSpec:
     return HealthCheckSpec(CHECK_HTTP, path)
 
 
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+
+
+def normalise_name(text: str) -> Optional[str]:
+    """
+    C{text} as a host name: lower case, one trailing dot dropped; C{None}
+    unless it is ASCII letters, digits, hyphens and underscores in labels of
+    1 to 63 characters (no hyphen at either end), at most 253 in all.
+    """
+    if not text.isascii():
+        return None
+    name = text.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or len(name) > 253:
+        return None
+    for label in name.split("."):
+        if not _LABEL.match(label):
+            return None
+    return name
+
+
+#: The most names one C{sni} column may list.
+MAX_SNI_NAMES = 100
+
+
+def parse_sni_names(text: str) -> Tuple[str, ...]:
+    """
+    Read an C{sni} column: a comma-separated list of host names
+    (C{api.example.com}) and wildcards (C{*.example.com}, which matches
+    exactly one more label, as in certificates: C{a.example.com}, neither
+    C{example.com} nor C{a.b.example.com}).
+
+    Names are case-insensitive and a trailing dot is ignored: they come out
+    lower case without it, duplicates dropped, in their first order.  A
+    name must be ASCII (an internationalised name in its C{xn--} form),
+    with labels of letters, digits, hyphens and underscores; a wildcard
+    needs at least two labels after its C{*.}; an IP address is not a
+    name (RFC 6066 sends none).
+
+    @raise ValueError: An invalid entry; the message names it.
+    """
+    if type(text) is not str:
+        raise ValueError(f"{type(text).__name__} is not text")
+    names: list[str] = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        wildcard = entry.startswith("*.")
+        name = normalise_name(entry[2:] if wildcard else entry)
+        if name is None:
+            raise ValueError(f"{entry!r} is not a host name or *.domain wildcard")
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"{entry!r} is an IP address, which TLS clients never send")
+        if wildcard:
+            if "." not in name:
+                raise ValueError(f"{entry!r}: a wildcard needs a domain of two labels or more")
+            name = "*." + name
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"no name in {text!r}")
+    if len(names) > MAX_SNI_NAMES:
+        raise ValueError(f"more than {MAX_SNI_NAMES} names")
+    return tuple(names)
+
+
+@attrs.frozen(slots=True)
+class SniConflict:
+    """
+    Several apps claim one server name; the first of them in name order
+    wins (the same whatever the table order).
+
+    @ivar name: The name or C{*.domain} wildcard.
+    @ivar app: The app it routes to.
+    @ivar others: The apps whose claim is ignored, sorted.
+    """
+
+    name: str
+    app: str
+    others: Tuple[str, ...]
+
+
 @attrs.frozen(slots=True)
 class GeoInfo:
     """
@@ -198,6 +292,32 @@ def is_forbidden_target(address: str) -> bool:
     return ip in METADATA_ADDRESSES or ip.is_link_local
 
 
+def _sni_index(
+    rows: Iterable[Backend],
+) -> Tuple[Dict[str, str], Dict[str, str], Tuple[SniConflict, ...]]:
+    """
+    (exact name -> app, parent domain -> app, conflicts) of C{rows}.
+    """
+    claims: Dict[str, set[str]] = {}
+    for b in rows:
+        if b.deleted or b.app is None:
+            continue
+        for name in b.sni:
+            claims.setdefault(name, set()).add(b.app)
+    names: Dict[str, str] = {}
+    wildcards: Dict[str, str] = {}
+    conflicts = []
+    for name in sorted(claims):
+        apps = sorted(claims[name])
+        if len(apps) > 1:
+            conflicts.append(SniConflict(name, apps[0], tuple(apps[1:])))
+        if name.startswith("*."):
+            wildcards[name[2:]] = apps[0]
+        else:
+            names[name] = apps[0]
+    return names, wildcards, tuple(conflicts)
+
+
 _Index = Dict[Tuple[Optional[str], Optional[str]], Tuple[Backend, ...]]
 
 
@@ -216,6 +336,11 @@ class RoutingSnapshot:
     @ivar by_app_country: Routable rows per (app or C{None}, country).
     @ivar by_app_region: Routable rows per (app or C{None}, region).
     @ivar version: An opaque token that changes when the content changes.
+    @ivar sni_names: Server name -> app, from the C{sni} column of every
+        row not deleted (unhealthy and draining rows keep their names: the
+        name still belongs to the app).
+    @ivar sni_wildcards: Parent domain -> app, for C{*.domain} entries.
+    @ivar sni_conflicts: Names claimed by more than one app, and who won.
     """
 
     backends: Tuple[Backend, ...]
@@ -225,6 +350,9 @@ class RoutingSnapshot:
     by_app_country: Mapping[Tuple[Optional[str], Optional[str]], Tuple[Backend, ...]]
     by_app_region: Mapping[Tuple[Optional[str], Optional[str]], Tuple[Backend, ...]]
     version: int
+    sni_names: Mapping[str, str] = attrs.field(factory=dict)
+    sni_wildcards: Mapping[str, str] = attrs.field(factory=dict)
+    sni_conflicts: Tuple[SniConflict, ...] = ()
 
     @classmethod
     def build(cls, backends: Iterable[Backend]) -> "RoutingSnapshot":
@@ -249,6 +377,7 @@ class RoutingSnapshot:
                     by_country.setdefault((app, b.country), []).append(b)
                 by_region.setdefault((app, b.region), []).append(b)
         rows_t = tuple(rows)
+        names, wildcards, conflicts = _sni_index(rows_t)
         return cls(
             backends=rows_t,
             by_id=by_id,
@@ -257,6 +386,9 @@ class RoutingSnapshot:
             by_app_country={k: tuple(v) for k, v in by_country.items()},
             by_app_region={k: tuple(v) for k, v in by_region.items()},
             version=hash(rows_t),
+            sni_names=names,
+            sni_wildcards=wildcards,
+            sni_conflicts=conflicts,
         )
 
     @classmethod
@@ -268,6 +400,25 @@ class RoutingSnapshot:
 
     def __len__(self) -> int:
         return len(self.backends)
+
+    def app_for_name(self, name: str) -> Optional[Tuple[str, bool]]:
+        """
+        The app a TLS server name routes to, and whether it was through a
+        wildcard: an exact name first, then the wildcard of its parent
+        domain; C{None} if neither.
+
+        @param name: Normalised (lower case, no trailing dot), as
+            L{edgeproxy.net.clienthello.ServerName} gives it.
+        """
+        app = self.sni_names.get(name)
+        if app is not None:
+            return app, False
+        _, dot, parent = name.partition(".")
+        if dot:
+            app = self.sni_wildcards.get(parent)
+            if app is not None:
+                return app, True
+        return None
 
     def same_content(self, other: "RoutingSnapshot") -> bool:
         """

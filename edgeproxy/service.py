@@ -18,7 +18,7 @@ raise, so one failure never stops a periodic job.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
@@ -507,7 +507,14 @@ def build_service(
             tls_handshake_timeout=tls_handshake_timeout,
             admission=admission,
         )
-        factory = ProxyFactory(
+        factory_class: Any = ProxyFactory
+        factory_args: Dict[str, Any] = {}
+        if spec.passthrough:
+            from edgeproxy.net.sni import SniProxyFactory
+
+            factory_class = SniProxyFactory
+            factory_args = {"repository": repository, "helloTimeout": tls_handshake_timeout}
+        factory = factory_class(
             router,
             reactor,
             settings,
@@ -517,6 +524,7 @@ def build_service(
             admission=admission,
             admitsPeers=False,
             resolver=resolver,
+            **factory_args,
         )
         factory.accessLog = access_log
         # Without a PROXY header the socket peer is the client: its limits
@@ -531,6 +539,13 @@ def build_service(
         listener.setServiceParent(top)
         top.factories.append(factory)
         top.listeners.append(spec)
+
+    if any(spec.passthrough for spec in listeners):
+        from edgeproxy.model import RoutingSnapshot
+        from edgeproxy.net.sni import log_sni_conflicts
+
+        log_sni_conflicts(RoutingSnapshot.empty(), repository.current())
+        repository.addListener(log_sni_conflicts)
 
     reload = TimerService(db_reload, top.reloadRoutingTable)
     reload.clock = reactor

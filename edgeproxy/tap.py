@@ -512,7 +512,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "EDGEPROXY_TLS_HANDSHAKE_TIMEOUT",
         10.0,
         _positive_float,
-        "Seconds for a TLS handshake on txsni: listeners",
+        "Seconds for a TLS handshake on txsni: listeners, and for the whole"
+        " ClientHello on sni: listeners",
     ),
     _Option(
         "binding-ipv6-prefix",
@@ -809,7 +810,9 @@ class Options(usage.Options):
     def opt_listen(self, value: str) -> None:
         """
         Listen on this endpoint; repeat for several.  APP=DESC routes only to
-        APP's backends; host:port is accepted. [default: tcp:8080; env
+        APP's backends; host:port is accepted; sni:DESC routes TLS by its
+        server name (the sni column) without terminating it, APP=sni:DESC
+        sending unknown names there. [default: tcp:8080; env
         EDGEPROXY_LISTEN_ADDR, comma-separated]
         """
         self._repeated["listen"].append(value)

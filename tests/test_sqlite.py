@@ -65,6 +65,7 @@ COLUMNS = (
     "proxy_protocol",
     "health_check",
     "heartbeat_at",
+    "sni",
 )
 
 # The original's schema: no country, no proxy_protocol.
@@ -82,7 +83,7 @@ UNTYPED_SCHEMA = "CREATE TABLE backends ({});".format(", ".join(COLUMNS))
 
 # SPEC section 1: the only SPEC columns a table may lack (health_check and
 # heartbeat_at, optional columns added later, included).
-SPEC_OPTIONAL = ("country", "proxy_protocol", "health_check", "heartbeat_at")
+SPEC_OPTIONAL = ("country", "proxy_protocol", "health_check", "heartbeat_at", "sni")
 
 # SPEC section 1: every other SPEC column must be there.
 SPEC_MANDATORY = tuple(c for c in COLUMNS if c not in SPEC_OPTIONAL)
@@ -564,7 +565,7 @@ def test_spec_columns_other_than_country_and_proxy_protocol_are_mandatory(
 
 def test_column_sets_follow_the_spec() -> None:
     """
-    Only country, proxy_protocol, health_check, heartbeat_at and the
+    Only country, proxy_protocol, health_check, heartbeat_at, sni and the
     undocumented draining column are optional; every other SPEC column is
     mandatory.
     """
@@ -575,6 +576,7 @@ def test_column_sets_follow_the_spec() -> None:
         "draining",
         "health_check",
         "heartbeat_at",
+        "sni",
     }
     assert not set(MANDATORY_COLUMNS) & set(OPTIONAL_COLUMNS)
 

@@ -45,6 +45,8 @@ listed):
 | edgeproxy_access_log_dropped_total | access_log_dropped | reason |
 | edgeproxy_proxy_header_rejections_total | proxy_header_rejected | reason |
 | edgeproxy_tls_handshake_failures_total | tls_handshake_failed | reason |
+| edgeproxy_sni_rejections_total | sni_rejected | reason |
+| edgeproxy_sni_routed_total | sni_routed | match |
 | edgeproxy_routing_reloads_total | routing_reload | result |
 | edgeproxy_routing_rows_skipped_total | routing_rows_skipped | column |
 | edgeproxy_load_underflow_total | load_underflow | backend |
@@ -333,6 +335,18 @@ COUNTERS: Mapping[str, CounterSpec] = {
     ),
     "tls_handshake_failed": _spec(
         "tls_handshake_failures", "TLS handshakes that failed, by reason.", label="reason"
+    ),
+    "sni_rejected": _spec(
+        "sni_rejections",
+        "Connections to sni: listeners closed before any backend for their TLS"
+        " ClientHello, by reason.",
+        label="reason",
+    ),
+    "sni_routed": _spec(
+        "sni_routed",
+        "TLS ClientHellos routed by sni: listeners, by match (name, wildcard, default).",
+        label="match",
+        known=("name", "wildcard", "default"),
     ),
     "routing_reload": _spec(
         "routing_reloads",

@@ -2,8 +2,9 @@
 --
 -- edgeproxy reads this table read-only and reloads it periodically; edit it
 -- with any SQLite client.  A database created with the original schema
--- (without `country`, `proxy_protocol`, `health_check` and `heartbeat_at`)
--- still loads: those columns are then treated as NULL, 0, NULL and NULL.
+-- (without `country`, `proxy_protocol`, `health_check`, `heartbeat_at` and
+-- `sni`) still loads: those columns are then treated as NULL, 0, NULL, NULL
+-- and NULL.
 -- (The registration API adds a missing `heartbeat_at` column when it first
 -- writes, and any of the other three that a registration needs.)  Every
 -- other column must be there: a table without one of them is refused as a
@@ -12,7 +13,8 @@
 -- negative weight or limits, a non-integer where an integer is required,
 -- healthy/deleted other than 0/1, proxy_protocol other than 0/1/2, missing
 -- region, wg_ip that is not a bare address or host name, health_check other
--- than tcp/off/http:/path, heartbeat_at that is not a time) are skipped and
+-- than tcp/off/http:/path, heartbeat_at that is not a time, sni that is not
+-- a list of names or that has no app) are skipped and
 -- logged with their id; the other rows still load.
 --
 --   wg_ip           an IPv4 address, an IPv6 address without brackets, or a
@@ -30,6 +32,11 @@
 --                   new clients once it is older than --heartbeat-ttl.
 --                   NULL for rows written by hand, which never expire (and
 --                   which the API never changes or deletes)
+--   sni             TLS server names routed to this row's app by sni:
+--                   listeners (SNI passthrough): comma-separated host names
+--                   and *.example.com wildcards (one label, as in
+--                   certificates); case-insensitive; NULL = none.  Two apps
+--                   claiming one name: the first app in name order wins
 
 CREATE TABLE IF NOT EXISTS backends (
     id             TEXT PRIMARY KEY NOT NULL,
@@ -45,7 +52,8 @@ CREATE TABLE IF NOT EXISTS backends (
     deleted        INTEGER DEFAULT 0,
     proxy_protocol INTEGER NOT NULL DEFAULT 0,
     health_check   TEXT,
-    heartbeat_at   REAL
+    heartbeat_at   REAL,
+    sni            TEXT
 );
 
 -- The POPs of the deployment, for the internal DNS (--dns): the name

@@ -10,6 +10,11 @@ descriptions (C{tcp:8080}, C{tcp6:8080:interface=\\:\\:1}, C{unix:...}):
   - C{txsni:CERTDIR:REST}: TLS with certificates chosen by SNI from CERTDIR
     (L{edgeproxy.net.tls.sni_server_endpoint}).
 
+A third, C{sni:REST}, listens like C{REST}; what makes it SNI passthrough
+is the factory (L{edgeproxy.net.sni.SniProxyFactory}, chosen by
+L{edgeproxy.service} from the description), so it must come first:
+C{sni:tcp:443}, C{sni:haproxy:tcp:443}.
+
 They nest: C{txsni:certs:haproxy:tcp:443} reads the PROXY header off the
 socket and then does the TLS handshake (what a load balancer in front
 sends); C{haproxy:txsni:certs:tcp:443} expects the header inside TLS.
@@ -519,9 +524,14 @@ def server_endpoint(
     tls_handshake_timeout: float = 10.0,
     admission: Admission | None = None,
     _behindHeader: bool = False,
+    _nested: bool = False,
 ) -> IStreamServerEndpoint:
     """
     The listening endpoint for C{description}.
+
+      - C{sni:REST}: C{server_endpoint(REST)} (SNI passthrough is the
+        factory's work, see L{edgeproxy.net.sni}); only first, and never
+        over C{txsni:} (which terminates the TLS it would pass through).
 
       - C{haproxy:REST}: a L{ProxyHeaderServerEndpoint} around
         C{server_endpoint(REST)}.
@@ -552,8 +562,16 @@ def server_endpoint(
             tls_handshake_timeout=tls_handshake_timeout,
             admission=admission,
             _behindHeader=behindHeader,
+            _nested=True,
         )
 
+    if description.startswith("sni:"):
+        if _nested:
+            raise ValueError("sni: must come first (sni:tcp:443, sni:haproxy:tcp:443)")
+        rest = description[4:]
+        if "txsni:" in rest:
+            raise ValueError("sni: passes TLS through; it cannot be a txsni: listener")
+        return inner(rest)
     if description.startswith("haproxy:"):
         return ProxyHeaderServerEndpoint(
             inner(description[8:], True), reactor, tuple(trusted), header_timeout, metrics

@@ -100,6 +100,8 @@ CAUSES = (
     "shutdown",
     "maint",
     "drain-deadline",
+    "hello-refused",
+    "hello-timeout",
 )
 
 #: The idle sweep looks at the byte counters this many times per idle
@@ -587,6 +589,8 @@ class ProxyClientProtocol(Protocol):
     @ivar clientHost: The client's address (from C{transport.getPeer()},
         which a PROXY-header wrapper overrides).
     @ivar clientPort: The client's port.
+    @ivar app: The app this connection is routed in (C{None}: every app):
+        the factory's, unless a subclass chooses one per connection.
     """
 
     __slots__ = (
@@ -619,6 +623,7 @@ class ProxyClientProtocol(Protocol):
         "_watched",
         "admission",
         "admittedClient",
+        "app",
         "attempts",
         "backend",
         "bytesToBackend",
@@ -637,6 +642,7 @@ class ProxyClientProtocol(Protocol):
         self.factory = factory  # type: ignore[assignment]
         self.transport: _Transport = None
         self.connected = 0
+        self.app: str | None = factory.app
         self.bytesToBackend = 0
         self.backend: Backend | None = None
         self.attempts = 0
@@ -703,6 +709,14 @@ class ProxyClientProtocol(Protocol):
         self._admitted = True
         factory.connections.add(self)
         factory.metrics.increment("connections_accepted")
+        self._route()
+
+    def _route(self) -> None:
+        """
+        The client is admitted: hold its bytes and find it a backend.  (A
+        subclass may first read something of the client, as
+        L{edgeproxy.net.sni} reads the TLS ClientHello to choose the app.)
+        """
         self.transport.pauseProducing()  # type: ignore[union-attr]
         self._attempt()
 
@@ -789,7 +803,7 @@ class ProxyClientProtocol(Protocol):
         if self.attempts >= settings.max_attempts or remaining <= 0:
             self._giveUp("connect-failed")
             return
-        backend = factory.router.choose(self.clientHost, factory.app, self._exclude)
+        backend = factory.router.choose(self.clientHost, self.app, self._exclude)
         if backend is None:
             self._giveUp("no-backend" if self.attempts == 0 else "connect-failed")
             return
@@ -854,7 +868,7 @@ class ProxyClientProtocol(Protocol):
             else:
                 self._maybeFinish()
             return
-        factory.router.connectFailed(self.clientHost, factory.app, backend_id)
+        factory.router.connectFailed(self.clientHost, self.app, backend_id)
         factory.metrics.increment("backend_connect_failures", backend_id)
         _log.debug(
             "connect to backend {backend} failed for {client}: {error}",
@@ -1180,7 +1194,7 @@ class ProxyClientProtocol(Protocol):
                     down,
                     self.attempts,
                     self._connectedAt - self._started if side is not None else None,
-                    factory.app,
+                    self.app,
                 )
             _log.info(
                 "{client}:{client_port} via {backend}: {cause} after {duration}s,"

@@ -44,7 +44,7 @@ from edgeproxy.interfaces import (
     IMetricsStore,
     SnapshotListener,
 )
-from edgeproxy.model import PROXY_OFF, Backend, RoutingSnapshot, parse_check
+from edgeproxy.model import PROXY_OFF, Backend, RoutingSnapshot, parse_check, parse_sni_names
 
 __all__ = [
     "MANDATORY_COLUMNS",
@@ -98,6 +98,7 @@ OPTIONAL_COLUMNS: Tuple[str, ...] = (
     "draining",
     "health_check",
     "heartbeat_at",
+    "sni",
 )
 
 _TABLE = "backends"
@@ -298,7 +299,7 @@ def validate_row(row: Mapping[str, object]) -> Backend:
     Every column of L{MANDATORY_COLUMNS} must be in the mapping.  Only the
     L{OPTIONAL_COLUMNS} may be missing, taking their defaults: C{country}
     NULL, C{proxy_protocol} 0 (off), C{draining} 0, C{health_check} NULL,
-    C{heartbeat_at} NULL.
+    C{heartbeat_at} NULL, C{sni} NULL.
     NULL in C{app} or C{country} means none; NULL (or empty text) in
     C{health_check} means the proxy's default check; NULL in C{weight},
     C{soft_limit}, C{hard_limit}, C{deleted}, C{proxy_protocol} and
@@ -315,6 +316,11 @@ def validate_row(row: Mapping[str, object]) -> Backend:
 
     C{heartbeat_at} (a registered row's last heartbeat, epoch seconds) must
     be NULL or a finite number >= 0.
+
+    C{sni} (the TLS server names the row's app answers on C{sni:}
+    listeners) must be NULL, empty, or a comma-separated list of host names
+    and C{*.domain} wildcards as L{edgeproxy.model.parse_sni_names} reads
+    them (normalised by it); a row with names needs an C{app}.
 
     @raise InvalidRowError: For a missing mandatory column or any invalid
         value; nothing else is raised whatever the values are.
@@ -355,6 +361,15 @@ def validate_row(row: Mapping[str, object]) -> Backend:
                 "health_check", f"{_show(health_check)} is not a health check: {e}"
             ) from None
     heartbeat_at = _optionalTime(row, "heartbeat_at")
+    sni_text = _optionalText(row, "sni")
+    sni: Tuple[str, ...] = ()
+    if sni_text is not None:
+        try:
+            sni = parse_sni_names(sni_text)
+        except ValueError as e:
+            raise InvalidRowError("sni", str(e)) from None
+        if app is None:
+            raise InvalidRowError("sni", "server names need an app to route to")
     return Backend(
         id=backend_id,
         app=app,
@@ -370,6 +385,7 @@ def validate_row(row: Mapping[str, object]) -> Backend:
         proxy_protocol=proxy_protocol,
         draining=draining,
         health_check=health_check,
+        sni=sni,
         heartbeat_at=heartbeat_at,
     )
 
