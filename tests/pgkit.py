@@ -102,7 +102,7 @@ class PostgresServer:
             else:
                 entry = pwd.getpwnam(user)
                 uid, gid = entry.pw_uid, entry.pw_gid
-            for root, dirs, files in os.walk(self.directory):
+            for root, _dirs, files in os.walk(self.directory):
                 os.chown(root, uid, gid)
                 for name in files:
                     os.chown(os.path.join(root, name), uid, gid)

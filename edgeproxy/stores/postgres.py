@@ -672,7 +672,9 @@ class ChangeListener(Service):
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=self.poll):
                             self._received(notify.payload)
-                except psycopg.Error as e:
+                except Exception as e:
+                    # A database error, or a bug: either way the thread
+                    # lives on, and backs off before trying again.
                     failures += 1
                     self.reactor.callFromThread(self._lost, failures, self.database.explain(e))
                     delay = min(self.maxBackoff, self.backoff * 2 ** (failures - 1))
