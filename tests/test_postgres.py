@@ -688,3 +688,96 @@ def test_twistd_on_postgresql_registers_through_the_api(
         proc.terminate()
         proc.wait(30)
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+# --- the listener's logic, on fakes -------------------------------------------
+
+
+class _FakeRepository:
+    def __init__(self) -> None:
+        self.reloads = 0
+
+    def reload(self) -> None:
+        self.reloads += 1
+
+
+class _ThreadReactor:
+    """
+    Records C{callFromThread} calls instead of running them.
+    """
+
+    def __init__(self) -> None:
+        self.calls: List[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.append((f, args))
+
+    def run(self) -> None:
+        calls, self.calls = self.calls, []
+        for f, args in calls:
+            f(*args)
+
+
+def _fakeListener() -> tuple[ChangeListener, _ThreadReactor, _FakeRepository, _FakeRepository]:
+    from edgeproxy.stores.postgres import Database
+
+    reactor_ = _ThreadReactor()
+    backends, pops = _FakeRepository(), _FakeRepository()
+    database = Database.fromURL("postgresql://edge:pw@db/edgeproxy")
+    metrics = MetricsStore()
+    listener = ChangeListener(database, backends, reactor_, pops=pops, metrics=metrics)
+    return listener, reactor_, backends, pops
+
+
+def test_a_burst_of_notifications_is_one_reload() -> None:
+    """
+    Notifications arriving before the reactor handled the first are
+    delivered together: one call into the reactor, one routing table
+    reload, and a POPs reload only when the C{pops} table changed.
+    """
+    listener, reactor_, backends, pops = _fakeListener()
+    for _ in range(20):
+        listener._received("backends")
+    assert len(reactor_.calls) == 1
+    reactor_.run()
+    assert (backends.reloads, pops.reloads) == (1, 0)
+    listener._received("pops")
+    listener._received("backends")
+    reactor_.run()
+    assert (backends.reloads, pops.reloads) == (2, 1)
+    assert listener.metrics is not None
+    assert listener.metrics.counter("routing_notify", "received") == 2
+
+
+def test_lost_connection_is_logged_once_per_episode() -> None:
+    """
+    A connection lost and failing to come back five times logs one warning
+    (without the password) and counts one loss; connecting again logs once,
+    counts a reconnection and reloads both tables (notifications sent while
+    it was down are lost).
+    """
+    listener, _, backends, pops = _fakeListener()
+    events = EventCollector("edgeproxy.stores.postgres")
+    with events:
+        for failures in range(1, 6):
+            listener._lost(failures, "server closed the connection unexpectedly")
+        listener._connectedNow(5, 1234)
+    formats = [e["log_format"] for e in events.events]
+    assert sum("lost its connection" in f for f in formats) == 1
+    assert sum("connected again" in f for f in formats) == 1
+    assert "pw" not in str([e.get("database") for e in events.events])
+    assert listener.connected and listener.backendPid == 1234 and listener.reconnects == 1
+    assert (backends.reloads, pops.reloads) == (1, 1)
+    assert listener.metrics is not None
+    assert listener.metrics.counter("routing_notify", "lost") == 1
+    assert listener.metrics.counter("routing_notify", "reconnected") == 1
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    """
+    The reconnection delay starts at C{backoff}, doubles with each
+    consecutive failure, and never exceeds C{maxBackoff}.
+    """
+    listener, _, _, _ = _fakeListener()
+    assert [listener.delay(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert listener.delay(10_000) == 30

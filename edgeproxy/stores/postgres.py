@@ -655,6 +655,13 @@ class ChangeListener(Service):
         self._stopped.addCallback(lambda _: waiter.callback(None))
         return waiter
 
+    def delay(self, failures: int) -> float:
+        """
+        Seconds to wait before connecting again after C{failures}
+        consecutive failures: C{backoff}, doubling, at most C{maxBackoff}.
+        """
+        return float(min(self.maxBackoff, self.backoff * 2 ** min(failures - 1, 32)))
+
     # the thread
 
     def _run(self) -> None:
@@ -677,8 +684,7 @@ class ChangeListener(Service):
                     # lives on, and backs off before trying again.
                     failures += 1
                     self.reactor.callFromThread(self._lost, failures, self.database.explain(e))
-                    delay = min(self.maxBackoff, self.backoff * 2 ** (failures - 1))
-                    self._stop.wait(delay)
+                    self._stop.wait(self.delay(failures))
                 finally:
                     if conn is not None:
                         conn.close()
