@@ -585,6 +585,26 @@ async def test_writer_registers_heartbeats_and_deregisters(
 
 
 @pytest_twisted.ensureDeferred
+async def test_writer_survives_a_killed_connection(pg: pgkit.PostgresServer, db: str) -> None:
+    """
+    Every connection of the store killed (C{pg_terminate_backend}) between
+    two writes: the next registration connects again and succeeds, once.
+    """
+    store = open_store(pg.url(db), reactor, MetricsStore())
+    await store.writer.register(pgkit.backend_row("first", 9300))
+    with pg.connect(db) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'edgeproxy' AND datname = %s",
+            (db,),
+        )
+    backend = await store.writer.register(pgkit.backend_row("second", 9301))
+    assert backend.id == "second"
+    assert set(_rows(pg, db)) == {"first", "second"}
+    assert "second" in store.repository.current().by_id
+
+
+@pytest_twisted.ensureDeferred
 async def test_writer_failure_is_a_write_error(pg: pgkit.PostgresServer, db: str) -> None:
     """
     A table the loader would refuse (a mandatory column gone) is not

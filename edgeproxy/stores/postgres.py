@@ -236,13 +236,21 @@ class Database:
         @param doing: What for the message (C{"read"}, C{"write"}).
         @param retry: Whether to run C{work} once more on a new connection
             when the kept one turns out to be dead (a restarted server, a
-            terminated backend); for reads only, never for writes.
+            terminated backend); for reads only.  A write instead checks a
+            kept connection first (one C{SELECT 1}), so that it is never
+            sent twice and never fails for a connection that died idle.
         """
         with self._lock:
             while True:
                 fresh = False
                 try:
                     conn = self._conn
+                    if conn is not None and not retry and not (conn.closed or conn.broken):
+                        try:
+                            conn.execute("SELECT 1")
+                            conn.rollback()
+                        except psycopg.OperationalError:
+                            conn.close()
                     if conn is None or conn.closed or conn.broken:
                         self._conn = None
                         conn = self._conn = self.connect()
