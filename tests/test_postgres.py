@@ -664,6 +664,7 @@ def test_twistd_on_postgresql_registers_through_the_api(
     backend = socket.socket()
     backend.bind(("127.0.0.1", 0))
     backend.listen(8)
+    backend.settimeout(10)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=edgeproxy_env(), cwd=str(tmp_path)
