@@ -39,7 +39,10 @@ setup(
             "pytest-timeout>=2.1",
             "dnspython>=2.4",
             "selenium>=4.15",
+            "psycopg[binary]>=3.2",
         ],
+        # The PostgreSQL routing table (--db postgresql://...).
+        "postgresql": ["psycopg[binary]>=3.2"],
         "dev": [
             "mypy>=1.8",
             "mypy-zope>=1.0.3",

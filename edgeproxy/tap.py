@@ -192,12 +192,19 @@ def redact_db(value: str) -> str:
     scheme, sep, rest = value.partition("://")
     if not sep:
         return value
+    rest, question, query = rest.partition("?")
     authority, slash, path = rest.partition("/")
     userinfo, at, hostport = authority.rpartition("@")
     if at and ":" in userinfo:
         user = userinfo.split(":", 1)[0]
         authority = f"{user}:***@{hostport}"
-    return f"{scheme}://{authority}{slash}{path}"
+    if question:
+        # libpq also takes the password as a parameter (?password=...).
+        query = "&".join(
+            "password=***" if part.split("=", 1)[0] == "password" else part
+            for part in query.split("&")
+        )
+    return f"{scheme}://{authority}{slash}{path}{question}{query}"
 
 
 def _region(value: str) -> str:
@@ -982,7 +989,9 @@ def makeService(
             _log.debug(
                 "option --{name} = {value!r} (from {source})",
                 name=option.name,
-                value=options[option.name],
+                value=redact_db(options[option.name])
+                if option.name == "db"
+                else options[option.name],
                 source=options.sources.get(option.name, "default"),
             )
 

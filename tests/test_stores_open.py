@@ -86,6 +86,10 @@ def test_sqlite_store_that_cannot_load_is_a_store_error(tmp_path: object) -> Non
         ("postgresql://edge:s3cret@db:5432/edgeproxy", "postgresql://edge:***@db:5432/edgeproxy"),
         ("postgresql://edge@db/edgeproxy", "postgresql://edge@db/edgeproxy"),
         ("etcds://root:pw@a:2379,b:2379/edge", "etcds://root:***@a:2379,b:2379/edge"),
+        (
+            "postgresql://edge@db/edgeproxy?sslmode=require&password=s3cret",
+            "postgresql://edge@db/edgeproxy?sslmode=require&password=***",
+        ),
     ],
 )
 def test_passwords_are_not_logged(value: str, shown: str) -> None:

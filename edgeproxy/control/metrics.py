@@ -49,6 +49,7 @@ listed):
 | edgeproxy_sni_routed_total | sni_routed | match |
 | edgeproxy_routing_reloads_total | routing_reload | result |
 | edgeproxy_routing_rows_skipped_total | routing_rows_skipped | column |
+| edgeproxy_routing_notifications_total | routing_notify | event |
 | edgeproxy_load_underflow_total | load_underflow | backend |
 | edgeproxy_health_probes_total | health_probes | result |
 | edgeproxy_health_transitions_total | health_transitions | to |
@@ -358,6 +359,12 @@ COUNTERS: Mapping[str, CounterSpec] = {
         "routing_rows_skipped",
         "Routing table rows skipped as invalid, by offending column.",
         label="column",
+    ),
+    "routing_notify": _spec(
+        "routing_notifications",
+        "Change notifications from a shared store (PostgreSQL NOTIFY), and the"
+        " listening connection lost and made again, by event.",
+        label="event",
     ),
     "load_underflow": _spec(
         "load_underflow",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sqlite3
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 import attrs
@@ -44,6 +44,7 @@ __all__ = [
     "SqlitePopRepository",
     "load_pops",
     "validate_pop",
+    "validate_pops",
 ]
 
 _log = Logger()
@@ -193,6 +194,19 @@ def load_pops(path: str, busy_timeout: float = 1.0) -> Tuple[List[Pop], List[Tup
     finally:
         conn.close()
 
+    return validate_pops(rows)
+
+
+def validate_pops(
+    rows: Iterable[Sequence[object]],
+) -> Tuple[List[Pop], List[Tuple[str, str]]]:
+    """
+    Validate the rows of a C{pops} table read by any store, each the values
+    of L{POP_COLUMNS} in that order.
+
+    @return: (valid POPs in table order, [(row id, reason)] of the rows
+        skipped as invalid or as a repeated id).
+    """
     pops: List[Pop] = []
     skipped: List[Tuple[str, str]] = []
     seen: set[str] = set()
@@ -264,10 +278,17 @@ class SqlitePopRepository:
         logged (the list stays empty), never raised.
         """
         try:
-            result = _load(self.path, self.busy_timeout)
+            result = self._blockingLoad()()
         except PopsDatabaseError as e:
             return self._failed(Failure(e))
         return self._succeeded(result)
+
+    def _blockingLoad(self) -> Callable[[], _Result]:
+        """
+        The blocking function that reads the whole table (a store other
+        than SQLite overrides it; it raises L{PopsDatabaseError}).
+        """
+        return lambda: _load(self.path, self.busy_timeout)
 
     def reload(self) -> "Deferred[Tuple[Pop, ...]]":
         """
@@ -288,7 +309,7 @@ class SqlitePopRepository:
             if reactor is None:
                 from twisted.internet import reactor
             d: Deferred[Any] = deferToThreadPool(
-                reactor, reactor.getThreadPool(), _load, self.path, self.busy_timeout
+                reactor, reactor.getThreadPool(), self._blockingLoad()
             )
         except Exception:
             d = fail()

@@ -24,16 +24,12 @@ import os
 import re
 import sqlite3
 import stat
-import time
 from importlib import resources
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple, TypeVar
 from urllib.parse import quote
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, fail
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy.interfaces import (
@@ -42,9 +38,10 @@ from edgeproxy.interfaces import (
     IBackendRepository,
     IBackendWriter,
     IMetricsStore,
-    SnapshotListener,
 )
 from edgeproxy.model import PROXY_OFF, Backend, RoutingSnapshot, parse_check, parse_sni_names
+from edgeproxy.stores.reloading import LoadResult, ReloadingRepository
+from edgeproxy.stores.writing import QueuedBackendWriter
 
 __all__ = [
     "MANDATORY_COLUMNS",
@@ -62,6 +59,7 @@ __all__ = [
     "schema_sql",
     "update_heartbeats",
     "validate_row",
+    "validate_rows",
 ]
 
 _log = Logger()
@@ -452,6 +450,20 @@ def load_backends(path: str, busy_timeout: float) -> Tuple[List[Backend], List[T
     finally:
         conn.close()
 
+    return validate_rows(columns, rows)
+
+
+def validate_rows(
+    columns: Sequence[str], rows: Iterable[Sequence[object]]
+) -> Tuple[List[Backend], List[Tuple[str, str]]]:
+    """
+    Validate the rows of a C{backends} table read by any store.
+
+    @param columns: The column names (lower case) of each row's values.
+    @param rows: The rows, in table order.
+    @return: (valid backends in table order, [(row id, reason)] of the rows
+        skipped as invalid (L{validate_row}) or as a repeated id).
+    """
     backends: List[Backend] = []
     skipped: List[Tuple[str, str]] = []
     seen: set[str] = set()
@@ -513,7 +525,7 @@ def _loadSnapshot(
 
 @implementer(IBackendRepository)
 @attrs.define(eq=False)
-class SqliteBackendRepository:
+class SqliteBackendRepository(ReloadingRepository):
     """
     The routing table from a SQLite file.
 
@@ -535,44 +547,8 @@ class SqliteBackendRepository:
     reactor: Any = None
     busy_timeout: float = 1.0
     metrics: IMetricsStore | None = None
-    lastError: str | None = attrs.field(init=False, default=None)
-    lastReloadOk: float | None = attrs.field(init=False, default=None)
-    skipped: Tuple[Tuple[str, str], ...] = attrs.field(init=False, default=(), repr=False)
-    _snapshot: RoutingSnapshot = attrs.field(init=False, factory=RoutingSnapshot.empty, repr=False)
-    _listeners: List[SnapshotListener] = attrs.field(init=False, factory=list, repr=False)
-    _inFlight: bool = attrs.field(init=False, default=False)
-    _pending: List["Deferred[RoutingSnapshot]"] = attrs.field(init=False, factory=list, repr=False)
 
-    # IBackendRepository
-
-    def current(self) -> RoutingSnapshot:
-        """
-        The snapshot in force.
-        """
-        return self._snapshot
-
-    def addListener(self, listener: SnapshotListener) -> None:
-        """
-        Call C{listener(old, new)} after every load that changes content.
-        """
-        self._listeners.append(listener)
-
-    def reload(self) -> "Deferred[RoutingSnapshot]":
-        """
-        Read the file again in the reactor's thread pool.
-
-        At most one load runs at a time: a reload asked for while one runs
-        is served by one more load started when it ends.  The result never
-        fails; it is the snapshot in force afterwards.
-        """
-        result: Deferred[RoutingSnapshot] = Deferred()
-        if self._inFlight:
-            self._pending.append(result)
-        else:
-            self._start([result])
-        return result
-
-    # loading
+    _tableError = RoutingDatabaseError
 
     def loadInitial(self) -> RoutingSnapshot:
         """
@@ -606,119 +582,22 @@ class SqliteBackendRepository:
             raise
         return self._succeeded((snapshot, skipped))
 
-    def _getReactor(self) -> Any:
-        if self.reactor is None:
-            from twisted.internet import reactor
+    # ReloadingRepository
 
-            return reactor
+    def _blockingLoad(self) -> Callable[[], LoadResult]:
+        return lambda: _loadSnapshot(self.path, self.busy_timeout)
+
+    def _source(self) -> str:
+        return self.path
+
+    def _reactorOrNone(self) -> Any:
         return self.reactor
 
-    def _now(self) -> float:
-        if self.reactor is None:
-            return time.time()
-        return float(self.reactor.seconds())
+    def _metricsOrNone(self) -> IMetricsStore | None:
+        return self.metrics
 
-    def _start(self, waiters: List["Deferred[RoutingSnapshot]"]) -> None:
-        self._inFlight = True
-        try:
-            reactor = self._getReactor()
-            d: Deferred[Any] = deferToThreadPool(
-                reactor, reactor.getThreadPool(), _loadSnapshot, self.path, self.busy_timeout
-            )
-        except Exception:
-            d = fail()
-        d.addCallbacks(self._succeeded, self._failed)
-        d.addErrback(self._bug)
-        d.addCallback(self._finished, waiters)
-
-    def _finished(
-        self, snapshot: RoutingSnapshot, waiters: List["Deferred[RoutingSnapshot]"]
-    ) -> None:
-        self._inFlight = False
-        pending, self._pending = self._pending, []
-        if pending:
-            self._start(pending)
-        for waiter in waiters:
-            waiter.callback(snapshot)
-
-    def _succeeded(
-        self, result: Tuple[RoutingSnapshot, Tuple[Tuple[str, str], ...]]
-    ) -> RoutingSnapshot:
-        new, skipped = result
-        self.lastReloadOk = self._now()
-        if self.lastError is not None:
-            _log.info(
-                "Routing table reloaded again after failure: {count} backends from {path}",
-                count=len(new),
-                path=self.path,
-            )
-            self.lastError = None
-        self._noteSkipped(skipped)
-        self._count("routing_reload", "ok")
-        old = self._snapshot
-        self._snapshot = new
-        if not old.same_content(new):
-            for listener in list(self._listeners):
-                try:
-                    listener(old, new)
-                except Exception:
-                    _log.failure("Routing table listener {listener!r} failed", listener=listener)
-        # Else the same routing content (only heartbeat times may differ):
-        # the fresh rows are in force, nobody is told.
-        return self._snapshot
-
-    def _failed(self, failure: Failure) -> RoutingSnapshot:
-        error = failure.value
-        if isinstance(error, RoutingDatabaseError):
-            message = str(error)
-        else:
-            message = f"{type(error).__name__}: {error}"
-        if message != self.lastError:
-            if isinstance(error, RoutingDatabaseError):
-                _log.error(
-                    "Routing table reload failed, keeping the last good table "
-                    "({count} backends): {error}",
-                    count=len(self._snapshot),
-                    error=message,
-                )
-            else:
-                _log.failure(
-                    "Routing table reload failed, keeping the last good table "
-                    "({count} backends): {error}",
-                    failure,
-                    count=len(self._snapshot),
-                    error=message,
-                )
-        self.lastError = message
-        self._count("routing_reload", "error")
-        return self._snapshot
-
-    def _bug(self, failure: Failure) -> RoutingSnapshot:
-        _log.failure("Unexpected error after a routing table load", failure)
-        return self._snapshot
-
-    def _noteSkipped(self, skipped: Tuple[Tuple[str, str], ...]) -> None:
-        """
-        Log and count each skipped row once: only rows (with their reason)
-        not skipped by the previous good load.
-        """
-        if skipped == self.skipped:
-            return
-        before = set(self.skipped)
-        for row_id, reason in skipped:
-            if (row_id, reason) in before:
-                continue
-            _log.warn(
-                "Skipping routing table row {backend_id}: {reason}",
-                backend_id=row_id,
-                reason=reason,
-            )
-            self._count("routing_rows_skipped", reason.split(":", 1)[0])
-        self.skipped = skipped
-
-    def _count(self, name: str, label: str) -> None:
-        if self.metrics is not None:
-            self.metrics.increment(name, label)
+    def _logger(self) -> Logger:
+        return _log
 
 
 # --- the write port ---------------------------------------------------------
@@ -923,7 +802,7 @@ def delete_backend(path: str, busy_timeout: float, backend_id: str) -> bool:
 
 @implementer(IBackendWriter)
 @attrs.define(eq=False)
-class SqliteBackendWriter:
+class SqliteBackendWriter(QueuedBackendWriter):
     """
     The registration API's write port on the SQLite routing table of
     C{repository}.
@@ -936,7 +815,7 @@ class SqliteBackendWriter:
     together by the next one (one transaction for all of them).  A
     registration or deregistration then reloads C{repository} and fires
     once the new table is in force, so the change is routed on this POP at
-    once.
+    once (L{QueuedBackendWriter}).
 
     @ivar repository: The repository reading the same file (its C{path},
         its reactor's thread pool and clock).
@@ -945,122 +824,18 @@ class SqliteBackendWriter:
 
     repository: SqliteBackendRepository
     busy_timeout: float = 5.0
-    _lock: DeferredLock = attrs.field(init=False, factory=DeferredLock, repr=False)
-    _beats: Dict[str, List["Deferred[bool]"]] = attrs.field(init=False, factory=dict, repr=False)
-    _beatsQueued: bool = attrs.field(init=False, default=False, repr=False)
 
-    def _now(self) -> float:
-        return float(self.repository._getReactor().seconds())
+    def _insert(self, row: Mapping[str, object], now: float) -> Tuple[str, ...]:
+        return insert_backend(self.repository.path, self.busy_timeout, row, now)
 
-    def _inThread(self, f: Callable[..., _T], *args: object) -> "Deferred[_T]":
-        """
-        C{f(*args)} in the thread pool, after every write queued before.
-        """
+    def _updateHeartbeats(self, backend_ids: Sequence[str], now: float) -> Dict[str, bool]:
+        return update_heartbeats(self.repository.path, self.busy_timeout, backend_ids, now)
 
-        def start() -> "Deferred[_T]":
-            reactor = self.repository._getReactor()
-            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+    def _delete(self, backend_id: str) -> bool:
+        return delete_backend(self.repository.path, self.busy_timeout, backend_id)
 
-        return self._lock.run(start)
+    def _where(self) -> str:
+        return self.repository.path
 
-    def register(self, fields: Mapping[str, object]) -> "Deferred[Backend]":
-        """
-        See L{IBackendWriter.register}.  The row is validated here too
-        (L{validate_row}), so an invalid one never reaches the file.
-        """
-        row = dict(fields)
-        try:
-            validated = validate_row(row)
-        except InvalidRowError:
-            return fail()
-        now = self._now()
-        path = self.repository.path
-        d: Deferred[Any] = self._inThread(insert_backend, path, self.busy_timeout, row, now)
-
-        def written(added: Tuple[str, ...]) -> Any:
-            if added:
-                _log.warn(
-                    "Added column(s) {columns} to the backends table in {path} for"
-                    " registrations (existing rows read them as NULL)",
-                    columns=", ".join(added),
-                    path=path,
-                )
-            _log.info(
-                "Backend {backend_id} registered: {host}:{port}, app {app}, region {region}",
-                backend_id=validated.id,
-                host=validated.host,
-                port=validated.port,
-                app=validated.app,
-                region=validated.region,
-            )
-            return self.repository.reload()
-
-        def loaded(snapshot: RoutingSnapshot) -> Backend:
-            found = snapshot.by_id.get(validated.id)
-            if found is not None:
-                return found
-            _log.warn(
-                "Backend {backend_id} was written to {path} but the reload did not take it"
-                " in: {error}",
-                backend_id=validated.id,
-                path=path,
-                error=self.repository.lastError,
-            )
-            return attrs.evolve(validated, heartbeat_at=now)
-
-        d.addCallback(written)
-        d.addCallback(loaded)
-        return d
-
-    def heartbeat(self, backend_id: str) -> "Deferred[bool]":
-        """
-        See L{IBackendWriter.heartbeat}.
-        """
-        d: Deferred[bool] = Deferred()
-        self._beats.setdefault(backend_id, []).append(d)
-        if not self._beatsQueued:
-            self._beatsQueued = True
-            self._lock.run(self._writeBeats)
-        return d
-
-    def _writeBeats(self) -> "Deferred[None]":
-        beats, self._beats = self._beats, {}
-        self._beatsQueued = False
-        reactor = self.repository._getReactor()
-        d: Deferred[Dict[str, bool]] = deferToThreadPool(
-            reactor,
-            reactor.getThreadPool(),
-            update_heartbeats,
-            self.repository.path,
-            self.busy_timeout,
-            list(beats),
-            self._now(),
-        )
-
-        def written(results: Dict[str, bool]) -> None:
-            for backend_id, waiters in beats.items():
-                for waiter in waiters:
-                    waiter.callback(results.get(backend_id, False))
-
-        def failed(failure: Failure) -> None:
-            for waiters in beats.values():
-                for waiter in waiters:
-                    waiter.errback(failure)
-
-        return d.addCallbacks(written, failed)
-
-    def deregister(self, backend_id: str) -> "Deferred[bool]":
-        """
-        See L{IBackendWriter.deregister}.
-        """
-        d: Deferred[Any] = self._inThread(
-            delete_backend, self.repository.path, self.busy_timeout, backend_id
-        )
-
-        def deleted(gone: bool) -> Any:
-            if not gone:
-                return False
-            _log.info("Backend {backend_id} deregistered", backend_id=backend_id)
-            return self.repository.reload().addCallback(lambda _: True)
-
-        return d.addCallback(deleted)
+    def _logger(self) -> Logger:
+        return _log
