@@ -59,6 +59,7 @@ __all__ = [
     "delete_backend",
     "insert_backend",
     "load_backends",
+    "note_skipped",
     "schema_sql",
     "update_heartbeats",
     "validate_row",
@@ -374,6 +375,32 @@ def validate_row(row: Mapping[str, object]) -> Backend:
     )
 
 
+def note_skipped(
+    before: Sequence[Tuple[str, str]],
+    skipped: Sequence[Tuple[str, str]],
+    metrics: IMetricsStore | None,
+) -> None:
+    """
+    Log and count (C{routing_rows_skipped}, labelled with the offending
+    column) each row of C{skipped} that the previous good load (C{before})
+    did not skip for the same reason: a bad row is reported once, not at
+    every reload.  Shared by every store.
+    """
+    if tuple(skipped) == tuple(before):
+        return
+    seen = set(before)
+    for row_id, reason in skipped:
+        if (row_id, reason) in seen:
+            continue
+        _log.warn(
+            "Skipping routing table row {backend_id}: {reason}",
+            backend_id=row_id,
+            reason=reason,
+        )
+        if metrics is not None:
+            metrics.increment("routing_rows_skipped", reason.split(":", 1)[0])
+
+
 # --- reading the file -------------------------------------------------------
 
 
@@ -686,18 +713,7 @@ class SqliteBackendRepository:
         Log and count each skipped row once: only rows (with their reason)
         not skipped by the previous good load.
         """
-        if skipped == self.skipped:
-            return
-        before = set(self.skipped)
-        for row_id, reason in skipped:
-            if (row_id, reason) in before:
-                continue
-            _log.warn(
-                "Skipping routing table row {backend_id}: {reason}",
-                backend_id=row_id,
-                reason=reason,
-            )
-            self._count("routing_rows_skipped", reason.split(":", 1)[0])
+        note_skipped(self.skipped, skipped, self.metrics)
         self.skipped = skipped
 
     def _count(self, name: str, label: str) -> None:
