@@ -112,6 +112,25 @@ class EtcdRequestError(Exception):
         super().__init__(f"{status}: {message}")
 
 
+def _stopped(pid: int) -> bool:
+    """
+    Whether every thread of process C{pid} is stopped (Linux C{/proc}).
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in (b"T", b"t"):
+            return False
+    return True
+
+
 @attrs.define
 class Member:
     """
@@ -286,6 +305,11 @@ class EtcdCluster:
         assert member.process is not None, f"member {i} is not running"
         member.process.send_signal(signal.SIGSTOP)
         member.paused = True
+        # The signal is asynchronous: wait until every thread has stopped,
+        # so that nothing the test does next is served by this member.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not _stopped(member.process.pid):
+            time.sleep(0.001)
 
     def resume(self, i: int) -> None:
         """
@@ -339,17 +363,24 @@ class EtcdCluster:
         path: str,
         body: Dict[str, Any],
         member: Optional[int] = None,
-        timeout: float = 5.0,
+        timeout: float = 2.0,
         token: Optional[str] = None,
+        deadline: float = 20.0,
     ) -> Dict[str, Any]:
         """
         POST C{body} as JSON to C{path} (C{/v3/...}) on member C{member}
-        (default: the first running, unpaused one) and return the decoded
-        answer.
+        and return the decoded answer.  Without C{member}: the running,
+        unpaused members in turn, again while the answer is a timeout or a
+        leader change (a paused leader loses proposals until the others
+        elect a new one), for up to C{deadline} seconds.
 
         @raise EtcdRequestError: Not a 200 answer, or no answer.
         """
-        if member is None:
+        if member is not None:
+            return self._request(path, body, member, timeout, token)
+        end = time.monotonic() + deadline
+        attempt = 0
+        while True:
             candidates = [
                 i
                 for i, m in enumerate(self.members)
@@ -357,7 +388,25 @@ class EtcdCluster:
             ]
             if not candidates:
                 raise EtcdRequestError(0, "no member is running")
-            member = candidates[0]
+            try:
+                return self._request(
+                    path, body, candidates[attempt % len(candidates)], timeout, token
+                )
+            except EtcdRequestError as e:
+                transient = e.status == 0 or e.status >= 500 or "leader" in str(e)
+                if not transient or time.monotonic() > end:
+                    raise
+            attempt += 1
+            time.sleep(0.05)
+
+    def _request(
+        self,
+        path: str,
+        body: Dict[str, Any],
+        member: int,
+        timeout: float,
+        token: Optional[str],
+    ) -> Dict[str, Any]:
         headers = {"Content-Type": "application/json"}
         token = token if token is not None else self.token
         if token:
