@@ -37,13 +37,14 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import attrs
 import pytest
@@ -112,6 +113,103 @@ class EtcdRequestError(Exception):
         super().__init__(f"{status}: {message}")
 
 
+@attrs.frozen
+class TlsFiles:
+    """
+    PEM files: a CA, a server certificate for 127.0.0.1 and a client
+    certificate, both from the CA, with their keys.
+    """
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_tls_files(directory: str) -> TlsFiles:
+    """
+    Make a CA and two certificates in C{directory} (C{cryptography}).
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def key_pem(key: Any) -> bytes:
+        return bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("etcdkit CA"))
+        .issuer_name(name("etcdkit CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def issue(common: str, usage: Any, server: bool) -> Tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address(LOCALHOST)), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+    files: Dict[str, bytes] = {"ca.pem": ca.public_bytes(serialization.Encoding.PEM)}
+    # etcd's JSON gateway connects to its own gRPC port with the server
+    # certificate: it must be good for client authentication too.
+    files["server.pem"], files["server-key.pem"] = issue(
+        "etcd", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], True
+    )
+    files["client.pem"], files["client-key.pem"] = issue(
+        "edgeproxy", [ExtendedKeyUsageOID.CLIENT_AUTH], False
+    )
+    os.makedirs(directory, exist_ok=True)
+    for file_name, data in files.items():
+        with open(os.path.join(directory, file_name), "wb") as f:
+            f.write(data)
+    return TlsFiles(
+        ca=os.path.join(directory, "ca.pem"),
+        server_cert=os.path.join(directory, "server.pem"),
+        server_key=os.path.join(directory, "server-key.pem"),
+        client_cert=os.path.join(directory, "client.pem"),
+        client_key=os.path.join(directory, "client-key.pem"),
+    )
+
+
 def _stopped(pid: int) -> bool:
     """
     Whether every thread of process C{pid} is stopped (Linux C{/proc}).
@@ -144,10 +242,11 @@ class Member:
     log_path: str
     process: Optional["subprocess.Popen[bytes]"] = None
     paused: bool = False
+    tls: bool = False
 
     @property
     def client_url(self) -> str:
-        return f"http://{LOCALHOST}:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{LOCALHOST}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -167,17 +266,29 @@ class EtcdCluster:
     base_dir: str
     members: List[Member]
     token: Optional[str] = None
+    tls: Optional["TlsFiles"] = None
+    extra_args: List[str] = attrs.field(factory=list)
     _cluster_token: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
 
     # --- life cycle --------------------------------------------------------
 
     @classmethod
     def start_new(
-        cls, base_dir: Optional[str] = None, size: int = 3, timeout: float = 30.0
+        cls,
+        base_dir: Optional[str] = None,
+        size: int = 3,
+        timeout: float = 30.0,
+        tls: bool = False,
+        extra_args: Optional[List[str]] = None,
     ) -> "EtcdCluster":
         """
         Start a new cluster of C{size} members and wait until it is healthy
         (skips the test when etcd is not installed).
+
+        @param tls: Serve clients over TLS with a certificate for 127.0.0.1
+            from a CA made here, and require client certificates from that
+            CA (the files are in L{EtcdCluster.tls}).
+        @param extra_args: More etcd flags, e.g. C{["--auth-token-ttl", "1"]}.
         """
         binary = require_etcd()
         if base_dir is None:
@@ -196,7 +307,16 @@ class EtcdCluster:
                     log_path=os.path.join(base_dir, f"{name}.log"),
                 )
             )
-        cluster = cls(binary=binary, base_dir=base_dir, members=members)
+        files = make_tls_files(base_dir) if tls else None
+        for member in members:
+            member.tls = tls
+        cluster = cls(
+            binary=binary,
+            base_dir=base_dir,
+            members=members,
+            tls=files,
+            extra_args=list(extra_args or ()),
+        )
         for i in range(size):
             cluster.start(i, wait=False)
         try:
@@ -238,6 +358,21 @@ class EtcdCluster:
             "zap",
             "--log-level",
             "warn",
+            *self._tls_args(),
+            *self.extra_args,
+        ]
+
+    def _tls_args(self) -> List[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--cert-file",
+            self.tls.server_cert,
+            "--key-file",
+            self.tls.server_key,
+            "--trusted-ca-file",
+            self.tls.ca,
+            "--client-cert-auth",
         ]
 
     def start(self, i: int, wait: bool = True, timeout: float = 20.0) -> None:
@@ -418,7 +553,11 @@ class EtcdCluster:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
+            context = None
+            if self.tls is not None:
+                context = ssl.create_default_context(cafile=self.tls.ca)
+                context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as response:
                 answer = json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as e:
             raise EtcdRequestError(e.code, e.read().decode("utf-8", "replace")) from None

@@ -596,3 +596,49 @@ def test_offline_cache_start(
         assert resumed.lastError is None and not resumed.fromCache
     finally:
         yield later.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_client_certificates(tmp_path: Path) -> Any:
+    """
+    etcds:// on a member that requires client certificates: with the CA,
+    the certificate and the key, the first read (stdlib) and the watch
+    (treq on the reactor) both work; without the client certificate, or
+    with another CA, startup fails with a TLS reason (not the offline
+    cache: it is a set-up error, not an unreachable etcd).
+    """
+    cluster = EtcdCluster.start_new(size=1, tls=True)
+    try:
+        assert cluster.tls is not None
+        files = cluster.tls
+        cluster.put("/tls/backends/a", json.dumps(row("a")))
+        url = cluster.url("/tls", scheme="etcds")
+        options = {
+            "db-cache": str(tmp_path / "cache.db"),
+            "etcd-ca": files.ca,
+            "etcd-cert": files.client_cert,
+            "etcd-key": files.client_key,
+        }
+        store = open_store(url, reactor, MetricsStore(), options)
+        repository = repo(store)
+        assert list(repository.current().by_id) == ["a"]
+        service = watcher(store)
+        service.startService()
+        try:
+            yield wait_until(reactor, lambda: service.watching, timeout=5.0)
+            cluster.put("/tls/backends/b", json.dumps(row("b")))
+            yield wait_until(reactor, lambda: "b" in repository.current().by_id, timeout=2.0)
+            snapshot = yield repository.reload()
+            assert sorted(snapshot.by_id) == ["a", "b"] and repository.lastError is None
+        finally:
+            yield service.stopService()
+        without = {k: v for k, v in options.items() if k not in ("etcd-cert", "etcd-key")}
+        with pytest.raises(StoreError, match="TLS with etcd member"):
+            open_store(url, reactor, MetricsStore(), without)
+        other = etcdkit.make_tls_files(str(tmp_path / "other"))
+        with pytest.raises(StoreError, match="certificate verify failed"):
+            open_store(url, reactor, MetricsStore(), {**options, "etcd-ca": other.ca})
+        with pytest.raises(StoreError, match="etcds://"):
+            open_store(cluster.url("/tls"), reactor, MetricsStore(), options)
+    finally:
+        cluster.destroy()

@@ -498,6 +498,12 @@ def _blockingPost(
         raise _gatewayError(e.code, e.read(), endpoint) from None
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            # Not a member that is away: the TLS set-up is wrong.
+            raise EtcdError(
+                f"TLS with etcd member {endpoint} failed: {reason} (check --etcd-ca,"
+                " --etcd-cert and --etcd-key)"
+            ) from None
         raise EtcdError(
             f"etcd member {endpoint} does not answer: {reason}", unavailable=True
         ) from None
