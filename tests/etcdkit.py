@@ -661,7 +661,9 @@ class EtcdCluster:
         """
         An auth token for C{user}.
         """
-        answer = self.request("/v3/auth/authenticate", {"name": user, "password": password})
+        answer = self.request(
+            "/v3/auth/authenticate", {"name": user, "password": password}, token=""
+        )
         return str(answer["token"])
 
     # --- health ------------------------------------------------------------

@@ -642,3 +642,49 @@ def test_tls_client_certificates(tmp_path: Path) -> Any:
             open_store(cluster.url("/tls"), reactor, MetricsStore(), options)
     finally:
         cluster.destroy()
+
+
+@pytest_twisted.inlineCallbacks
+def test_expired_auth_token_is_renewed(tmp_path: Path) -> Any:
+    """
+    etcd forgets an idle simple token after --auth-token-ttl: the next
+    read gets "invalid auth token", authenticates again and succeeds (no
+    reload failure).  With the password changed meanwhile, the reload
+    fails with a logged reason and the last good table stays.
+    """
+    cluster = EtcdCluster.start_new(size=1, extra_args=["--auth-token-ttl", "1"])
+    try:
+        secret = "token-ttl-pass"
+        cluster.put("/ttl/backends/a", json.dumps(row("a")))
+        cluster.enable_auth(secret, user="edgeproxy", prefix="/ttl")
+        password = tmp_path / "password"
+        password.write_text(secret)
+        metrics = MetricsStore()
+        store = open_store(
+            cluster.url("/ttl"),
+            reactor,
+            metrics,
+            {
+                "db-cache": str(tmp_path / "cache.db"),
+                "etcd-user": "edgeproxy",
+                "etcd-password-file": str(password),
+            },
+        )
+        repository = repo(store)
+        first = repository.client.token
+        assert first
+        yield sleep(reactor, 2.5)
+        cluster.token = cluster.authenticate("root", secret)
+        cluster.put("/ttl/backends/b", json.dumps(row("b")))
+        snapshot = yield repository.reload()
+        assert sorted(snapshot.by_id) == ["a", "b"]
+        assert repository.lastError is None and repository.client.token != first
+        cluster.request("/v3/auth/user/changepw", {"name": "edgeproxy", "password": "changed-pass"})
+        repository.client.token = None
+        snapshot = yield repository.reload()
+        assert sorted(snapshot.by_id) == ["a", "b"]
+        assert repository.lastError is not None
+        assert "authentication failed" in repository.lastError
+        assert metrics.counter("routing_reload", "error") == 1
+    finally:
+        cluster.destroy()
