@@ -388,6 +388,16 @@ def _gatewayError(status: int, body: bytes, endpoint: str) -> EtcdError:
     )
 
 
+def _errorKind(failure: Optional[Failure]) -> str:
+    """
+    The kind of a read failure, for logging each episode once.
+    """
+    error = failure.value if failure is not None else None
+    if isinstance(error, EtcdError):
+        return "unavailable" if error.unavailable else "auth" if error.auth else "refused"
+    return type(error).__name__
+
+
 def _tokenExpired(error: EtcdError) -> bool:
     text = str(error).lower()
     return error.auth and ("invalid auth token" in text or ("token" in text and "expired" in text))
@@ -498,7 +508,7 @@ def _blockingPost(
         raise _gatewayError(e.code, e.read(), endpoint) from None
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        if isinstance(reason, ssl.SSLError):
+        if isinstance(e, ssl.SSLError) or isinstance(reason, ssl.SSLError):
             # Not a member that is away: the TLS set-up is wrong.
             raise EtcdError(
                 f"TLS with etcd member {endpoint} failed: {reason} (check --etcd-ca,"
@@ -576,6 +586,7 @@ class EtcdClient:
     token: Optional[str] = attrs.field(default=None, repr=False)
     _http: Any = attrs.field(init=False, default=None, repr=False)
     _stream: Any = attrs.field(init=False, default=None, repr=False)
+    _failed: set[str] = attrs.field(init=False, factory=set, repr=False)
 
     def _clients(self) -> Tuple[Any, Any]:
         if self._http is None:
@@ -607,19 +618,30 @@ class EtcdClient:
     def endpoint(self) -> str:
         return self.target.endpoints[self.index % len(self.target.endpoints)]
 
-    def rotate(self, reason: str) -> None:
+    def rotate(self, reason: str, failed: Optional[str] = None) -> None:
         """
-        Leave the current member for the next one.
+        Leave the current member for the next one; when C{failed} (the
+        member that failed) is given and another request already left it,
+        stay on the member in use.
         """
-        old = self.endpoint
-        self.index = (self.index + 1) % len(self.target.endpoints)
-        if len(self.target.endpoints) > 1:
+        old = self.endpoint if failed is None else failed
+        if old == self.endpoint:
+            self.index = (self.index + 1) % len(self.target.endpoints)
+        if len(self.target.endpoints) > 1 and old not in self._failed:
+            # Once per member until it answers again (an outage of the
+            # whole cluster is one warning per member, not one per retry).
+            self._failed.add(old)
             _log.warn(
                 "etcd member {old} failed ({reason}); trying {new}",
                 old=old,
                 reason=reason,
                 new=self.endpoint,
             )
+
+    def _answered(self, endpoint: str) -> None:
+        if endpoint in self._failed:
+            self._failed.discard(endpoint)
+            _log.info("etcd member {endpoint} answers again", endpoint=endpoint)
 
     def _headers(self) -> Dict[str, List[str]]:
         headers = {"Content-Type": ["application/json"]}
@@ -651,6 +673,7 @@ class EtcdClient:
             content.addBoth(done)
 
             def got(data: bytes) -> Any:
+                self._answered(endpoint)
                 if response.code != 200:
                     raise _gatewayError(response.code, data, endpoint)
                 if raw:
@@ -700,9 +723,10 @@ class EtcdClient:
         result: Deferred[Any] = Deferred()
         tries = [0]
         renewed = [False]
+        used = [self.endpoint]
 
         def attempt() -> None:
-            endpoint = self.endpoint
+            endpoint = used[0] = self.endpoint
             if self.credentials.user and self.token is None:
                 d = self.authenticate(endpoint).addCallback(
                     lambda _: self._once(endpoint, path, body, raw)
@@ -720,7 +744,7 @@ class EtcdClient:
                 return
             if isinstance(error, EtcdError) and error.unavailable:
                 tries[0] += 1
-                self.rotate(str(error))
+                self.rotate(str(error), used[0])
                 if tries[0] < len(self.target.endpoints):
                     attempt()
                     return
@@ -1031,6 +1055,7 @@ class EtcdBackendRepository:
     leases: Dict[str, int] = attrs.field(init=False, factory=dict, repr=False)
     pops: Tuple[Pop, ...] = attrs.field(init=False, default=(), repr=False)
     fromCache: bool = attrs.field(init=False, default=False)
+    _errorKind: str = attrs.field(init=False, default="", repr=False)
     snapshots: int = attrs.field(init=False, default=0)
     _entries: Dict[str, Entry] = attrs.field(init=False, factory=dict, repr=False)
     _snapshot: RoutingSnapshot = attrs.field(init=False, factory=RoutingSnapshot.empty, repr=False)
@@ -1111,6 +1136,7 @@ class EtcdBackendRepository:
         self.leases = leases
         self.fromCache = True
         self.lastError = reason
+        self._errorKind = "unavailable"
         self._count("routing_reload", "error")
         self.pops = pops
         self.skipped = skipped
@@ -1163,7 +1189,11 @@ class EtcdBackendRepository:
         if message is None and failure is not None:
             message = f"{type(failure.value).__name__}: {failure.value}"
         assert message is not None
-        if message != self.lastError:
+        kind = _errorKind(failure)
+        if self.lastError is None or kind != self._errorKind:
+            # Once per episode (and when the kind of failure changes): the
+            # message names whichever member failed last, so it changes at
+            # every retry while etcd is away.
             _log.error(
                 "Routing table read from etcd failed, keeping the last good table"
                 " ({count} backends): {error}",
@@ -1171,6 +1201,7 @@ class EtcdBackendRepository:
                 error=message,
             )
         self.lastError = message
+        self._errorKind = kind
         self._count("routing_reload", "error")
 
     def _bug(self, failure: Failure) -> None:
@@ -1308,6 +1339,7 @@ class EtcdWatchService(Service):
     _backoff: float = attrs.field(init=False, default=BACKOFF_MIN)
     _generation: int = attrs.field(init=False, default=0)
     watching: bool = attrs.field(init=False, default=False)
+    _endpoint: Optional[str] = attrs.field(init=False, default=None)
 
     @property
     def client(self) -> EtcdClient:
@@ -1401,6 +1433,7 @@ class EtcdWatchService(Service):
 
         protocol = WatchProtocol(message, ended)
         self._protocol = protocol
+        self._endpoint = self.client.endpoint
         d = self.client.watch(body, protocol)
 
         def opened(_: object) -> None:
@@ -1481,7 +1514,7 @@ class EtcdWatchService(Service):
         self.watching = False
         self._stopWatch(reason)
         if warn:
-            self.client.rotate(reason)
+            self.client.rotate(reason, self._endpoint)
         else:
             _log.info("etcd watch: {reason}", reason=reason)
         self._retry()
