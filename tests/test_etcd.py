@@ -204,6 +204,56 @@ def test_watch_protocol_splits_messages_anywhere(cuts: List[int]) -> None:
     assert got == messages and ended == []
 
 
+def _event(key: str, value: Dict[str, object], revision: int) -> Dict[str, Any]:
+    return {
+        "kv": {
+            "key": etcdkit.b64(key),
+            "value": etcdkit.b64(json.dumps(value)),
+            "mod_revision": str(revision),
+        }
+    }
+
+
+def test_events_are_coalesced_into_one_snapshot() -> None:
+    """
+    Events arriving within the coalescing delay make one new snapshot (one
+    listener call); a revision waiter fires once that snapshot is in force;
+    a DELETE event removes the key; a bad value in an event is skipped with
+    its key while the rest applies.
+    """
+    clock = Clock()
+    client = etcdkit_client(clock)
+    repository = EtcdBackendRepository(client=client, metrics=MetricsStore(), coalesce=0.05)
+    calls: List[int] = []
+    repository.addListener(lambda old, new: calls.append(len(new)))
+    waited: List[bool] = []
+    repository.waitFor(500, timeout=5.0).addCallback(waited.append)
+    for i in range(500):
+        repository.applyEvents([_event(f"/p/backends/b{i}", row(f"b{i}"), i + 1)])
+    assert calls == [] and waited == []
+    clock.advance(0.05)
+    assert calls == [500] and waited == [True] and repository.snapshots == 1
+    repository.applyEvents(
+        [
+            {"type": "DELETE", "kv": {"key": etcdkit.b64("/p/backends/b0"), "mod_revision": "501"}},
+            _event("/p/backends/bad", row("bad", port=0), 502),
+        ]
+    )
+    clock.advance(0.05)
+    assert calls == [500, 499]
+    assert repository.skipped == (("/p/backends/bad", "port: 0 is outside 1-65535"),)
+    late: List[bool] = []
+    repository.waitFor(10_000, timeout=1.0).addCallback(late.append)
+    clock.advance(1.0)
+    assert late == [False]
+
+
+def etcdkit_client(clock: Clock) -> Any:
+    from edgeproxy.stores.etcd import EtcdClient
+
+    return EtcdClient(reactor=clock, target=TARGET)
+
+
 # --- against the cluster ------------------------------------------------------
 
 

@@ -1056,6 +1056,7 @@ class EtcdBackendRepository:
     pops: Tuple[Pop, ...] = attrs.field(init=False, default=(), repr=False)
     fromCache: bool = attrs.field(init=False, default=False)
     _errorKind: str = attrs.field(init=False, default="", repr=False)
+    _readRevision: int = attrs.field(init=False, default=0, repr=False)
     snapshots: int = attrs.field(init=False, default=0)
     _entries: Dict[str, Entry] = attrs.field(init=False, factory=dict, repr=False)
     _snapshot: RoutingSnapshot = attrs.field(init=False, factory=RoutingSnapshot.empty, repr=False)
@@ -1160,7 +1161,7 @@ class EtcdBackendRepository:
             self._ok()
             return self._snapshot
         self._entries = dict(table.entries)
-        self.revision = table.revision
+        self.revision = self._readRevision = table.revision
         self._cancelInstall()
         self._install(built)
         self._ok()
@@ -1219,9 +1220,14 @@ class EtcdBackendRepository:
         for event in events:
             kv = event.get("kv") or {}
             try:
-                revision = max(revision, int(kv.get("mod_revision", 0)))
+                modified = int(kv.get("mod_revision", 0))
             except (TypeError, ValueError):
-                pass
+                modified = 0
+            if modified and modified <= self._readRevision:
+                # Already in the full read that replaced the table (a watch
+                # opened before it can still deliver older events).
+                continue
+            revision = max(revision, modified)
             try:
                 key = base64.b64decode(kv.get("key", ""), validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
@@ -1496,7 +1502,9 @@ class EtcdWatchService(Service):
 
         def failed(failure: Failure) -> None:
             error = failure.value
-            if isinstance(error, EtcdError) and error.auth and _tokenExpired(error):
+            if isinstance(error, EtcdError) and error.auth:
+                # The member answers; the token is renewed by the next
+                # request (and a refused login shows in the reload).
                 self.client.token = None
                 ok(None)
                 return
