@@ -658,11 +658,12 @@ class EtcdClient:
             data=json.dumps(body).encode("utf-8"),
             headers=self._headers(),
             timeout=self.timeout,
+            unbuffered=True,
         )
 
         def answered(response: Any) -> "Deferred[Any]":
             # The body too within the timeout: a member paused mid-answer.
-            content: Deferred[bytes] = response.content()
+            content = _readBody(response)
             timer = self.reactor.callLater(self.timeout, content.cancel)
 
             def done(result: object) -> object:
@@ -745,7 +746,9 @@ class EtcdClient:
             if isinstance(error, EtcdError) and error.unavailable:
                 tries[0] += 1
                 self.rotate(str(error), used[0])
-                if tries[0] < len(self.target.endpoints):
+                # Once around the cluster, plus one: a single member gets a
+                # second try (a connection lost mid-answer, say).
+                if tries[0] <= len(self.target.endpoints):
                     attempt()
                     return
             result.errback(failure)
@@ -770,7 +773,7 @@ class EtcdClient:
 
         def answered(response: Any) -> Any:
             if response.code != 200:
-                return response.content().addCallback(
+                return _readBody(response).addCallback(
                     lambda data: fail(_gatewayError(response.code, data, endpoint))
                 )
             response.deliverBody(protocol)
@@ -787,6 +790,53 @@ class EtcdClient:
             raise EtcdError(f"etcd member {endpoint} does not answer: {reason}", unavailable=True)
 
         return d.addCallback(answered).addErrback(failed)
+
+
+class _BodyReader(Protocol):
+    """
+    Collects a response body.  An error answer's body counts even when the
+    connection ends oddly after it: etcd's gateway sends HTTP trailers after
+    an error answer, which Twisted before 24.3 cannot parse.
+    """
+
+    def __init__(self, code: int, done: "Deferred[bytes]") -> None:
+        self._code = code
+        self._done = done
+        self._chunks: List[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._done.called:
+            return
+        from twisted.web.client import ResponseDone
+
+        if reason.check(ResponseDone) or (self._code != 200 and self._chunks):
+            self._done.callback(b"".join(self._chunks))
+        else:
+            self._done.errback(reason)
+
+
+def _readBody(response: Any) -> "Deferred[bytes]":
+    """
+    The body of C{response}; cancelling stops reading (the connection is
+    closed).
+    """
+    readers: List[_BodyReader] = []
+
+    def cancel(d: "Deferred[bytes]") -> None:
+        transport: Any = readers[0].transport if readers else None
+        if transport is not None:
+            transport.stopProducing()
+        if not d.called:
+            d.errback(CancelledError())
+
+    done: Deferred[bytes] = Deferred(cancel)
+    reader = _BodyReader(response.code, done)
+    readers.append(reader)
+    response.deliverBody(reader)
+    return done
 
 
 class WatchProtocol(Protocol):
