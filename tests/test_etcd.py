@@ -45,6 +45,7 @@ from edgeproxy.stores.etcd import (
     parse_etcd_url,
 )
 from edgeproxy.stores.open import Store, StoreError, open_store
+from edgeproxy.stores.pops import IPopRepository
 
 #: The fixtures (one cluster for the session, a fresh prefix per test).
 etcd_cluster = etcdkit.etcd_cluster
@@ -273,6 +274,7 @@ def test_initial_load(etcd_cluster: EtcdCluster, etcd_prefix: str, tmp_path: Pat
     verifyObject(IBackendRepository, repository)
     verifyObject(ILeasedRepository, repository)
     verifyObject(IBackendWriter, store.writer)
+    verifyObject(IPopRepository, store.pops)
     assert sorted(repository.current().by_id) == ["cdg-1", "gru-1"]
     assert repository.current().by_id["cdg-1"].country == "FR"
     assert [p.id for p in store.pops.current()] == ["gru"]

@@ -77,7 +77,7 @@ from edgeproxy.interfaces import (
 )
 from edgeproxy.model import Backend, RoutingSnapshot
 from edgeproxy.stores.open import OPENERS, Store, StoreError
-from edgeproxy.stores.pops import Pop, load_pops, validate_pop
+from edgeproxy.stores.pops import IPopRepository, Pop, load_pops, validate_pop
 from edgeproxy.stores.sqlite import (
     MANDATORY_COLUMNS,
     OPTIONAL_COLUMNS,
@@ -1359,6 +1359,7 @@ class EtcdBackendRepository:
             self.metrics.increment(name, label)
 
 
+@implementer(IPopRepository)
 @attrs.define(eq=False)
 class EtcdPopRepository:
     """
