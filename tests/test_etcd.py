@@ -34,6 +34,7 @@ from edgeproxy.interfaces import IBackendRepository, IBackendWriter, ILeasedRepo
 from edgeproxy.metrics import MetricsStore
 from edgeproxy.routing.heartbeats import HeartbeatExpiry
 from edgeproxy.routing.overlay import StateOverlay
+from edgeproxy.stores import etcd as etcd_store
 from edgeproxy.stores.etcd import (
     MAX_VALUE_BYTES,
     EtcdBackendRepository,
@@ -314,13 +315,15 @@ def test_bad_values_skipped_with_their_key(
 
 @pytest_twisted.inlineCallbacks
 def test_watch_routes_a_put_within_a_second(
-    etcd_cluster: EtcdCluster, etcd_prefix: str, tmp_path: Path
+    etcd_cluster: EtcdCluster, etcd_prefix: str, tmp_path: Path, monkeypatch: Any
 ) -> Any:
     """
     With the watch running, a put is in the repository's snapshot within
     1 s, a delete is gone within 1 s, and a burst of 1,000 puts makes far
-    fewer than 1,000 snapshots; the offline cache follows.
+    fewer than 1,000 snapshots (built in the thread pool once the table is
+    over INLINE_BUILD keys, lowered here to 100); the offline cache follows.
     """
+    monkeypatch.setattr(etcd_store, "INLINE_BUILD", 100)
     store = opened(etcd_cluster, etcd_prefix, tmp_path)
     repository = repo(store)
     service = watcher(store)

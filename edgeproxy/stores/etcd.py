@@ -123,6 +123,10 @@ PROBE_INTERVAL = 1.0
 #: Seconds events are gathered before a new snapshot is built.
 COALESCE_DELAY = 0.02
 
+#: Below this many keys a snapshot after watch events is built on the
+#: reactor (a few ms); above, in the thread pool.
+INLINE_BUILD = 2000
+
 #: Reconnection backoff bounds, seconds.
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
@@ -1107,6 +1111,9 @@ class EtcdBackendRepository:
     fromCache: bool = attrs.field(init=False, default=False)
     _errorKind: str = attrs.field(init=False, default="", repr=False)
     _readRevision: int = attrs.field(init=False, default=0, repr=False)
+    _installedRevision: int = attrs.field(init=False, default=0, repr=False)
+    _building: bool = attrs.field(init=False, default=False, repr=False)
+    _dirty: bool = attrs.field(init=False, default=False, repr=False)
     snapshots: int = attrs.field(init=False, default=0)
     _entries: Dict[str, Entry] = attrs.field(init=False, factory=dict, repr=False)
     _snapshot: RoutingSnapshot = attrs.field(init=False, factory=RoutingSnapshot.empty, repr=False)
@@ -1213,7 +1220,7 @@ class EtcdBackendRepository:
         self._entries = dict(table.entries)
         self.revision = self._readRevision = table.revision
         self._cancelInstall()
-        self._install(built)
+        self._install(built, table.revision)
         self._ok()
         return self._snapshot
 
@@ -1292,8 +1299,6 @@ class EtcdBackendRepository:
             self.revision = revision
         if events and self._installCall is None:
             self._installCall = self.reactor.callLater(self.coalesce, self._installEntries)
-        elif not events:
-            self._wake()
 
     def _cancelInstall(self) -> None:
         if self._installCall is not None and self._installCall.active():
@@ -1301,13 +1306,45 @@ class EtcdBackendRepository:
         self._installCall = None
 
     def _installEntries(self) -> None:
+        """
+        Build and install a snapshot of the entries: on the reactor for a
+        small table, in the thread pool for a large one (one build at a
+        time; events that arrive meanwhile make one more build after it).
+        """
         self._installCall = None
-        try:
-            self._install(build_snapshot(self._entries))
-        except Exception:
-            _log.failure("Cannot apply etcd watch events")
+        if self._building:
+            self._dirty = True
+            return
+        revision = self.revision
+        if len(self._entries) < INLINE_BUILD:
+            try:
+                self._install(build_snapshot(self._entries), revision)
+            except Exception:
+                _log.failure("Cannot apply etcd watch events")
+            return
+        self._building = True
+        reactor = self.reactor
+        d: Deferred[Any] = deferToThreadPool(
+            reactor, reactor.getThreadPool(), build_snapshot, dict(self._entries)
+        )
 
-    def _install(self, built: Any) -> None:
+        def built(result: Any) -> None:
+            if revision >= self._installedRevision:
+                # (Else a full read installed a newer table meanwhile.)
+                self._install(result, revision)
+
+        def finished(_: object) -> None:
+            self._building = False
+            if self._dirty:
+                self._dirty = False
+                self._installEntries()
+
+        d.addCallback(built)
+        d.addErrback(lambda f: _log.failure("Cannot apply etcd watch events", f))
+        d.addBoth(finished)
+
+    def _install(self, built: Any, revision: int) -> None:
+        self._installedRevision = revision
         new, skipped, pops, leases = built
         note_skipped(self.skipped, skipped, self.metrics)
         self.skipped = skipped
@@ -1323,7 +1360,7 @@ class EtcdBackendRepository:
                 except Exception:
                     _log.failure("Routing table listener {listener!r} failed", listener=listener)
         if self.cache is not None:
-            self.cache.save(new, pops, leases, self.revision)
+            self.cache.save(new, pops, leases, revision)
         self._wake()
 
     def waitFor(self, revision: int, timeout: float) -> "Deferred[bool]":
@@ -1331,7 +1368,7 @@ class EtcdBackendRepository:
         Fires with C{True} once the table in force reflects C{revision}, or
         C{False} after C{timeout} seconds.
         """
-        if self.revision >= revision and self._installCall is None:
+        if self._installedRevision >= revision:
             return succeed(True)
         d: Deferred[bool] = Deferred()
         entry = (revision, d)
@@ -1347,9 +1384,7 @@ class EtcdBackendRepository:
         return d
 
     def _wake(self) -> None:
-        if self._installCall is not None:
-            return
-        ready = [w for w in self._waiters if w[0] <= self.revision]
+        ready = [w for w in self._waiters if w[0] <= self._installedRevision]
         for w in ready:
             self._waiters.remove(w)
             w[1].callback(True)
