@@ -743,3 +743,43 @@ def test_expired_auth_token_is_renewed(tmp_path: Path) -> Any:
         assert metrics.counter("routing_reload", "error") == 1
     finally:
         cluster.destroy()
+
+
+@pytest_twisted.inlineCallbacks
+def test_whole_cluster_down_keeps_the_last_good_table(
+    etcd_cluster: EtcdCluster,
+    etcd_prefix: str,
+    tmp_path: Path,
+    events: List[Dict[str, Any]],
+) -> Any:
+    """
+    Every member stopped: reloads keep the last good table, set lastError,
+    count routing_reload errors and log the failure once (not once per
+    retry or per member); once the members are back, the watch resyncs by
+    itself, the recovery is logged and new puts are routed again.
+    """
+    put_backend(etcd_cluster, etcd_prefix, "kept")
+    metrics = MetricsStore()
+    store = open_store(
+        etcd_cluster.url(etcd_prefix), reactor, metrics, {"db-cache": str(tmp_path / "c.db")}
+    )
+    repository = repo(store)
+    service = watcher(store)
+    service.startService()
+    try:
+        yield wait_until(reactor, lambda: service.watching, timeout=5.0)
+        yield deferToThread(etcd_cluster.stop_all)
+        for _ in range(2):
+            snapshot = yield repository.reload()
+            assert list(snapshot.by_id) == ["kept"]
+        assert repository.lastError is not None and "does not answer" in repository.lastError
+        assert metrics.counter("routing_reload", "error") >= 2
+        failed = [e for e in events if "read from etcd failed" in e.get("log_format", "")]
+        assert len(failed) == 1, failed
+        yield deferToThread(etcd_cluster.heal)
+        yield deferToThread(put_backend, etcd_cluster, etcd_prefix, "back")
+        yield wait_until(reactor, lambda: "back" in repository.current().by_id, timeout=10.0)
+        assert repository.lastError is None
+        assert any("read from etcd again" in e.get("log_format", "") for e in events)
+    finally:
+        yield service.stopService()
