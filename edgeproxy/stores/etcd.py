@@ -166,14 +166,23 @@ class EtcdTarget:
 
     @property
     def backends(self) -> str:
+        """
+        The prefix of the backend keys.
+        """
         return self.prefix + "/backends/"
 
     @property
     def pops(self) -> str:
+        """
+        The prefix of the POP keys.
+        """
         return self.prefix + "/pops/"
 
     @property
     def root(self) -> str:
+        """
+        The prefix of every key of the table.
+        """
         return self.prefix + "/"
 
 
@@ -424,6 +433,11 @@ class Credentials:
 
     @classmethod
     def fromOptions(cls, options: Mapping[str, Any]) -> "Credentials":
+        """
+        The credentials the parsed options name (the password read from its file).
+
+        @raise StoreError: A file cannot be read, or options that go together are not.
+        """
         password = None
         path = options.get("etcd-password-file")
         if path:
@@ -613,6 +627,9 @@ class EtcdClient:
         return self._http, self._stream
 
     def close(self) -> "Deferred[object]":
+        """
+        Close the idle persistent connections.
+        """
         if self._http is None:
             return succeed(None)
         pool = self._http._agent._pool
@@ -620,6 +637,9 @@ class EtcdClient:
 
     @property
     def endpoint(self) -> str:
+        """
+        The current member's URL.
+        """
         return self.target.endpoints[self.index % len(self.target.endpoints)]
 
     def rotate(self, reason: str, failed: Optional[str] = None) -> None:
@@ -703,6 +723,9 @@ class EtcdClient:
         return d.addCallback(answered).addErrback(failed)
 
     def authenticate(self, endpoint: str) -> "Deferred[None]":
+        """
+        Get a new auth token from C{endpoint} (with the user and password).
+        """
         saved, self.token = self.token, None
         d = self._once(
             endpoint,
@@ -1020,6 +1043,9 @@ class OfflineCache:
         leases: Dict[str, int],
         revision: int,
     ) -> None:
+        """
+        Write this table to the cache (after the write in progress, if any).
+        """
         self._next = (snapshot, pops, leases, revision)
         if self._writing is None:
             self._write()
@@ -1125,23 +1151,38 @@ class EtcdBackendRepository:
 
     @property
     def reactor(self) -> Any:
+        """
+        The reactor (the client's).
+        """
         return self.client.reactor
 
     @property
     def target(self) -> EtcdTarget:
+        """
+        The cluster and prefix (the client's).
+        """
         return self.client.target
 
     # IBackendRepository
 
     def current(self) -> RoutingSnapshot:
+        """
+        The snapshot in force.
+        """
         return self._snapshot
 
     def addListener(self, listener: SnapshotListener) -> None:
+        """
+        Call C{listener(old, new)} after every new snapshot that changes content.
+        """
         self._listeners.append(listener)
 
     # ILeasedRepository
 
     def leased(self, backend_id: str) -> bool:
+        """
+        See L{ILeasedRepository.leased}.
+        """
         return backend_id in self.leases
 
     def reload(self) -> "Deferred[RoutingSnapshot]":
@@ -1405,9 +1446,16 @@ class EtcdPopRepository:
     repository: EtcdBackendRepository
 
     def current(self) -> Tuple[Pop, ...]:
+        """
+        The POPs in force.
+        """
         return self.repository.pops
 
     def reload(self) -> "Deferred[Tuple[Pop, ...]]":
+        """
+        The POPs in force: the routing table's reload (and its watch) read
+        them too.
+        """
         return succeed(self.repository.pops)
 
 
@@ -1435,13 +1483,22 @@ class EtcdWatchService(Service):
 
     @property
     def client(self) -> EtcdClient:
+        """
+        The gateway client (the repository's).
+        """
         return self.repository.client
 
     @property
     def reactor(self) -> Any:
+        """
+        The reactor (the client's).
+        """
         return self.client.reactor
 
     def startService(self) -> None:
+        """
+        Watch from the revision read at startup (or read first, after a cache start).
+        """
         Service.startService(self)
         if self.repository.revision and not self.repository.fromCache:
             # The first table was read before the reactor ran: watch on.
@@ -1450,6 +1507,9 @@ class EtcdWatchService(Service):
             self._cycle()
 
     def stopService(self) -> "Deferred[object]":
+        """
+        Stop the watch and the probe; fires once the offline cache is written.
+        """
         Service.stopService(self)
         self._generation += 1
         self._stopWatch("stopping")
@@ -1642,6 +1702,9 @@ class EtcdBackendWriter:
 
     @property
     def client(self) -> EtcdClient:
+        """
+        The gateway client (the repository's).
+        """
         return self.repository.client
 
     def _key(self, backend_id: str) -> str:
@@ -1653,6 +1716,11 @@ class EtcdBackendWriter:
         return failure
 
     def register(self, fields: Mapping[str, object]) -> "Deferred[Backend]":
+        """
+        See L{IBackendWriter.register}: a lease of C{ttl} seconds, then the key
+        created with it in one transaction (an existing key is a
+        L{DuplicateBackendError}, and the new lease is revoked).
+        """
         row = dict(fields)
         try:
             validated = validate_row(row)
