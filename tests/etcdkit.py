@@ -21,6 +21,9 @@ Usage::
     finally:
         cluster.stop_all()
 
+For POP processes: L{pop_options} (the C{twistd edgeproxy} options of one
+POP on the cluster) and L{cached_ids} (what a POP's offline cache holds).
+
 The pytest fixtures: C{etcd_cluster} (session scope: one cluster for every
 test; a test that pauses or stops a member must resume or start it again,
 which L{EtcdCluster.heal} does) and C{etcd_prefix} (a fresh key prefix per
@@ -709,6 +712,53 @@ class EtcdCluster:
                 return f.read()[-2000:].decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def pop_options(
+    cluster: EtcdCluster,
+    prefix: str,
+    region: str,
+    directory: str,
+    admin_port: int,
+    token_file: str,
+    heartbeat_ttl: float = 3.0,
+    listen: str = "tcp:0:interface=127.0.0.1",
+) -> List[str]:
+    """
+    The C{twistd edgeproxy} options of one POP on C{cluster} (for
+    L{faultkit.edgeproxy_argv}): its own offline cache and state file in
+    C{directory} (POPs on one machine must not share them), the admin API
+    on C{admin_port} with the tokens of C{token_file}, no GeoIP database.
+    """
+    return [
+        f"--db={cluster.url(prefix)}",
+        f"--db-cache={os.path.join(directory, f'{region}-etcd-cache.db')}",
+        f"--state-file={os.path.join(directory, f'{region}-state.json')}",
+        f"--region={region}",
+        f"--listen={listen}",
+        f"--admin=tcp:{admin_port}:interface={LOCALHOST}",
+        f"--api-token-file={token_file}",
+        f"--heartbeat-ttl={heartbeat_ttl:g}",
+        "--geoip-db=none",
+    ]
+
+
+def cached_ids(path: str) -> List[str]:
+    """
+    The backend ids in an offline cache file (empty when there is none
+    yet), to wait for the cache before stopping etcd.
+    """
+    import sqlite3
+
+    if not os.path.exists(path):
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return sorted(str(r[0]) for r in conn.execute("SELECT id FROM backends"))
+    except sqlite3.Error:
+        return []
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="session")
