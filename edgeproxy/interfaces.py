@@ -66,6 +66,22 @@ class IBackendRepository(Interface):
         """
 
 
+class ILeasedRepository(Interface):
+    """
+    A repository whose store expires registered backends itself (etcd: a
+    registration is a key with a lease, deleted when the lease runs out).
+    Heartbeat expiry (L{edgeproxy.routing.heartbeats}) leaves its leased
+    backends alone: a POP that does not hear a backend's heartbeats (they
+    went to another POP) must not expire it by its stored C{heartbeat_at}.
+    """
+
+    def leased(backend_id: str) -> bool:
+        """
+        Whether C{backend_id}'s row is held by a lease in the table in
+        force.
+        """
+
+
 class DuplicateBackendError(Exception):
     """
     L{IBackendWriter.register}: the table already has a row with this id.

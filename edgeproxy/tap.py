@@ -220,6 +220,12 @@ def _db_path(value: str) -> str:
     return validate_db(value)
 
 
+def _etcd_user(value: str) -> str:
+    if not value.strip() or any(c.isspace() for c in value):
+        raise ValueError(f"must be a user name without blanks, got {value!r}")
+    return value
+
+
 def _readable_file(value: str) -> str:
     if not value.strip():
         raise ValueError("must be a file name, got an empty value")
@@ -627,6 +633,52 @@ _OPTIONS: tuple[_Option, ...] = (
         30.0,
         _positive_float,
         "Seconds after its last heartbeat a registered backend stops taking new connections",
+    ),
+    # --- etcd (--db etcd://...) ---
+    _Option(
+        "etcd-user",
+        "EDGEPROXY_ETCD_USER",
+        None,
+        _etcd_user,
+        "etcd user name (with --etcd-password-file); without it, no etcd authentication",
+    ),
+    _Option(
+        "etcd-password-file",
+        "EDGEPROXY_ETCD_PASSWORD_FILE",
+        None,
+        _readable_file,
+        "File holding the etcd user's password (one line)",
+    ),
+    _Option(
+        "etcd-ca",
+        "EDGEPROXY_ETCD_CA",
+        None,
+        _readable_file,
+        "CA certificates (PEM) that etcd's server certificates must chain to (etcds://);"
+        " the system's roots by default",
+    ),
+    _Option(
+        "etcd-cert",
+        "EDGEPROXY_ETCD_CERT",
+        None,
+        _readable_file,
+        "TLS client certificate (PEM) for etcd (etcds://), with --etcd-key",
+    ),
+    _Option(
+        "etcd-key",
+        "EDGEPROXY_ETCD_KEY",
+        None,
+        _readable_file,
+        "Private key (PEM) of --etcd-cert",
+    ),
+    _Option(
+        "db-cache",
+        "EDGEPROXY_DB_CACHE",
+        None,
+        _state_path,
+        "Offline cache of an etcd routing table (a SQLite file, written after each"
+        " change; a POP started while etcd is unreachable starts from it);"
+        " default edgeproxy-etcd-cache.db in the working directory",
     ),
     _Option(
         "dns",

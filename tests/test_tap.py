@@ -58,6 +58,12 @@ ENV_NAMES = {
     "admin": "EDGEPROXY_ADMIN",
     "api-token-file": "EDGEPROXY_API_TOKEN_FILE",
     "heartbeat-ttl": "EDGEPROXY_HEARTBEAT_TTL",
+    "etcd-user": "EDGEPROXY_ETCD_USER",
+    "etcd-password-file": "EDGEPROXY_ETCD_PASSWORD_FILE",
+    "etcd-ca": "EDGEPROXY_ETCD_CA",
+    "etcd-cert": "EDGEPROXY_ETCD_CERT",
+    "etcd-key": "EDGEPROXY_ETCD_KEY",
+    "db-cache": "EDGEPROXY_DB_CACHE",
     "dns": "EDGEPROXY_DNS",
     "dns-domain": "EDGEPROXY_DNS_DOMAIN",
     "dns-ttl": "EDGEPROXY_DNS_TTL",
@@ -130,6 +136,9 @@ def test_defaults() -> None:
     assert options["admin"] == "tcp:8090:interface=127.0.0.1"
     assert options["api-token-file"] is None
     assert options["heartbeat-ttl"] == 30.0
+    for name in ("etcd-user", "etcd-password-file", "etcd-ca", "etcd-cert", "etcd-key"):
+        assert options[name] is None
+    assert options["db-cache"] is None
     assert options["dns"] == "none"
     assert options["dns-domain"] == "edge.internal"
     assert options["dns-ttl"] == 30
@@ -187,6 +196,12 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--admin=tcp:0:interface=127.0.0.1",
         f"--api-token-file={overrides}",
         "--heartbeat-ttl=12",
+        "--etcd-user=edge",
+        f"--etcd-password-file={overrides}",
+        f"--etcd-ca={overrides}",
+        f"--etcd-cert={overrides}",
+        f"--etcd-key={overrides}",
+        f"--db-cache={tmp_path / 'cache.db'}",
         "--dns=127.0.0.1:5354",
         "--dns-domain=Geo.Example.",
         "--dns-ttl=5",
@@ -238,6 +253,10 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["admin"] == "tcp:0:interface=127.0.0.1"
     assert options["api-token-file"] == overrides
     assert options["heartbeat-ttl"] == 12.0
+    assert options["etcd-user"] == "edge"
+    for name in ("etcd-password-file", "etcd-ca", "etcd-cert", "etcd-key"):
+        assert options[name] == overrides
+    assert options["db-cache"] == str(tmp_path / "cache.db")
     assert options["dns"] == "127.0.0.1:5354"
     assert options["dns-domain"] == "geo.example"
     assert options["dns-ttl"] == 5
@@ -314,6 +333,12 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_ADMIN": "none",
         "EDGEPROXY_API_TOKEN_FILE": regions,
         "EDGEPROXY_HEARTBEAT_TTL": "7",
+        "EDGEPROXY_ETCD_USER": "pop",
+        "EDGEPROXY_ETCD_PASSWORD_FILE": regions,
+        "EDGEPROXY_ETCD_CA": regions,
+        "EDGEPROXY_ETCD_CERT": regions,
+        "EDGEPROXY_ETCD_KEY": regions,
+        "EDGEPROXY_DB_CACHE": str(tmp_path / "env-cache.db"),
         "EDGEPROXY_DNS": "5355",
         "EDGEPROXY_DNS_DOMAIN": "edge.test",
         "EDGEPROXY_DNS_TTL": "60",
@@ -364,6 +389,10 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["admin"] == "none"
     assert options["api-token-file"] == regions
     assert options["heartbeat-ttl"] == 7.0
+    assert options["etcd-user"] == "pop"
+    for name in ("etcd-password-file", "etcd-ca", "etcd-cert", "etcd-key"):
+        assert options[name] == regions
+    assert options["db-cache"] == str(tmp_path / "env-cache.db")
     assert options["dns"] == "5355"
     assert options["dns-domain"] == "edge.test"
     assert options["dns-ttl"] == 60

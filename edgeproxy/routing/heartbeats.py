@@ -6,11 +6,13 @@ through the API whose last heartbeat is older than the TTL (C{--heartbeat-ttl},
 routing table; a heartbeat puts it back at once.
 
 Rows written by hand have no heartbeat (L{Backend.heartbeat_at} is C{None})
-and are never touched.  The last heartbeat is the later of the table's
-C{heartbeat_at} (written by the registration API, seen at the next reload)
-and the heartbeats this process heard of (L{HeartbeatExpiry.beat}, called by
-the API as soon as a heartbeat is written), so the reload interval never
-delays a recovery.  Nothing here does I/O.
+and are never touched; nor are rows the store expires itself (a repository
+providing L{ILeasedRepository}: etcd's leased keys disappear when their
+lease runs out, at every POP, whichever POP heard the heartbeats).  The last
+heartbeat is the later of the table's C{heartbeat_at} (written by the
+registration API, seen at the next reload) and the heartbeats this process
+heard of (L{HeartbeatExpiry.beat}, called by the API as soon as a heartbeat
+is written), so the reload interval never delays a recovery.  Nothing here does I/O.
 
     expiry = HeartbeatExpiry(repository, router.overlay, reactor, ttl=30.0)
     repository.addListener(expiry.routingTableChanged)
@@ -24,7 +26,13 @@ from typing import Dict, FrozenSet, Optional, Tuple
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from edgeproxy.interfaces import AVAILABLE, UNAVAILABLE, IBackendRepository, IStateOverlay
+from edgeproxy.interfaces import (
+    AVAILABLE,
+    UNAVAILABLE,
+    IBackendRepository,
+    ILeasedRepository,
+    IStateOverlay,
+)
 from edgeproxy.model import Backend, RoutingSnapshot
 
 __all__ = ["DEFAULT_HEARTBEAT_TTL", "SOURCE", "HeartbeatExpiry"]
@@ -120,7 +128,12 @@ class HeartbeatExpiry:
     def _registeredBackends(self, snapshot: RoutingSnapshot) -> Tuple[Backend, ...]:
         seen, registered = self._registered
         if seen is not snapshot:
-            registered = tuple(b for b in snapshot.backends if b.heartbeat_at is not None)
+            leased = ILeasedRepository(self._repository, None)
+            registered = tuple(
+                b
+                for b in snapshot.backends
+                if b.heartbeat_at is not None and (leased is None or not leased.leased(b.id))
+            )
             self._registered = (snapshot, registered)
         return registered
 

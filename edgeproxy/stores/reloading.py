@@ -15,7 +15,7 @@ content changes.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, ClassVar, List, Tuple
+from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet.defer import Deferred, fail
@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from edgeproxy.interfaces import IMetricsStore, SnapshotListener
 from edgeproxy.model import RoutingSnapshot
 
-__all__ = ["LoadResult", "ReloadingRepository"]
+__all__ = ["LoadResult", "ReloadingRepository", "note_skipped"]
 
 _log = Logger()
 
@@ -219,21 +219,39 @@ class ReloadingRepository:
         Log and count each skipped row once: only rows (with their reason)
         not skipped by the previous good load.
         """
-        if skipped == self.skipped:
-            return
-        before = set(self.skipped)
-        for row_id, reason in skipped:
-            if (row_id, reason) in before:
-                continue
-            self._logger().warn(
-                "Skipping routing table row {backend_id}: {reason}",
-                backend_id=row_id,
-                reason=reason,
-            )
-            self._count("routing_rows_skipped", reason.split(":", 1)[0])
+        note_skipped(self.skipped, skipped, self._metricsOrNone(), self._logger())
         self.skipped = skipped
 
     def _count(self, name: str, label: str) -> None:
         metrics = self._metricsOrNone()
         if metrics is not None:
             metrics.increment(name, label)
+
+
+def note_skipped(
+    before: Sequence[Tuple[str, str]],
+    skipped: Sequence[Tuple[str, str]],
+    metrics: Optional[IMetricsStore],
+    log: Optional[Logger] = None,
+) -> None:
+    """
+    Log and count (C{routing_rows_skipped}, labelled with the offending
+    column) each row of C{skipped} that the previous good load (C{before})
+    did not skip for the same reason: a bad row is reported once, not at
+    every reload.  Shared by every store.
+    """
+    if tuple(skipped) == tuple(before):
+        return
+    if log is None:
+        log = _log
+    seen = set(before)
+    for row_id, reason in skipped:
+        if (row_id, reason) in seen:
+            continue
+        log.warn(
+            "Skipping routing table row {backend_id}: {reason}",
+            backend_id=row_id,
+            reason=reason,
+        )
+        if metrics is not None:
+            metrics.increment("routing_rows_skipped", reason.split(":", 1)[0])

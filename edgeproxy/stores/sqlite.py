@@ -40,7 +40,7 @@ from edgeproxy.interfaces import (
     IMetricsStore,
 )
 from edgeproxy.model import PROXY_OFF, Backend, RoutingSnapshot, parse_check, parse_sni_names
-from edgeproxy.stores.reloading import LoadResult, ReloadingRepository
+from edgeproxy.stores.reloading import LoadResult, ReloadingRepository, note_skipped
 from edgeproxy.stores.writing import QueuedBackendWriter
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "delete_backend",
     "insert_backend",
     "load_backends",
+    "note_skipped",
     "schema_sql",
     "update_heartbeats",
     "validate_row",
