@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -78,6 +78,26 @@ def row(backend_id: str, port: object = 9000, **overrides: object) -> Dict[str, 
 
 def put_backend(cluster: EtcdCluster, prefix: str, backend_id: str, **overrides: object) -> int:
     return cluster.put(f"{prefix}/backends/{backend_id}", json.dumps(row(backend_id, **overrides)))
+
+
+@pytest.fixture(autouse=True)
+def no_parked_connections() -> Iterator[None]:
+    """
+    Each test leaves no HTTP connection parked in a pool (a closed etcd
+    client closes even the connections handed back to it after the close:
+    the later tests of the suite check that the reactor has no timers
+    left).
+    """
+    yield
+    pytest_twisted.blockon(deferLater(reactor, 0.05, lambda: None))
+    left = [
+        c
+        for c in reactor.getDelayedCalls()  # type: ignore[attr-defined]
+        if c.active() and "_removeConnection" in repr(c)
+    ]
+    for call in left:
+        call.cancel()
+    assert left == []
 
 
 @pytest.fixture
@@ -741,6 +761,7 @@ def test_expired_auth_token_is_renewed(tmp_path: Path) -> Any:
         assert repository.lastError is not None
         assert "authentication failed" in repository.lastError
         assert metrics.counter("routing_reload", "error") == 1
+        yield repository.client.close()
     finally:
         cluster.destroy()
 
