@@ -439,6 +439,38 @@ def test_paused_member_fails_over(
 
 
 @pytest_twisted.inlineCallbacks
+def test_watch_follows_its_own_member_after_the_client_moved_on(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, tmp_path: Path
+) -> Any:
+    """
+    The client moved to another member by some other request (a failed
+    reload or heartbeat) while the watch stays on its member: when that
+    member is then paused, the probe of the watched member (not of the
+    client's current one) notices, and the watch moves; changes keep
+    arriving without any reload.
+    """
+    store = opened(etcd_cluster, etcd_prefix, tmp_path)
+    repository = repo(store)
+    service = watcher(store)
+    service.startService()
+    try:
+        yield wait_until(reactor, lambda: service.watching, timeout=5.0)
+        watched = repository.client.index
+        repository.client.rotate("moved on by another request")
+        assert repository.client.index != watched
+        etcd_cluster.pause(watched)
+        try:
+            yield deferToThread(put_backend, etcd_cluster, etcd_prefix, "while-paused")
+            yield wait_until(
+                reactor, lambda: "while-paused" in repository.current().by_id, timeout=15.0
+            )
+        finally:
+            etcd_cluster.resume(watched)
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_lease_expiry_removes_a_registered_backend(
     etcd_cluster: EtcdCluster, etcd_prefix: str, tmp_path: Path
 ) -> Any:

@@ -1651,9 +1651,11 @@ class EtcdWatchService(Service):
         self._probeCall = None
         if generation != self._generation:
             return
-        index = self.client.index
+        # The member the watch is on, not the client's current one: another
+        # request (a reload, a heartbeat) may have moved the client on, and
+        # a probe of a healthy member would then keep a dead watch forever.
         d = self.client._once(
-            self.client.endpoint,
+            self._endpoint,
             "/v3/kv/range",
             {"key": _b64(self.repository.target.root), "count_only": True, "limit": 1},
             False,
@@ -1671,7 +1673,7 @@ class EtcdWatchService(Service):
                 self.client.token = None
                 ok(None)
                 return
-            if generation == self._generation and self.client.index == index:
+            if generation == self._generation:
                 self._broken(
                     f"the watched member failed a probe: {failure.getErrorMessage()}", generation
                 )
