@@ -226,6 +226,29 @@ def test_watch_protocol_splits_messages_anywhere(cuts: List[int]) -> None:
     assert got == messages and ended == []
 
 
+def test_watch_stream_refuses_what_is_not_a_message() -> None:
+    """
+    A line of the watch stream that is not JSON, or a message that grows
+    past the limit without ending, ends the stream with the reason; the
+    messages before it were delivered.
+    """
+    got: List[Any] = []
+    ended: List[str] = []
+    protocol = WatchProtocol(got.append, ended.append)
+    protocol.dataReceived(b'{"result": {}}\n{not json}\n{"result": {"x": 1}}\n')
+    assert got == [{"result": {}}]
+    assert len(ended) == 1 and "not JSON" in ended[0]
+
+    got, ended = [], []
+    protocol = WatchProtocol(got.append, ended.append)
+    chunk = b"x" * (1024 * 1024)
+    for _ in range(80):
+        protocol.dataReceived(chunk)
+        if ended:
+            break
+    assert got == [] and len(ended) == 1 and "larger than" in ended[0]
+
+
 def _event(key: str, value: Dict[str, object], revision: int) -> Dict[str, Any]:
     return {
         "kv": {

@@ -105,12 +105,19 @@ def spied(spy: SpyReader, **kw: Any) -> GeoIPResolver:
 
 def test_default_geoip_path() -> None:
     """
-    The database shipped in the package's data folder is found.
+    The database shipped in the package's data folder is found, in the
+    package that is imported (a checkout or an installed copy, as under
+    tox), and it is the file of the repository.
     """
+    import edgeproxy
+
     path = default_geoip_path()
     assert path is not None
-    assert Path(path) == ROOT / "edgeproxy" / "data" / "geo-whois-asn-country.mmdb"
-    assert Path(path).is_file()
+    assert Path(path) == Path(edgeproxy.__file__).parent / "data" / "geo-whois-asn-country.mmdb"
+    assert (
+        Path(path).read_bytes()
+        == (ROOT / "edgeproxy" / "data" / "geo-whois-asn-country.mmdb").read_bytes()
+    )
 
 
 def test_describe(resolver: GeoIPResolver) -> None:
