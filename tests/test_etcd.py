@@ -896,3 +896,46 @@ def test_offline_cache_keeps_every_column(tmp_path: Path) -> None:
     assert {b.id: b for b in snapshot.backends} == {b.id: b for b in backends}
     assert leases == {"web-1": 77}
     assert written > 0
+
+
+def test_a_member_that_is_not_etcd_is_a_clear_startup_error(tmp_path: Path) -> None:
+    """
+    A --db member that answers HTTP but is not etcd (a proxy, another
+    service on the port) gives an authentication answer that is not etcd's:
+    startup fails with a StoreError naming it, not a traceback.
+    """
+    import http.server
+    import threading
+
+    class NotEtcd(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            body = b"<html>hello</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotEtcd)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    password = tmp_path / "password"
+    password.write_text("secret")
+    try:
+        with pytest.raises(StoreError, match="not etcd's"):
+            open_store(
+                f"etcd://127.0.0.1:{server.server_address[1]}/edgeproxy",
+                reactor,
+                MetricsStore(),
+                {
+                    "db-cache": str(tmp_path / "cache.db"),
+                    "etcd-user": "edgeproxy",
+                    "etcd-password-file": str(password),
+                },
+            )
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -557,17 +557,23 @@ def blocking_read(
         try:
             token = None
             if credentials.user:
-                answer = json.loads(
-                    _blockingPost(
-                        endpoint,
-                        "/v3/auth/authenticate",
-                        {"name": credentials.user, "password": credentials.password},
-                        None,
-                        context,
-                        timeout,
-                    )
+                raw = _blockingPost(
+                    endpoint,
+                    "/v3/auth/authenticate",
+                    {"name": credentials.user, "password": credentials.password},
+                    None,
+                    context,
+                    timeout,
                 )
-                token = str(answer["token"])
+                try:
+                    token = str(json.loads(raw)["token"])
+                except (ValueError, KeyError, TypeError):
+                    # A proxy or another service on that port, not etcd.
+                    raise EtcdError(
+                        f"{endpoint}: the authentication answer is not etcd's"
+                        f" ({raw[:80]!r})",
+                        unavailable=True,
+                    ) from None
             body = _blockingPost(
                 endpoint,
                 "/v3/kv/range",
