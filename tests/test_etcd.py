@@ -728,14 +728,43 @@ def test_offline_cache_start(
         yield later.stopService()
 
 
+def _unrelated_ca() -> bytes:
+    """
+    A self-signed CA certificate (PEM) of another name, signing nothing.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unrelated test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 @pytest_twisted.inlineCallbacks
 def test_tls_client_certificates(tmp_path: Path) -> Any:
     """
-    etcds:// on a member that requires client certificates: with the CA,
-    the certificate and the key, the first read (stdlib) and the watch
-    (treq on the reactor) both work; without the client certificate, or
-    with another CA, startup fails with a TLS reason (not the offline
-    cache: it is a set-up error, not an unreachable etcd).
+    etcds:// on a member that requires client certificates: with the CA
+    (in a bundle behind another CA), the certificate and the key, the
+    first read (stdlib) and the watch (treq on the reactor) both work;
+    without the client certificate, or with another CA, startup fails
+    with a TLS reason (not the offline cache: it is a set-up error, not
+    an unreachable etcd).
     """
     cluster = EtcdCluster.start_new(size=1, tls=True)
     try:
@@ -743,9 +772,14 @@ def test_tls_client_certificates(tmp_path: Path) -> Any:
         files = cluster.tls
         cluster.put("/tls/backends/a", json.dumps(row("a")))
         url = cluster.url("/tls", scheme="etcds")
+        other = etcdkit.make_tls_files(str(tmp_path / "other"))
+        # A bundle whose first certificate is another CA: every one counts,
+        # on the reactor as at startup.
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(_unrelated_ca() + Path(files.ca).read_bytes())
         options = {
             "db-cache": str(tmp_path / "cache.db"),
-            "etcd-ca": files.ca,
+            "etcd-ca": str(bundle),
             "etcd-cert": files.client_cert,
             "etcd-key": files.client_key,
         }
@@ -765,7 +799,6 @@ def test_tls_client_certificates(tmp_path: Path) -> Any:
         without = {k: v for k, v in options.items() if k not in ("etcd-cert", "etcd-key")}
         with pytest.raises(StoreError, match="TLS with etcd member"):
             open_store(url, reactor, MetricsStore(), without)
-        other = etcdkit.make_tls_files(str(tmp_path / "other"))
         with pytest.raises(StoreError, match="certificate verify failed"):
             open_store(url, reactor, MetricsStore(), {**options, "etcd-ca": other.ca})
         with pytest.raises(StoreError, match="etcds://"):

@@ -48,6 +48,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import sqlite3
 import ssl
 import tempfile
@@ -483,7 +484,17 @@ class Credentials:
         trust: Any = None
         if self.ca:
             with open(self.ca, "rb") as f:
-                trust = tssl.Certificate.loadPEM(f.read())
+                bundle = f.read()
+            # Every certificate of the bundle, as ssl.create_default_context
+            # (the startup read) trusts them all.
+            blocks = re.findall(
+                rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", bundle, re.S
+            )
+            if not blocks:
+                raise ValueError(f"{self.ca}: no PEM certificate in it")
+            trust = tssl.trustRootFromCertificates(
+                [tssl.Certificate.loadPEM(block) for block in blocks]
+            )
         client: Any = None
         if self.cert and self.key:
             with open(self.cert, "rb") as f:
@@ -570,8 +581,7 @@ def blocking_read(
                 except (ValueError, KeyError, TypeError):
                     # A proxy or another service on that port, not etcd.
                     raise EtcdError(
-                        f"{endpoint}: the authentication answer is not etcd's"
-                        f" ({raw[:80]!r})",
+                        f"{endpoint}: the authentication answer is not etcd's ({raw[:80]!r})",
                         unavailable=True,
                     ) from None
             body = _blockingPost(
@@ -1902,6 +1912,8 @@ def open_etcd(
     local = os.getcwd()
     cache_path = options.get("db-cache") or os.path.join(local, DEFAULT_CACHE_NAME)
     client = EtcdClient(reactor=reactor, target=target, credentials=credentials)
+    # The HTTP clients (and the TLS files they read) before the reactor runs.
+    client._clients()
     cache = OfflineCache(cache_path, reactor, source=value)
     repository = EtcdBackendRepository(client=client, metrics=metrics, cache=cache)
     description = f"{value} (offline cache {cache_path})"
