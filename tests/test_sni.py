@@ -320,7 +320,9 @@ class World:
     An L{SniProxyFactory} on a memory reactor with the real router.
     """
 
-    def __init__(self, backends: Iterable[Backend], default: Optional[str] = None) -> None:
+    def __init__(
+        self, backends: Iterable[Backend], default: Optional[str] = None, timeout: float = 5.0
+    ) -> None:
         self.reactor = MemoryReactorClock()
         self.repository = InMemoryBackendRepository(backends)
         self.metrics = MetricsStore()
@@ -340,7 +342,7 @@ class World:
             self.metrics,
             app=default,
             repository=self.repository,
-            helloTimeout=5.0,
+            helloTimeout=timeout,
         )
 
     def accept(self) -> tuple[SniClientProtocol, FakeTCP]:
@@ -463,6 +465,25 @@ def test_refused_without_backend_connect(data: Optional[bytes], reason: str) -> 
         assert w.factory.connections == set()
     finally:
         logs.stop()
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0])
+def test_no_timeout_is_the_default_timeout(timeout: float) -> None:
+    """
+    A factory given no positive hello timeout still bounds the wait: a
+    client that never sends its hello is refused after the default 10 s
+    (it would otherwise hold its admission slot for ever).
+    """
+    from edgeproxy.net.sni import DEFAULT_HELLO_TIMEOUT
+
+    w = World(ROWS, timeout=timeout)
+    proto, transport = w.accept()
+    w.reactor.advance(DEFAULT_HELLO_TIMEOUT - 0.01)
+    assert not transport.aborted
+    w.reactor.advance(0.02)
+    assert transport.aborted
+    w.lose(proto)
+    assert w.metrics.counter(REJECTED_COUNTER, "timeout") == 1
 
 
 def test_timeout_and_incomplete() -> None:

@@ -90,6 +90,11 @@ def log_sni_conflicts(old: RoutingSnapshot, new: RoutingSnapshot) -> None:
         )
 
 
+#: Seconds a ClientHello may take when the factory is given no positive
+#: timeout (the command line's --tls-handshake-timeout default).
+DEFAULT_HELLO_TIMEOUT = 10.0
+
+
 class SniProxyFactory(ProxyFactory):
     """
     A L{ProxyFactory} whose sessions choose their app by the TLS server
@@ -98,7 +103,8 @@ class SniProxyFactory(ProxyFactory):
     @ivar repository: Where the current routing table (and its name index)
         is read, once per hello.
     @ivar helloTimeout: Seconds for the whole ClientHello (the listener's
-        TLS handshake timeout); 0 or less: no limit.
+        TLS handshake timeout); 0 or less means L{DEFAULT_HELLO_TIMEOUT}
+        (never no limit: a silent client would hold its admission slot).
     @ivar maxHelloSize: The most bytes a ClientHello may take.
     @ivar app: The default app: for hellos without a usable name or with a
         name no app claims; C{None}: those are closed.
@@ -114,7 +120,7 @@ class SniProxyFactory(ProxyFactory):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.repository = repository
-        self.helloTimeout = helloTimeout
+        self.helloTimeout = helloTimeout if helloTimeout > 0 else DEFAULT_HELLO_TIMEOUT
         self.maxHelloSize = maxHelloSize
         # reason -> (when last logged, refusals not logged since)
         self._logged: Dict[str, Tuple[float, int]] = {}
@@ -161,8 +167,7 @@ class SniClientProtocol(ProxyClientProtocol):
         factory: SniProxyFactory = self.factory  # type: ignore[assignment]
         self._hello = ClientHelloReader(factory.maxHelloSize)
         self._helloBuffer = bytearray()
-        if factory.helloTimeout > 0:
-            self._helloCall = factory.clock.callLater(factory.helloTimeout, self._helloTimedOut)
+        self._helloCall = factory.clock.callLater(factory.helloTimeout, self._helloTimedOut)
 
     def dataReceived(self, data: bytes) -> None:
         reader = self._hello
