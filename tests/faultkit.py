@@ -31,6 +31,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import zlib
 from typing import Any, Callable, Iterable
 
@@ -820,6 +821,46 @@ class ProxyHarness:
 
 #: The checkout's root (the directory holding C{edgeproxy/}).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """
+    A loopback TCP port free now (for a child process to listen on).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Greeter:
+    """
+    A backend on a thread, for tests that drive child processes: says its
+    name (and a newline) to every connection, then closes.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = int(self.sock.getsockname()[1])
+        self.name = name.encode()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(self.name + b"\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def edgeproxy_argv(*options: str) -> list[str]:

@@ -14,13 +14,12 @@ import re
 import socket
 import sqlite3
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from faultkit import edgeproxy_argv, edgeproxy_env
+from faultkit import Greeter, edgeproxy_argv, edgeproxy_env, free_port
 
 from edgeproxy import ctl
 
@@ -29,42 +28,6 @@ ADMIN_TOKEN = "admin-token-0123456789abcdef"
 REGISTER_TOKEN = "register-token-0123456789ab"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Greeter:
-    """
-    A backend on a thread: says its name to every connection, then closes.
-    """
-
-    def __init__(self, name: bytes) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        self.name = name
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(self.name + b"\n")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -80,7 +43,7 @@ def proxy(tmp_path: Path) -> Iterator[dict[str, object]]:
     admin_token.write_text(ADMIN_TOKEN + "\n")
     register_token = tmp_path / "register.token"
     register_token.write_text(REGISTER_TOKEN + "\n")
-    listen = _free_port()
+    listen = free_port()
     log = tmp_path / "edgeproxy.log"
     argv = edgeproxy_argv(
         "--db", str(db), "--region", "sa", "--geoip-db", "none",
@@ -142,7 +105,7 @@ def test_register_route_operate_and_deregister(proxy: dict[str, object], capsys)
     work; `deregister` removes it and the next connection finds no backend.
     """
     url, listen = str(proxy["url"]), int(proxy["listen"])  # type: ignore[call-overload]
-    greeter = _Greeter(b"web-1")
+    greeter = Greeter("web-1")
     try:
         assert ask(listen) == b""  # an empty table: no backend
         code, out = run(
@@ -206,8 +169,8 @@ def test_public_admin_without_tokens_refused_at_startup(tmp_path: Path) -> None:
     """
     db = tmp_path / "routing.db"
     argv = edgeproxy_argv(
-        "--db", str(db), "--listen", f"tcp:{_free_port()}:interface=127.0.0.1",
-        "--admin", f"tcp:{_free_port()}:interface=0.0.0.0",
+        "--db", str(db), "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+        "--admin", f"tcp:{free_port()}:interface=0.0.0.0",
     )  # fmt: skip
     result = subprocess.run(
         argv, capture_output=True, text=True, env=edgeproxy_env(), cwd=str(tmp_path), timeout=60

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List
 import pgkit
 import pytest
 import pytest_twisted
-from faultkit import edgeproxy_argv, edgeproxy_env, wait_until
+from faultkit import edgeproxy_argv, edgeproxy_env, free_port, wait_until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -95,12 +95,6 @@ class EventCollector:
 
     def __exit__(self, *exc: object) -> None:
         globalLogPublisher.removeObserver(self)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the read port ------------------------------------------------------------
@@ -402,7 +396,7 @@ async def _ask(port: int) -> bytes:
 
 
 def _proxy(pg: pgkit.PostgresServer, db: str, tmp_path: Path, reload: float) -> Any:
-    listen = _free_port()
+    listen = free_port()
     options = Options()
     options.parseOptions(
         [
@@ -653,7 +647,7 @@ def test_twistd_on_postgresql_registers_through_the_api(
     tokens.chmod(0o600)
     token = tmp_path / "admin.token"
     token.write_text(ADMIN_TOKEN + "\n")
-    listen = _free_port()
+    listen = free_port()
     log = tmp_path / "edgeproxy.log"
     argv = edgeproxy_argv(
         "--db", pg.url(db), "--region", "sa", "--geoip-db", "none",

@@ -23,7 +23,6 @@ import json
 import re
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,8 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
-from etcdkit import EtcdCluster, free_port
-from faultkit import edgeproxy_argv, edgeproxy_env
+from etcdkit import EtcdCluster
+from faultkit import Greeter, edgeproxy_argv, edgeproxy_env, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -41,36 +40,6 @@ REGIONS = ("sa", "eu", "ap")
 PREFIX = "edgeproxy-three-pops"
 #: The lease TTL (--heartbeat-ttl) of registered backends.
 TTL = 3.0
-
-
-class Greeter:
-    """
-    A backend on a thread: says its name to every connection, then closes.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = int(self.sock.getsockname()[1])
-        self.name = name.encode()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(self.name + b"\n")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Pop:
