@@ -16,7 +16,10 @@ Ctrl-C, every loop bounded in count and time):
   - starts each proxy in turn, fresh for every round, pinned to core 1:
       edgeproxy     the full proxy: a routing.db with several rows, a geo
                     lookup for every client (127.0.0.0/8 -> BR override),
-                    bindings, counters, one log line per connection to a file;
+                    bindings, counters, one access-log line per connection to a
+                    file (C{--access-log}, written in batches off the
+                    reactor thread; C{accesslog=0} for the process log's line
+                    instead);
       haproxy       mode tcp, nbthread 1, no logging;
       nginx-stream  the stream module, 1 worker, no logging;
       direct        no proxy at all (the floor for latency);
@@ -592,7 +595,9 @@ class Edgeproxy(Peer):
     C{knobs}: experiment settings for variants -- C{reactor} (twist
     --reactor; C{edgeepoll} unless given, C{default} for Twisted's
     default), C{loglevel} (twist --log-level), C{bufsize}, C{sockbuf},
-    C{noconnlog}, C{eagerwrite}, C{fastctx} (see C{bench/twist_knobs.py}), C{python} (interpreter),
+    C{noconnlog}, C{eagerwrite}, C{fastctx} (see C{bench/twist_knobs.py}), C{accesslog}
+    (C{0}: no --access-log, the process log carries the per-connection line),
+    C{python} (interpreter),
     C{root} (another checkout of edgeproxy, e.g. a git worktree of an older
     commit, to compare two versions in one run),
     C{args} (extra plugin options, C{+}-separated, e.g.
@@ -671,6 +676,8 @@ class Edgeproxy(Peer):
             "--listen",
             f"bulk=tcp:{bulk}:interface={HOST}:backlog=1024",
         ]
+        if self.knobs.get("accesslog", "1") != "0":
+            argv += ["--access-log", os.path.join(workdir, f"{tag}-access.log")]
         if self.knobs.get("args"):
             argv += self.knobs["args"].split("+")
         p = procs.start(
@@ -1101,7 +1108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=[],
         metavar="NAME:KEY=VAL,...",
         help="an extra edgeproxy peer with knobs: reactor=poll|select|asyncio, "
-        "loglevel=warn, logformat=json, bufsize=N, readsize=N, sockbuf=N, noconnlog=1, "
+        "loglevel=warn, logformat=json, accesslog=0, bufsize=N, readsize=N, sockbuf=N, "
+        "noconnlog=1, "
         "eagerwrite=1, fastctx=1, python=PATH, root=CHECKOUT, args=--opt=v+--opt2=v "
         "(add NAME to --peers, or it is appended)",
     )

@@ -29,6 +29,10 @@ class ProxySettings:
     @ivar max_connections: Concurrent client connections of the factory;
         beyond it new connections are closed at once.  0 = unlimited.
     @ivar keepalive: Enable TCP keepalive on both legs.
+    @ivar lean: Carry plain TCP legs on the lean path (L{edgeproxy.net.lean}):
+        backends at IP literals connected with a socket of the proxy's own,
+        clients of plain C{tcp:} listeners accepted as lean transports.
+        C{False}: Twisted's C{connectTCP} and C{tcp.Server} for every leg.
     """
 
     connect_timeout: float = 5.0
@@ -38,6 +42,7 @@ class ProxySettings:
     half_closed_timeout: float = 30.0
     max_connections: int = 10000
     keepalive: bool = True
+    lean: bool = True
 
 
 @attrs.frozen(slots=True)

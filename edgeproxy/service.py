@@ -42,6 +42,7 @@ from edgeproxy.interfaces import (
 )
 from edgeproxy.model import RoutingSnapshot
 from edgeproxy.net.backendops import BackendOperations
+from edgeproxy.net.lean import LeanEndpoint
 from edgeproxy.routing.admin import AdminState, AdminStates
 from edgeproxy.routing.router import Router
 from edgeproxy.stores.statefile import StateFile
@@ -507,6 +508,9 @@ def build_service(
             tls_handshake_timeout=tls_handshake_timeout,
             admission=admission,
         )
+        if settings.lean and not any(layer in spec.description for layer in ("haproxy:", "txsni:")):
+            # A plain TCP listener: its clients are lean transports.
+            endpoint = LeanEndpoint(endpoint, settings.keepalive)
         factory_class: Any = ProxyFactory
         factory_args: Dict[str, Any] = {}
         if spec.passthrough:

@@ -594,6 +594,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "on: when health checks or breakers eject every candidate, route to the best"
         " of them anyway (Envoy's panic mode); off: refuse the client",
     ),
+    _Option(
+        "lean-path",
+        "EDGEPROXY_LEAN_PATH",
+        True,
+        _flag,
+        "on: plain TCP legs take the lean path (own backend sockets for IP literals,"
+        " lean accepted transports); off: Twisted's connectTCP and tcp.Server for every leg",
+    ),
     # --- RTT-aware closeness (issue 13) ---
     _Option(
         "rtt-weight",
@@ -945,6 +953,7 @@ class Options(usage.Options):
             idle_timeout=self["idle-timeout"],
             half_closed_timeout=self["half-closed-timeout"],
             max_connections=self["max-connections"],
+            lean=self["lean-path"],
         )
 
 

@@ -70,6 +70,7 @@ from zope.interface import implementer
 from edgeproxy.config import ProxySettings
 from edgeproxy.interfaces import IHostResolver, IMetricsStore, IRouter
 from edgeproxy.model import Backend
+from edgeproxy.net import lean
 from edgeproxy.net.admission import Admission, release_admission
 from edgeproxy.net.proxyprotocol import header_for
 
@@ -123,7 +124,17 @@ READ_SIZE = 128 * 1024
 #: The transport classes eager writes are made for, and the Twisted
 #: attributes they rely on (private ones, hence checked on each transport
 #: when the legs are joined; a Twisted without them gets plain writes).
-_PLAIN_TCP = (tcp.Server, tcp.Client)
+_PLAIN_TCP = (tcp.Server, tcp.Client, lean.LeanServer, lean.LeanClient)
+
+#: Transports whose sockets already carry TCP_NODELAY and SO_KEEPALIVE
+#: (see L{edgeproxy.net.lean}).
+_PRETUNED = (lean.LeanServer, lean.LeanClient)
+
+#: Bytes a client may send while its backend is still connecting before
+#: it is paused (a client on the lean path is not paused up front: that
+#: would cost two epoll calls per connection; what it sends meanwhile waits
+#: in the session's pending buffer, bounded by this).
+PENDING_LIMIT = 64 * 1024
 _EAGER_ATTRS = (
     "socket",
     "dataBuffer",
@@ -175,8 +186,11 @@ def _halfClose(transport: _Transport) -> None:
 def _tuneSocket(transport: _Transport, keepalive: bool) -> None:
     """
     TCP_NODELAY (always) and SO_KEEPALIVE (if asked) on the socket under
-    C{transport}, when the transport exposes them.
+    C{transport}, when the transport exposes them and its socket does not
+    have them already.
     """
+    if type(transport) in _PRETUNED:
+        return
     no_delay = getattr(transport, "setTcpNoDelay", None)
     if no_delay is not None:
         no_delay(True)
@@ -240,6 +254,18 @@ def _lazyProducer(out: _Transport, producer: _Transport) -> bool:
     return False
 
 
+def _isPosixReactor(reactor: Any) -> bool:
+    """
+    Whether C{reactor} is one of Twisted's POSIX reactors (file descriptors
+    in a poller), which the lean path needs.
+    """
+    try:
+        from twisted.internet.posixbase import PosixReactorBase
+    except ImportError:  # pragma: no cover (not on POSIX)
+        return False
+    return isinstance(reactor, PosixReactorBase)
+
+
 def _address(addr: IAddress) -> tuple[str, int]:
     """
     (host, port) of an IPv4/IPv6 address; ("", 0) for anything else.
@@ -295,12 +321,22 @@ class ConnectionTable(set["ProxyClientProtocol"]):
     session started it).
     """
 
-    __slots__ = ("_emptyWaiters", "_sweepCall")
+    __slots__ = ("_deadlines", "_emptyWaiters", "_sweepCall")
 
     def __init__(self) -> None:
         super().__init__()
         self._sweepCall: IDelayedCall | None = None
         self._emptyWaiters: list[Deferred[None]] = []
+        self._deadlines: lean.ConnectDeadlines | None = None
+
+    def connectDeadlines(self, clock: IReactorTime) -> lean.ConnectDeadlines:
+        """
+        The connect timeouts of the lean attempts of these sessions (one
+        timer, stopped when the table empties).
+        """
+        if self._deadlines is None:
+            self._deadlines = lean.ConnectDeadlines(clock)
+        return self._deadlines
 
     def whenEmpty(self) -> Deferred[None]:
         """
@@ -346,6 +382,8 @@ class ConnectionTable(set["ProxyClientProtocol"]):
         """
         self.discard(session)
         if not self:
+            if self._deadlines is not None:
+                self._deadlines.stop()
             call = self._sweepCall
             if call is not None:
                 self._sweepCall = None
@@ -449,6 +487,12 @@ class ProxyFactory(Factory):
         #: An L{edgeproxy.net.accesslog.AccessLog} given one record per
         #: finished session, or C{None}.
         self.accessLog: Any = None
+        #: Whether backends at IP literals are connected on the lean path
+        #: (L{edgeproxy.net.lean.connect}): a POSIX reactor and
+        #: C{settings.lean}.  Otherwise C{connectTCP}.
+        self.leanConnect = bool(settings.lean) and _isPosixReactor(reactor)
+        #: The connect timeouts of its lean attempts (one timer).
+        self.connectDeadlines = self.connections.connectDeadlines(reactor)
 
     @property
     def openConnections(self) -> int:
@@ -717,7 +761,8 @@ class ProxyClientProtocol(Protocol):
         subclass may first read something of the client, as
         L{edgeproxy.net.sni} reads the TLS ClientHello to choose the app.)
         """
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        if type(self.transport) is not lean.LeanServer:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
         self._attempt()
 
     def _refuse(self) -> None:
@@ -738,6 +783,10 @@ class ProxyClientProtocol(Protocol):
                 self._pending = [data]
             else:
                 self._pending.append(data)
+            if self.bytesToBackend > PENDING_LIMIT and self._clientOpen:
+                # Still connecting (a lean client is read meanwhile): hold
+                # no more than this; _backendConnected resumes it.
+                self.transport.pauseProducing()
             return
         sock = self._outSocket
         if sock is None:
@@ -826,7 +875,22 @@ class ProxyClientProtocol(Protocol):
                 return
             host = addresses[0]
         try:
-            attempt.connector = factory.tcp.connectTCP(host, backend.port, attempt, timeout=timeout)
+            family = lean.ip_family(host) if factory.leanConnect else 0
+            if family:
+                attempt.connector = lean.connect(
+                    factory.reactor,
+                    family,
+                    host,
+                    backend.port,
+                    attempt,
+                    timeout,
+                    settings.keepalive,
+                    factory.connectDeadlines,
+                )
+            else:
+                attempt.connector = factory.tcp.connectTCP(
+                    host, backend.port, attempt, timeout=timeout
+                )
         except Exception:
             self._connectFailed(attempt, Failure())
 
@@ -1196,22 +1260,34 @@ class ProxyClientProtocol(Protocol):
                     self._connectedAt - self._started if side is not None else None,
                     self.app,
                 )
-            _log.info(
-                "{client}:{client_port} via {backend}: {cause} after {duration}s,"
-                " {bytes_to_backend} bytes up, {bytes_to_client} bytes down,"
-                " {attempts} attempts",
-                client=self.clientHost,
-                client_port=self.clientPort,
-                backend=backend.id if backend is not None else None,
-                bytes_to_backend=up,
-                bytes_to_client=down,
-                duration=round(now - self._started, 3),
-                attempts=self.attempts,
-                cause=cause,
-            )
+            else:
+                # No access log: the end-of-connection line goes to the
+                # process log (formatted by its observers, on this thread).
+                # With one, that line is the access log's record, written
+                # in batches off the reactor thread, and not repeated here.
+                self._logLine(cause, now, up, down)
         finally:
             # Last, whatever happened above: a graceful shutdown waiting for
             # the table to empty goes on (and closes the access log) as soon
             # as the session leaves it.
             if self._admitted:
                 self.factory.connections._forget(self)
+
+    def _logLine(self, cause: str, now: float, up: int, down: int) -> None:
+        """
+        The end-of-connection line of the process log.
+        """
+        backend = self.backend
+        _log.info(
+            "{client}:{client_port} via {backend}: {cause} after {duration}s,"
+            " {bytes_to_backend} bytes up, {bytes_to_client} bytes down,"
+            " {attempts} attempts",
+            client=self.clientHost,
+            client_port=self.clientPort,
+            backend=backend.id if backend is not None else None,
+            bytes_to_backend=up,
+            bytes_to_client=down,
+            duration=round(now - self._started, 3),
+            attempts=self.attempts,
+            cause=cause,
+        )
