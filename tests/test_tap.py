@@ -53,6 +53,7 @@ ENV_NAMES = {
     "breaker-failures": "EDGEPROXY_BREAKER_FAILURES",
     "breaker-cooldown": "EDGEPROXY_BREAKER_COOLDOWN",
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
+    "lean-path": "EDGEPROXY_LEAN_PATH",
     "rtt-weight": "EDGEPROXY_RTT_WEIGHT",
     "state-file": "EDGEPROXY_STATE_FILE",
     "admin": "EDGEPROXY_ADMIN",
@@ -131,6 +132,7 @@ def test_defaults() -> None:
     assert options["breaker-failures"] == 5
     assert options["breaker-cooldown"] == 30.0
     assert options["panic-routing"] is True
+    assert options["lean-path"] is True
     assert options["rtt-weight"] == 0.01
     assert options["state-file"] is None
     assert options["admin"] == "tcp:8090:interface=127.0.0.1"
@@ -191,6 +193,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--breaker-failures=0",
         "--breaker-cooldown=7",
         "--panic-routing=off",
+        "--lean-path=off",
         "--rtt-weight=0.5",
         f"--state-file={tmp_path / 's.json'}",
         "--admin=tcp:0:interface=127.0.0.1",
@@ -248,6 +251,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["breaker-failures"] == 0
     assert options["breaker-cooldown"] == 7.0
     assert options["panic-routing"] is False
+    assert options["lean-path"] is False
     assert options["rtt-weight"] == 0.5
     assert options["state-file"] == str(tmp_path / "s.json")
     assert options["admin"] == "tcp:0:interface=127.0.0.1"
@@ -328,6 +332,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_BREAKER_FAILURES": "9",
         "EDGEPROXY_BREAKER_COOLDOWN": "0.5",
         "EDGEPROXY_PANIC_ROUTING": "no",
+        "EDGEPROXY_LEAN_PATH": "off",
         "EDGEPROXY_RTT_WEIGHT": "0",
         "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
         "EDGEPROXY_ADMIN": "none",
@@ -384,6 +389,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["breaker-failures"] == 9
     assert options["breaker-cooldown"] == 0.5
     assert options["panic-routing"] is False
+    assert options["lean-path"] is False
     assert options["rtt-weight"] == 0.0
     assert options["state-file"] == str(tmp_path / "env-state.json")
     assert options["admin"] == "none"
