@@ -101,6 +101,37 @@ def ip_family(host: str) -> int:
     return family
 
 
+try:
+    from twisted.internet.epollreactor import EPollReactor as _EPollReactor
+except ImportError:  # pragma: no cover (not Linux)
+    _EPollReactor = None  # type: ignore[assignment,misc]
+
+#: Reactor classes whose registrations L{_forget} may drop without a
+#: system call (Twisted's epoll reactor and its subclasses).
+_epoll_like: dict[type, bool] = {}
+
+
+def _forget(transport: Any) -> None:
+    """
+    Drop C{transport}'s registrations from an epoll reactor's books without
+    C{epoll_ctl(DEL)}: its socket is closed right after, which takes it out
+    of the epoll set (the descriptor is never duplicated).  Elsewhere,
+    nothing (Twisted's C{stopReading}/C{stopWriting} do it).
+    """
+    reactor = transport.reactor
+    kind = type(reactor)
+    known = _epoll_like.get(kind)
+    if known is None:
+        known = _EPollReactor is not None and isinstance(reactor, _EPollReactor)
+        _epoll_like[kind] = known
+    if known:
+        fd = transport.socket.fileno()
+        if reactor._selectables.get(fd) is transport:
+            del reactor._selectables[fd]
+            reactor._reads.discard(fd)
+            reactor._writes.discard(fd)
+
+
 class _CloseAtOnce:
     """
     The graceful close of both lean transports (see the module docstring).
@@ -109,6 +140,31 @@ class _CloseAtOnce:
     # Never shared with another process (close-on-exec, never dup'ed):
     # close() alone sends the FIN.
     _shouldShutdown = False
+
+    def loseWriteConnection(self) -> None:
+        this: Any = self
+        if (
+            this.connected
+            and not this.disconnecting
+            and not this._writeDisconnecting
+            and this.producer is None
+            and not this._tempDataLen
+            and this.offset == len(this.dataBuffer)
+        ):
+            # Nothing to write first: the FIN goes now, not after a round
+            # trip through the poller (what Twisted's doWrite would do).
+            this._writeDisconnecting = True
+            this._writeDisconnected = True
+            this.stopWriting()
+            this._closeWriteConnection()
+            return
+        FileDescriptor.loseWriteConnection(this)
+
+    def connectionLost(self, reason: Failure) -> None:
+        this: Any = self
+        if hasattr(this, "socket"):
+            _forget(this)
+        super().connectionLost(reason)  # type: ignore[misc]
 
     def loseConnection(self) -> None:
         this: Any = self
@@ -304,7 +360,7 @@ class LeanClient(_CloseAtOnce, tcp.Connection):
             )
             self._failed(failure)
             return
-        tcp.Connection.connectionLost(self, reason)
+        super().connectionLost(reason)
 
     # -- addresses ---------------------------------------------------------
 

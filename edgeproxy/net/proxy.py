@@ -998,7 +998,8 @@ class ProxyClientProtocol(Protocol):
                 _abort(backend_transport)
                 _abort(client_transport)
                 return
-            backend_transport.write(header)
+        else:
+            header = b""
         side.out = client_transport
         self._out = backend_transport
         if backend.id in self.factory.watched:
@@ -1007,9 +1008,22 @@ class ProxyClientProtocol(Protocol):
         pending = self._pending
         if pending is not None:
             self._pending = None
-            backend_transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            first = header + (pending[0] if len(pending) == 1 else b"".join(pending))
+        else:
+            first = header
         client_socket = _eagerSocket(client_transport)
         backend_socket = _eagerSocket(backend_transport)
+        if first:
+            # The PROXY header and what the client sent while connecting,
+            # in one write: straight to a plain socket that has nothing
+            # queued yet (no poller round trip), else through the transport.
+            rest = (
+                first
+                if backend_socket is None
+                else _sendNow(backend_transport, backend_socket, first)
+            )
+            if rest is not None:
+                backend_transport.write(rest)
         if client_socket is not None:
             client_transport.bufferSize = READ_SIZE
             side.outSocket = client_socket
