@@ -45,6 +45,7 @@ from zope.interface import implementer
 
 from edgeproxy.config import ProxySettings
 from edgeproxy.model import Backend
+from edgeproxy.net.lean import adapt_port
 from edgeproxy.net.proxy import ProxyFactory
 from edgeproxy.routing.router import Router
 from edgeproxy.testing import BindingTable, InMemoryBackendRepository, MetricsStore
@@ -758,6 +759,10 @@ class ProxyHarness:
         )
         self.factory = ProxyFactory(self.router, reactor, settings, self.metrics, app=app)
         self.listening = reactor.listenTCP(0, self.factory, interface=LOCALHOST)
+        if settings.lean:
+            # As the service does for a plain tcp: listener: the fault suite
+            # runs on the lean path (both legs) unless told otherwise.
+            adapt_port(self.listening, settings.keepalive)
         self.clients: list[Client] = []
 
     @property

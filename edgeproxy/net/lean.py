@@ -426,8 +426,13 @@ class ConnectDeadlines:
             return clock.callLater(timeout, transport._timedOut)
         entry = [deadline, transport]
         queue.append(entry)
-        if self._call is None:
+        call = self._call
+        if call is None:
             self._call = clock.callLater(timeout, self._fire)
+        elif call.getTime() > deadline:
+            # The timer was armed for entries that have connected since
+            # (and were just dropped): this one is due sooner.
+            call.reset(timeout)
         return entry
 
     def stop(self) -> None:
