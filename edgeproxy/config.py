@@ -33,6 +33,9 @@ class ProxySettings:
         backends at IP literals connected with a socket of the proxy's own,
         clients of plain C{tcp:} listeners accepted as lean transports.
         C{False}: Twisted's C{connectTCP} and C{tcp.Server} for every leg.
+    @ivar splice: Relay bulk streams between two lean legs with
+        C{splice(2)} through a pipe (L{edgeproxy.net.splice}; Linux,
+        Python 3.10+) instead of copying them through Python.
     """
 
     connect_timeout: float = 5.0
@@ -43,6 +46,7 @@ class ProxySettings:
     max_connections: int = 10000
     keepalive: bool = True
     lean: bool = True
+    splice: bool = True
 
 
 @attrs.frozen(slots=True)
