@@ -36,6 +36,8 @@ class ProxySettings:
     @ivar splice: Relay bulk streams between two lean legs with
         C{splice(2)} through a pipe (L{edgeproxy.net.splice}; Linux,
         Python 3.10+) instead of copying them through Python.
+    @ivar splice_pipes: A bulk direction gets its pipe (two descriptors)
+        only while fewer than this many are open in the process.
     """
 
     connect_timeout: float = 5.0
@@ -47,6 +49,7 @@ class ProxySettings:
     keepalive: bool = True
     lean: bool = True
     splice: bool = True
+    splice_pipes: int = 1024
 
 
 @attrs.frozen(slots=True)

@@ -364,7 +364,7 @@ def test_splice_setting_off():
     settings = ProxySettings(idle_timeout=10.0, half_closed_timeout=10.0, splice=False)
     h = _lean_harness([backend("echo", port=echo.port)], settings)
     try:
-        assert not h.factory.splice
+        assert not h.factory.splicePipes
         up, down = yield _echo_bulk(h, 4 * MiB)
         assert up.splicedBytes == down.splicedBytes == 0
         assert up._spliceOut is None and down._spliceOut is None
@@ -384,7 +384,7 @@ def test_no_splice_without_os_splice(monkeypatch: pytest.MonkeyPatch):
     echo = listen(reactor, Echo)
     h = _lean_harness([backend("echo", port=echo.port)])
     try:
-        assert not h.factory.splice
+        assert not h.factory.splicePipes
         up, down = yield _echo_bulk(h, 4 * MiB)
         assert up.splicedBytes == down.splicedBytes == 0
     finally:
@@ -462,15 +462,15 @@ def test_pipe_limit_leaves_the_rest_copying(monkeypatch: pytest.MonkeyPatch):
     copying (and asking again later); both streams are intact and never
     more than one pipe is open.
     """
-    monkeypatch.setattr(splice, "pipe_limit", 1)
     fds = _fds()
     echo = listen(reactor, Echo)
-    h = _lean_harness([backend("echo", port=echo.port)])
+    settings = ProxySettings(idle_timeout=10.0, half_closed_timeout=10.0, splice_pipes=1)
+    h = _lean_harness([backend("echo", port=echo.port)], settings)
     most = [0]
     real = splice._openPipe
 
-    def counting(out: Any) -> int:
-        w = real(out)
+    def counting(out: Any, limit: int) -> int:
+        w = real(out, limit)
         most[0] = max(most[0], splice.pipes_open())
         return w
 

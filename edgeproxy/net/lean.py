@@ -154,7 +154,9 @@ class _CloseAtOnce:
     #: The transport this one's bytes are spliced to (None: plain reads).
     _spliceOut: Any = None
     #: Bytes still to read the ordinary way before the first splice.
-    _spliceAfter = 0
+    _spliceAfter = splice.SPLICE_AFTER
+    #: Pipes open in the process at most for this one to get one.
+    _pipeLimit = 0
     #: This transport's pipe (bytes on their way to its socket): read end,
     #: write end (-1: none), bytes in it, and the reader waiting for it to
     #: drain.

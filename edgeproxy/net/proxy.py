@@ -502,9 +502,10 @@ class ProxyFactory(Factory):
         self.leanConnect = bool(settings.lean) and _isPosixReactor(reactor)
         #: The connect timeouts of its lean attempts (one timer).
         self.connectDeadlines = self.connections.connectDeadlines(reactor)
-        #: Whether two lean legs are paired for splice(2)
-        #: (L{edgeproxy.net.splice}): C{settings.splice} where it exists.
-        self.splice = bool(settings.splice) and splice.AVAILABLE
+        #: The pipe limit of two lean legs paired for splice(2)
+        #: (L{edgeproxy.net.splice}); 0: never paired (C{settings.splice}
+        #: off, or no splice here).
+        self.splicePipes = settings.splice_pipes if settings.splice and splice.AVAILABLE else 0
 
     @property
     def openConnections(self) -> int:
@@ -1059,12 +1060,9 @@ class ProxyClientProtocol(Protocol):
         keepalive = self.factory.settings.keepalive
         _tuneSocket(client_transport, keepalive)
         _tuneSocket(backend_transport, keepalive)
-        if (
-            self.factory.splice
-            and type(client_transport) in _PRETUNED
-            and type(backend_transport) in _PRETUNED
-        ):
-            splice.pair(client_transport, backend_transport)
+        pipes = self.factory.splicePipes
+        if pipes and type(client_transport) in _PRETUNED and type(backend_transport) in _PRETUNED:
+            splice.pair(client_transport, backend_transport, pipes)
         # Each transport becomes the streaming producer of the other; on an
         # eager leg only at the first write that queues (see the module
         # docstring and dataReceived).

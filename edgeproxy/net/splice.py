@@ -24,7 +24,7 @@ own buffering, backpressure and close paths intact:
     its C{doWrite} drains the pipe first, then resumes the reader and goes
     on with Twisted's C{doWrite} (the rest of its buffer, a pending close or
     half-close).  What one direction holds is thus bounded by the pipe
-    (64 KiB by default) on top of the kernel's socket buffers.
+    (L{PIPE_SIZE}) on top of the kernel's socket buffers.
   - A splice that reads 0 bytes is the peer's FIN (C{CONNECTION_DONE},
     which the reactor turns into C{readConnectionLost}); a socket error is
     C{CONNECTION_LOST}, as C{tcp.Connection.doRead} returns; an error on the
@@ -37,8 +37,9 @@ own buffering, backpressure and close paths intact:
     (C{protocol.splicedReceived(n)}), so the idle timeout, the metrics and
     the access log see them.
 
-Pipes cost two descriptors each: at most L{pipe_limit} exist at a time
-(process-wide; L{edgeproxy.tap} reserves descriptors for them).  A
+Pipes cost two descriptors each: a pair of transports is given a limit
+(L{pair}), and a pipe is made only while fewer than that many are open in
+the process (L{edgeproxy.tap} reserves descriptors for L{PIPE_LIMIT}).  A
 connection that finds none free carries on copying and tries again after
 another L{SPLICE_AFTER} bytes.  A pipe the kernel made smaller than
 L{MIN_PIPE} (a user over C{fs.pipe-user-pages-soft}) is not worth its
@@ -61,12 +62,12 @@ from twisted.internet import main, tcp
 __all__ = [
     "AVAILABLE",
     "MIN_PIPE",
+    "PIPE_LIMIT",
     "PIPE_SIZE",
     "SPLICE_AFTER",
     "close_pipe",
     "drain",
     "pair",
-    "pipe_limit",
     "pipes_open",
     "read",
 ]
@@ -103,11 +104,11 @@ _UNSUPPORTED = frozenset((errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP))
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
-#: At most this many pipes at a time (two descriptors each), process-wide.
-#: 1024 pipes of the default 64 KiB are the kernel's default
+#: The default limit on pipes open at a time (two descriptors each),
+#: process-wide.  1024 pipes of the kernel's default 64 KiB are its default
 #: C{fs.pipe-user-pages-soft} (64 MiB per user), past which it gives new
-#: pipes two pages only.
-pipe_limit = 1024
+#: pipes two pages only (and refuses to grow them).
+PIPE_LIMIT = 1024
 
 _open = [0]
 
@@ -119,27 +120,31 @@ def pipes_open() -> int:
     return _open[0]
 
 
-def pair(a: Any, b: Any) -> bool:
+def pair(a: Any, b: Any, limit: int = PIPE_LIMIT) -> bool:
     """
     Let the lean transports C{a} and C{b} (the two legs of one proxied
     connection, both connected) splice to each other once a direction has
-    carried L{SPLICE_AFTER} bytes.  C{False} (and nothing changed) where
-    splicing is not available.
+    carried L{SPLICE_AFTER} bytes, each through a pipe made only while
+    fewer than C{limit} are open.  C{False} (and nothing changed) where
+    splicing is not available or C{limit} is 0.
+
+    (Their C{_spliceAfter} count starts at L{SPLICE_AFTER}, a class
+    default: an idle pair costs two attributes per transport.)
     """
-    if not AVAILABLE or pipe_limit <= 0:
+    if not AVAILABLE or limit <= 0:
         return False
     a._spliceOut = b
-    a._spliceAfter = SPLICE_AFTER
     b._spliceOut = a
-    b._spliceAfter = SPLICE_AFTER
+    a._pipeLimit = b._pipeLimit = limit
     return True
 
 
-def _openPipe(out: Any) -> int:
+def _openPipe(out: Any, limit: int) -> int:
     """
-    Give C{out} its pipe; its write end, or -1 if there is none to have.
+    Give C{out} its pipe; its write end, or -1 if there is none to have
+    (C{limit} reached, out of descriptors, a pipe too small).
     """
-    if _open[0] >= pipe_limit:
+    if _open[0] >= limit:
         return -1
     try:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -218,7 +223,7 @@ def read(reader: Any, out: Any) -> Any:
     if w < 0:
         if reader._spliceAfter > 0:
             return _recv(reader)
-        w = _openPipe(out)
+        w = _openPipe(out, reader._pipeLimit)
         if w < 0:
             reader._spliceAfter = SPLICE_AFTER
             return _recv(reader)
