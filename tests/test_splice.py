@@ -543,3 +543,31 @@ def test_kernel_refusing_to_drain_a_waiting_pipe(monkeypatch: pytest.MonkeyPatch
         yield wait_until(reactor, h.idle)
     finally:
         yield _finish(h, [sink], fds)
+
+
+@pytest_twisted.inlineCallbacks
+def test_small_messages_on_a_long_connection_are_copied():
+    """
+    Request/response traffic (one 300-byte message echoed at a time, 600
+    of them: far more than a pipe's worth in all) never reads a bulk
+    chunk, so it is never spliced and no pipe is made for it.
+    """
+    fds = _fds()
+    echo = listen(reactor, Echo)
+    h = _lean_harness([backend("echo", port=echo.port)])
+    try:
+        client = yield h.connect(Client(reactor, keep=False))
+        message = PATTERN[:300]
+        for i in range(1, 601):
+            client.send(message)
+            yield client.wait_for(i * len(message))
+        [session] = h.sessions()
+        up, down = session.transport, session._out
+        assert up._spliceOut is down
+        assert up.splicedBytes == down.splicedBytes == 0
+        assert splice.pipes_open() == 0
+        client.transport.loseConnection()
+        yield client.wait_closed()
+        yield wait_until(reactor, h.idle)
+    finally:
+        yield _finish(h, [echo], fds)

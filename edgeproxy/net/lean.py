@@ -153,8 +153,8 @@ class _CloseAtOnce:
     # Splicing (class defaults; instances get their own once paired):
     #: The transport this one's bytes are spliced to (None: plain reads).
     _spliceOut: Any = None
-    #: Bytes still to read the ordinary way before the first splice.
-    _spliceAfter = splice.SPLICE_AFTER
+    #: Whether reads copy (until one brings splice.BULK_READ bytes).
+    _copying = True
     #: Pipes open in the process at most for this one to get one.
     _pipeLimit = 0
     #: This transport's pipe (bytes on their way to its socket): read end,

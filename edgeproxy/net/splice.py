@@ -4,12 +4,15 @@ Zero-copy relaying between two lean TCP transports: C{splice(2)} through a
 pipe, on Linux.
 
 Once a proxied connection is carried by two L{edgeproxy.net.lean}
-transports (plain TCP on both legs) and one direction has carried
-L{SPLICE_AFTER} bytes (a bulk stream, not a short request), the reading
-transport's C{doRead} stops copying bytes through Python: it splices what
-its socket holds into a pipe, and the pipe into the other socket, with
-C{SPLICE_F_MOVE | SPLICE_F_NONBLOCK}.  Short connections never pay for the
-pipe.
+transports (plain TCP on both legs) and one read of a direction brought
+L{BULK_READ} bytes or more (a bulk stream: its socket fills faster than the
+proxy reads it), the reading transport's C{doRead} stops copying bytes
+through Python: it splices what its socket holds into a pipe, and the pipe
+into the other socket, with C{SPLICE_F_MOVE | SPLICE_F_NONBLOCK}.  A splice
+that moves less than L{SMALL_SPLICE} goes back to copying until the next
+large read.  Short connections never pay for the pipe, and small messages
+on a long connection (keepalive requests) are not spliced: two splices
+cost more than a C{recv} and a C{send} for a few hundred bytes.
 
 The pipe belongs to the transport the bytes go to (the "out" transport):
 it is the first part of its write buffer.  The rules that keep Twisted's
@@ -40,8 +43,8 @@ own buffering, backpressure and close paths intact:
 Pipes cost two descriptors each: a pair of transports is given a limit
 (L{pair}), and a pipe is made only while fewer than that many are open in
 the process (L{edgeproxy.tap} reserves descriptors for L{PIPE_LIMIT}).  A
-connection that finds none free carries on copying and tries again after
-another L{SPLICE_AFTER} bytes.  A pipe the kernel made smaller than
+connection that finds none free carries on copying and tries again at its
+next large read.  A pipe the kernel made smaller than
 L{MIN_PIPE} (a user over C{fs.pipe-user-pages-soft}) is not worth its
 system calls and is closed again.
 
@@ -61,10 +64,11 @@ from twisted.internet import main, tcp
 
 __all__ = [
     "AVAILABLE",
+    "BULK_READ",
     "MIN_PIPE",
     "PIPE_LIMIT",
     "PIPE_SIZE",
-    "SPLICE_AFTER",
+    "SMALL_SPLICE",
     "close_pipe",
     "drain",
     "pair",
@@ -79,9 +83,13 @@ AVAILABLE = _splice is not None and sys.platform.startswith("linux")
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
-#: Bytes one direction of a connection carries through ordinary reads
-#: before it gets a pipe.
-SPLICE_AFTER = 64 * 1024
+#: An ordinary read this large switches its direction to splicing (and
+#: makes its pipe, the first time).
+BULK_READ = 64 * 1024
+
+#: A splice that moved less than this switches its direction back to
+#: ordinary reads (until the next L{BULK_READ}).
+SMALL_SPLICE = 16 * 1024
 
 #: The smallest pipe worth splicing through (bytes).
 MIN_PIPE = 64 * 1024
@@ -123,13 +131,13 @@ def pipes_open() -> int:
 def pair(a: Any, b: Any, limit: int = PIPE_LIMIT) -> bool:
     """
     Let the lean transports C{a} and C{b} (the two legs of one proxied
-    connection, both connected) splice to each other once a direction has
-    carried L{SPLICE_AFTER} bytes, each through a pipe made only while
+    connection, both connected) splice to each other once a read of a
+    direction brings L{BULK_READ} bytes, each through a pipe made only while
     fewer than C{limit} are open.  C{False} (and nothing changed) where
     splicing is not available or C{limit} is 0.
 
-    (Their C{_spliceAfter} count starts at L{SPLICE_AFTER}, a class
-    default: an idle pair costs two attributes per transport.)
+    (Their C{_copying} flag starts as a class default: an idle pair costs
+    two attributes per transport.)
     """
     if not AVAILABLE or limit <= 0:
         return False
@@ -187,8 +195,8 @@ def close_pipe(transport: Any) -> None:
 
 def _recv(reader: Any) -> Any:
     """
-    An ordinary read (C{tcp.Connection.doRead}), counted towards the
-    reader's L{SPLICE_AFTER}.
+    An ordinary read (C{tcp.Connection.doRead}); one of L{BULK_READ} bytes
+    or more makes the next one a splice.
     """
     try:
         data = reader.socket.recv(reader.bufferSize)
@@ -196,7 +204,8 @@ def _recv(reader: Any) -> Any:
         if se.args[0] == errno.EWOULDBLOCK:
             return None
         return main.CONNECTION_LOST
-    reader._spliceAfter -= len(data)
+    if len(data) >= BULK_READ:
+        reader._copying = False
     return reader._dataReceived(data)
 
 
@@ -218,14 +227,15 @@ def read(reader: Any, out: Any) -> Any:
     ):
         # Something is queued (or the out side is closing): keep Twisted's
         # order and paths.
-        return tcp.Connection.doRead(reader)
+        return _recv(reader)
+    if reader._copying:
+        return _recv(reader)
     w = out._pipeW
     if w < 0:
-        if reader._spliceAfter > 0:
-            return _recv(reader)
         w = _openPipe(out, reader._pipeLimit)
         if w < 0:
-            reader._spliceAfter = SPLICE_AFTER
+            # No pipe to have now: copy, and ask again at a large read.
+            reader._copying = True
             return _recv(reader)
     try:
         n = _splice(reader.socket.fileno(), w, _CHUNK, flags=_FLAGS)
@@ -243,6 +253,9 @@ def read(reader: Any, out: Any) -> Any:
     reader.splicedBytes += n
     reader.protocol.splicedReceived(n)
     out._pipeLen = n
+    if n < SMALL_SPLICE:
+        # The stream slowed down to small messages: copy them.
+        reader._copying = True
     if _push(out, reader):
         # The out socket is full (or failed): wait for it, reading nothing
         # more meanwhile (the pipe is the buffer).
