@@ -35,7 +35,7 @@ from faultkit import (
     proxy_delayed_calls,
     wait_until,
 )
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
@@ -64,7 +64,7 @@ def _lean_harness(backends: list[Any], settings: ProxySettings = SETTINGS) -> Pr
     of the service) and whose backends, IP literals, are lean too.
     """
     h = ProxyHarness(reactor, backends, settings)
-    assert lean.adapt_port(h.listening, settings.keepalive)
+    assert h.listening.transport is lean.LeanServer
     assert h.factory.leanConnect
     return h
 
@@ -395,14 +395,16 @@ def test_no_splice_without_os_splice(monkeypatch: pytest.MonkeyPatch):
 def test_plain_twisted_client_leg_is_not_spliced():
     """
     A client accepted as Twisted's own tcp.Server (a listener the lean path
-    did not adapt) is never paired: splicing needs two lean legs.
+    did not adapt) is never paired with its lean backend leg: splicing
+    needs two lean legs.
     """
     fds = _fds()
     echo = listen(reactor, Echo)
     h = ProxyHarness(reactor, [backend("echo", port=echo.port)], SETTINGS)
+    h.listening.transport = tcp.Server
     try:
         up, down = yield _echo_bulk(h, 2 * MiB)
-        assert type(up) is not lean.LeanServer
+        assert type(up) is tcp.Server and type(down) is lean.LeanClient
         assert down.splicedBytes == 0 and down._spliceOut is None
     finally:
         yield _finish(h, [echo], fds)
@@ -569,5 +571,23 @@ def test_small_messages_on_a_long_connection_are_copied():
         client.transport.loseConnection()
         yield client.wait_closed()
         yield wait_until(reactor, h.idle)
+    finally:
+        yield _finish(h, [echo], fds)
+
+
+@pytest_twisted.inlineCallbacks
+def test_lean_path_off_is_not_spliced():
+    """
+    With the lean path off (Twisted's tcp.Server and connectTCP for every
+    leg) nothing is paired or spliced.
+    """
+    fds = _fds()
+    echo = listen(reactor, Echo)
+    settings = ProxySettings(idle_timeout=10.0, half_closed_timeout=10.0, lean=False)
+    h = ProxyHarness(reactor, [backend("echo", port=echo.port)], settings)
+    try:
+        up, down = yield _echo_bulk(h, 2 * MiB)
+        assert type(up) is tcp.Server and type(down) is tcp.Client
+        assert splice.pipes_open() == 0
     finally:
         yield _finish(h, [echo], fds)
