@@ -33,6 +33,11 @@ class ProxySettings:
         backends at IP literals connected with a socket of the proxy's own,
         clients of plain C{tcp:} listeners accepted as lean transports.
         C{False}: Twisted's C{connectTCP} and C{tcp.Server} for every leg.
+    @ivar splice: Relay bulk streams between two lean legs with
+        C{splice(2)} through a pipe (L{edgeproxy.net.splice}; Linux,
+        Python 3.10+) instead of copying them through Python.
+    @ivar splice_pipes: A bulk direction gets its pipe (two descriptors)
+        only while fewer than this many are open in the process.
     """
 
     connect_timeout: float = 5.0
@@ -43,6 +48,8 @@ class ProxySettings:
     max_connections: int = 10000
     keepalive: bool = True
     lean: bool = True
+    splice: bool = True
+    splice_pipes: int = 1024
 
 
 @attrs.frozen(slots=True)

@@ -602,6 +602,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "on: plain TCP legs take the lean path (own backend sockets for IP literals,"
         " lean accepted transports); off: Twisted's connectTCP and tcp.Server for every leg",
     ),
+    _Option(
+        "splice",
+        "EDGEPROXY_SPLICE",
+        True,
+        _flag,
+        "on: a bulk stream between two lean legs is relayed with splice(2) through a pipe"
+        " (Linux, Python 3.10+); off: every byte is copied through the proxy",
+    ),
     # --- RTT-aware closeness (issue 13) ---
     _Option(
         "rtt-weight",
@@ -954,6 +962,7 @@ class Options(usage.Options):
             half_closed_timeout=self["half-closed-timeout"],
             max_connections=self["max-connections"],
             lean=self["lean-path"],
+            splice=self["splice"],
         )
 
 
@@ -981,12 +990,14 @@ for _method in (Options.opt_listen, Options.opt_proxy_protocol_trusted):
     _method.__doc__ = " ".join((_method.__doc__ or "").split())
 
 
-def raise_nofile_limit(max_connections: int) -> int:
+def raise_nofile_limit(max_connections: int, reserve: int = 0) -> int:
     """
     Raise this process's soft file descriptor limit to what
     C{max_connections} proxied connections need (two descriptors each, plus
     headroom), within the hard limit; warn when the hard limit is too low.
 
+    @param reserve: Descriptors wanted on top (the splice pipes), where the
+        hard limit allows; no warning when it does not.
     @return: The soft limit now in force.
     """
     import resource
@@ -994,7 +1005,8 @@ def raise_nofile_limit(max_connections: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     infinity = resource.RLIM_INFINITY
     needed = 2 * max_connections + 64 if max_connections else hard
-    want = needed if hard == infinity else min(needed, hard)
+    wanted = needed + reserve if max_connections else needed
+    want = wanted if hard == infinity else min(wanted, hard)
     if soft != infinity and want != infinity and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         soft = want
@@ -1056,7 +1068,19 @@ def makeService(
                 source=options.sources.get(option.name, "default"),
             )
 
-    raise_nofile_limit(options["max-connections"])
+    from edgeproxy.net import splice
+
+    cap = options["max-connections"]
+    settings = options.settings()
+    if settings.splice and splice.AVAILABLE:
+        # Two descriptors per pipe on top of the connections' own: the
+        # pipes get what the hard limit leaves once the cap is served.
+        soft = raise_nofile_limit(cap, 2 * splice.PIPE_LIMIT)
+        if cap:
+            pipes = max(0, min(splice.PIPE_LIMIT, (soft - (2 * cap + 64)) // 2))
+            settings = attrs.evolve(settings, splice_pipes=pipes)
+    else:
+        raise_nofile_limit(cap)
 
     metrics = MetricsStore()
     from edgeproxy.stores.open import StoreError, open_store
@@ -1210,7 +1234,7 @@ def makeService(
         metrics=metrics,
         router=router,
         listeners=options["listen"],
-        settings=options.settings(),
+        settings=settings,
         trusted=options["proxy-protocol-trusted"],
         header_timeout=options["proxy-header-timeout"],
         tls_handshake_timeout=options["tls-handshake-timeout"],

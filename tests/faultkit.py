@@ -668,9 +668,15 @@ def proxy_delayed_calls(reactor: Any) -> list[Any]:
 
 def transport_buffered(transport: Any) -> int:
     """
-    Bytes a Twisted TCP transport holds in user space, not yet written.
+    Bytes a Twisted TCP transport holds in user space, not yet written
+    (with, for a lean transport, what waits in its splice pipe).
     """
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return (
+        len(transport.dataBuffer)
+        - transport.offset
+        + transport._tempDataLen
+        + getattr(transport, "_pipeLen", 0)
+    )
 
 
 @implementer(ILogObserver)

@@ -54,6 +54,7 @@ ENV_NAMES = {
     "breaker-cooldown": "EDGEPROXY_BREAKER_COOLDOWN",
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
     "lean-path": "EDGEPROXY_LEAN_PATH",
+    "splice": "EDGEPROXY_SPLICE",
     "rtt-weight": "EDGEPROXY_RTT_WEIGHT",
     "state-file": "EDGEPROXY_STATE_FILE",
     "admin": "EDGEPROXY_ADMIN",
@@ -133,6 +134,7 @@ def test_defaults() -> None:
     assert options["breaker-cooldown"] == 30.0
     assert options["panic-routing"] is True
     assert options["lean-path"] is True
+    assert options["splice"] is True
     assert options["rtt-weight"] == 0.01
     assert options["state-file"] is None
     assert options["admin"] == "tcp:8090:interface=127.0.0.1"
@@ -194,6 +196,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--breaker-cooldown=7",
         "--panic-routing=off",
         "--lean-path=off",
+        "--splice=off",
         "--rtt-weight=0.5",
         f"--state-file={tmp_path / 's.json'}",
         "--admin=tcp:0:interface=127.0.0.1",
@@ -252,6 +255,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["breaker-cooldown"] == 7.0
     assert options["panic-routing"] is False
     assert options["lean-path"] is False
+    assert options["splice"] is False
     assert options["rtt-weight"] == 0.5
     assert options["state-file"] == str(tmp_path / "s.json")
     assert options["admin"] == "tcp:0:interface=127.0.0.1"
@@ -333,6 +337,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_BREAKER_COOLDOWN": "0.5",
         "EDGEPROXY_PANIC_ROUTING": "no",
         "EDGEPROXY_LEAN_PATH": "off",
+        "EDGEPROXY_SPLICE": "off",
         "EDGEPROXY_RTT_WEIGHT": "0",
         "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
         "EDGEPROXY_ADMIN": "none",
@@ -390,6 +395,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["breaker-cooldown"] == 0.5
     assert options["panic-routing"] is False
     assert options["lean-path"] is False
+    assert options["splice"] is False
     assert options["rtt-weight"] == 0.0
     assert options["state-file"] == str(tmp_path / "env-state.json")
     assert options["admin"] == "none"
@@ -922,3 +928,32 @@ def test_env_example_names_every_option_and_parses() -> None:
     environ.pop("EDGEPROXY_REGIONS", None)
     options = parsed(environ=environ)
     assert options["admin"] == "tcp:8090:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize("cap, soft", [(100, 1024), (400, 1024), (10000, 1024)])
+def test_nofile_reserve_for_splice_pipes_never_warns(
+    cap: int, soft: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Descriptors reserved on top of the cap (the splice pipes) raise the
+    soft limit as far as the hard limit allows, and a hard limit that
+    leaves no room for them is no reason to warn: only the cap's own
+    need is.
+    """
+    import resource
+
+    from faultkit import LogCapture
+
+    from edgeproxy.tap import raise_nofile_limit
+
+    fake = _FakeRlimits(256, 1024)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    capture = LogCapture().start()
+    try:
+        now = raise_nofile_limit(cap, 2048)
+    finally:
+        capture.stop()
+    assert now == fake.limits[0] == soft
+    warnings = [e for e in capture.events if e.get("log_namespace") == "edgeproxy.tap"]
+    assert len(warnings) == int(2 * cap + 64 > 1024)

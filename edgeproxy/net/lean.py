@@ -35,6 +35,12 @@ down, without the extra poll round trip, and without the C{shutdown(2)}
 never duplicated).  Anything buffered, a producer, or an abort takes
 Twisted's own path.
 
+Two lean transports joined by a session may relay through a pipe with
+C{splice(2)} instead of copying (L{edgeproxy.net.splice}): their C{doRead}
+splices once the session paired them, their C{doWrite} drains the pipe
+before their write buffer, their close paths count the pipe as buffered
+data, and their C{connectionLost} closes it.
+
 TLS legs, PROXY-header listeners, UNIX sockets and host names keep the
 general path (L{edgeproxy.net.proxy}); so does every reactor that is not a
 POSIX one (the memory reactors of the unit tests).
@@ -54,6 +60,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from edgeproxy.net import splice
 
 __all__ = [
     "ConnectDeadlines",
@@ -134,12 +142,30 @@ def _forget(transport: Any) -> None:
 
 class _CloseAtOnce:
     """
-    The graceful close of both lean transports (see the module docstring).
+    The graceful close of both lean transports (see the module docstring),
+    and their splice state (L{edgeproxy.net.splice}).
     """
 
     # Never shared with another process (close-on-exec, never dup'ed):
     # close() alone sends the FIN.
     _shouldShutdown = False
+
+    # Splicing (class defaults; instances get their own once paired):
+    #: The transport this one's bytes are spliced to (None: plain reads).
+    _spliceOut: Any = None
+    #: Whether reads copy (until one brings splice.BULK_READ bytes).
+    _copying = True
+    #: Pipes open in the process at most for this one to get one.
+    _pipeLimit = 0
+    #: This transport's pipe (bytes on their way to its socket): read end,
+    #: write end (-1: none), bytes in it, and the reader waiting for it to
+    #: drain.
+    _pipeR = -1
+    _pipeW = -1
+    _pipeLen = 0
+    _pipeWaiter: Any = None
+    #: Bytes this transport read by splicing.
+    splicedBytes = 0
 
     def loseWriteConnection(self) -> None:
         this: Any = self
@@ -150,6 +176,7 @@ class _CloseAtOnce:
             and this.producer is None
             and not this._tempDataLen
             and this.offset == len(this.dataBuffer)
+            and not this._pipeLen
         ):
             # Nothing to write first: the FIN goes now, not after a round
             # trip through the poller (what Twisted's doWrite would do).
@@ -164,7 +191,33 @@ class _CloseAtOnce:
         this: Any = self
         if hasattr(this, "socket"):
             _forget(this)
+        if this._pipeW >= 0:
+            splice.close_pipe(this)
+        if this._spliceOut is not None:
+            this._spliceOut = None
+        if this._pipeWaiter is not None:
+            this._pipeWaiter = None
         super().connectionLost(reason)  # type: ignore[misc]
+
+    def _writeBuffered(self) -> Any:
+        """
+        C{doWrite} once connected: the pipe first, then Twisted's buffer.
+        """
+        this: Any = self
+        if this._pipeLen:
+            drained = splice.drain(this)
+            if drained is not True:
+                return drained
+            if (
+                not this._tempDataLen
+                and this.offset == len(this.dataBuffer)
+                and not this.disconnecting
+                and not this._writeDisconnecting
+                and not this.producerPaused
+            ):
+                this.stopWriting()
+                return None
+        return FileDescriptor.doWrite(this)
 
     def loseConnection(self) -> None:
         this: Any = self
@@ -175,6 +228,7 @@ class _CloseAtOnce:
             and not this._tempDataLen
             and this.offset == len(this.dataBuffer)
             and not this._writeDisconnecting
+            and not this._pipeLen
         ):
             this.stopReading()
             this.stopWriting()
@@ -215,6 +269,15 @@ class LeanServer(_CloseAtOnce, tcp.Server):
         self.hostname = client[0]
         self.startReading()
         self.connected = 1
+
+    def doRead(self) -> Any:
+        out = self._spliceOut
+        if out is None:
+            return tcp.Connection.doRead(self)
+        return splice.read(self, out)
+
+    def doWrite(self) -> Any:
+        return self._writeBuffered()
 
     def logPrefix(self) -> str:
         return f"{self._getLogPrefix(self.protocol)},{self.sessionno},{self.hostname}"
@@ -261,7 +324,7 @@ class LeanClient(_CloseAtOnce, tcp.Connection):
 
     def doWrite(self) -> Any:
         if self.connected:
-            return FileDescriptor.doWrite(self)
+            return self._writeBuffered()
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._failed(error.getConnectError((err, os.strerror(err))))
@@ -300,7 +363,10 @@ class LeanClient(_CloseAtOnce, tcp.Connection):
 
     def doRead(self) -> Any:
         if self.connected:
-            return tcp.Connection.doRead(self)
+            out = self._spliceOut
+            if out is None:
+                return tcp.Connection.doRead(self)
+            return splice.read(self, out)
         return None
 
     def stopConnecting(self) -> None:

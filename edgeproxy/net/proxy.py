@@ -36,6 +36,13 @@ need pausing before that): an idle connection never registers one, which
 keeps Twisted's two transports from growing an attribute dict each (about
 700 bytes per idle connection).  Both plain legs also read up to
 L{READ_SIZE} bytes at a time.
+
+When both legs are lean transports (L{edgeproxy.net.lean}) and
+C{settings.splice} is on, the legs are also paired for C{splice(2)}
+(L{edgeproxy.net.splice}): a direction that has carried 64 KiB goes through
+a pipe in the kernel instead of through C{dataReceived}; the transports
+report those bytes with C{splicedReceived(n)}, so the counters, the idle
+timeout and the log line see them as any others.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ from zope.interface import implementer
 from edgeproxy.config import ProxySettings
 from edgeproxy.interfaces import IHostResolver, IMetricsStore, IRouter
 from edgeproxy.model import Backend
-from edgeproxy.net import lean
+from edgeproxy.net import lean, splice
 from edgeproxy.net.admission import Admission, release_admission
 from edgeproxy.net.proxyprotocol import header_for
 
@@ -127,7 +134,7 @@ READ_SIZE = 128 * 1024
 _PLAIN_TCP = (tcp.Server, tcp.Client, lean.LeanServer, lean.LeanClient)
 
 #: Transports whose sockets already carry TCP_NODELAY and SO_KEEPALIVE
-#: (see L{edgeproxy.net.lean}).
+#: (see L{edgeproxy.net.lean}); also the ones that can splice.
 _PRETUNED = (lean.LeanServer, lean.LeanClient)
 
 #: Bytes a client may send while its backend is still connecting before
@@ -293,6 +300,8 @@ def _queued(transport: _Transport) -> int:
         buffer = getattr(transport, "dataBuffer", None)
         if buffer is not None:
             queued = len(buffer) - transport.offset + transport._tempDataLen
+            # Spliced bytes still in the lean transport's pipe.
+            queued += getattr(transport, "_pipeLen", 0)
         sock = getattr(transport, "socket", None)
         if _SIOCOUTQ is not None and isinstance(sock, socket.socket):
             queued += _INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
@@ -493,6 +502,10 @@ class ProxyFactory(Factory):
         self.leanConnect = bool(settings.lean) and _isPosixReactor(reactor)
         #: The connect timeouts of its lean attempts (one timer).
         self.connectDeadlines = self.connections.connectDeadlines(reactor)
+        #: The pipe limit of two lean legs paired for splice(2)
+        #: (L{edgeproxy.net.splice}); 0: never paired (C{settings.splice}
+        #: off, or no splice here).
+        self.splicePipes = settings.splice_pipes if settings.splice and splice.AVAILABLE else 0
 
     @property
     def openConnections(self) -> int:
@@ -608,6 +621,13 @@ class ProxyBackendProtocol(Protocol):
             if not session._clientHasProducer:
                 session._clientHasProducer = _lazyProducer(self.out, self.transport)
             self.out.write(rest)
+
+    def splicedReceived(self, n: int) -> None:
+        """
+        C{n} bytes from the backend went to the client through a pipe
+        (L{edgeproxy.net.splice}).
+        """
+        self.bytesToClient += n
 
     def readConnectionLost(self) -> None:
         self.session._backendReadLost()
@@ -797,6 +817,13 @@ class ProxyClientProtocol(Protocol):
             if not self._backendHasProducer:
                 self._backendHasProducer = _lazyProducer(out, self.transport)
             out.write(rest)
+
+    def splicedReceived(self, n: int) -> None:
+        """
+        C{n} bytes from the client went to the backend through a pipe
+        (L{edgeproxy.net.splice}).
+        """
+        self.bytesToBackend += n
 
     def readConnectionLost(self) -> None:
         """
@@ -1033,6 +1060,9 @@ class ProxyClientProtocol(Protocol):
         keepalive = self.factory.settings.keepalive
         _tuneSocket(client_transport, keepalive)
         _tuneSocket(backend_transport, keepalive)
+        pipes = self.factory.splicePipes
+        if pipes and type(client_transport) in _PRETUNED and type(backend_transport) in _PRETUNED:
+            splice.pair(client_transport, backend_transport, pipes)
         # Each transport becomes the streaming producer of the other; on an
         # eager leg only at the first write that queues (see the module
         # docstring and dataReceived).
