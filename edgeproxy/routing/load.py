@@ -9,7 +9,7 @@ same port.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Set
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -35,12 +35,18 @@ class LoadTable:
         connecting).  A plain C{dict}, read on every routing decision; ids
         drop out when they reach 0 and counts never go negative.
     @ivar metrics: Where an underflow is counted, if given.
+    @ivar changed: The ids whose count changed since the router's selection
+        index last looked (L{edgeproxy.routing.index.SelectionIndex.sync}
+        drains it): one set insertion per acquire and per release.  Only ids
+        of backends that were acquired go in, at most once each, so it never
+        holds more ids than the routing tables have had backends.
     """
 
-    __slots__ = ("_underflowLogged", "connections", "metrics")
+    __slots__ = ("_underflowLogged", "changed", "connections", "metrics")
 
     def __init__(self, metrics: IMetricsStore | None = None) -> None:
         self.connections: Dict[str, int] = {}
+        self.changed: Set[str] = set()
         self.metrics = metrics
         self._underflowLogged = False
 
@@ -60,6 +66,7 @@ class LoadTable:
         if hard > 0 and current >= hard:
             return False
         connections[bid] = current + 1
+        self.changed.add(bid)
         return True
 
     def release(self, backend_id: str) -> None:
@@ -71,8 +78,10 @@ class LoadTable:
         n = connections.get(backend_id, 0)
         if n > 1:
             connections[backend_id] = n - 1
+            self.changed.add(backend_id)
         elif n == 1:
             del connections[backend_id]
+            self.changed.add(backend_id)
         else:
             if self.metrics is not None:
                 self.metrics.increment(UNDERFLOW, backend_id)
