@@ -59,10 +59,13 @@ class _World:
 
     def busy(self, backend_id: str) -> None:
         """
-        Count one more connection to C{backend_id}, hard limit or not.
+        Count one more connection to C{backend_id}, hard limit or not, and
+        note the change as L{LoadTable.acquire} does (the router's selection
+        index follows the counts through that note).
         """
         counts = self.router.load.connections
         counts[backend_id] = counts.get(backend_id, 0) + 1  # type: ignore[index]
+        self.router.load.changed.add(backend_id)  # type: ignore[attr-defined]
 
     def choose(self, ip: str = CLIENT_BR, app: str | None = "app", exclude=frozenset()):
         return self.router.choose(ip, app, frozenset(exclude))

@@ -275,6 +275,10 @@ class SelectionIndex:
                         break
                     group = groups[key]
                     for b in group:
+                        # A backend of the client's country is tier 0 and
+                        # scores 100 or more below this in the tier-0 list,
+                        # so it could never be tied here; skipped all the
+                        # same, so that only true members of the tier count.
                         if skip is not None and b.country == skip:
                             continue
                         bid = b.id
