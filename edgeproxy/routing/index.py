@@ -38,7 +38,9 @@ acquire and per release); L{SelectionIndex.sync}, run at the start of
 every decision, moves each noted backend to the group of its current load
 term (nothing to do when a connection came and went between two
 decisions).  A new snapshot (a reload) gets a new index, built from the
-snapshot's lists and the load table's current counts.
+snapshot's lists and the load table's current counts (about 40 ms for
+10,000 backends, on the first decision after the reload); a reload that
+changed nothing (L{RoutingSnapshot.same_content}) keeps the index.
 
 Memory: the index holds each routable backend in at most four lists (its
 (app, country), (app, region), (every app, country) and (every app, region)
@@ -144,6 +146,7 @@ class SelectionIndex:
         "_by_region",
         "_keys",
         "_regions",
+        "_routable",
         "changed",
         "load",
         "snapshot",
@@ -158,6 +161,10 @@ class SelectionIndex:
         self.snapshot = snapshot
         self.load = load
         self.changed = changed
+        # The rows the groups hold, by id: a snapshot of the same content
+        # (a reload that changed nothing) may take this index over, and its
+        # rows are other (equal) objects.
+        self._routable = snapshot.routable
         self._by_country: Dict[Tuple[str | None, str | None], _Bucket] = {
             key: _Bucket(rows) for key, rows in snapshot.by_app_country.items()
         }
@@ -211,7 +218,7 @@ class SelectionIndex:
         changed = self.changed
         if not changed:
             return
-        routable = self.snapshot.routable
+        routable = self._routable
         load_get = self.load.get
         keys_get = self._keys.get
         while changed:

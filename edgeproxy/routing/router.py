@@ -82,12 +82,13 @@ class Router:
 
     The one thing kept across calls is the L{SelectionIndex} of the current
     snapshot, which makes the decision without scanning a tier: it is
-    rebuilt when C{repository.current()} returns another snapshot (a reload)
-    or C{load} is replaced, and follows the load counts through the load
-    table's C{changed} set.  It decides whenever the RTT term is off
-    (C{rtt_weight} 0 or no RTT measured); with the term on, and with a load
-    counter that has no C{changed} set, the plain tier walk
-    (L{edgeproxy.routing.selection.select_plain}) decides.
+    rebuilt when C{repository.current()} returns a snapshot of other content
+    (a reload that changed something) or C{load} is replaced, and follows
+    the load counts through the load table's C{changed} set.  It decides
+    whenever the RTT term is off (C{rtt_weight} 0 or no RTT measured);
+    with the term on, and with a load counter that has no C{changed} set,
+    the plain tier walk (L{edgeproxy.routing.selection.select_plain})
+    decides.
 
     @ivar local_region: The region of this POP.
     @ivar load: The per-backend load counts.
@@ -309,8 +310,14 @@ class Router:
         """
         index = self._index
         connections = self.load.connections
-        if index is not None and index.snapshot is snapshot and index.load is connections:
-            return index
+        if index is not None and index.load is connections:
+            if index.snapshot is snapshot:
+                return index
+            if index.snapshot.same_content(snapshot):
+                # A periodic reload that changed nothing: same rows, same
+                # groups; no rebuild.
+                index.snapshot = snapshot
+                return index
         changed = getattr(self.load, "changed", None)
         if changed is None:
             self._index = None
