@@ -9,7 +9,7 @@ same port.
 
 from __future__ import annotations
 
-from typing import Dict, Set
+from typing import Any, Dict, Iterable, Mapping, Set, Tuple
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -17,7 +17,7 @@ from zope.interface import implementer
 from edgeproxy.interfaces import ILoadCounter, IMetricsStore
 from edgeproxy.model import Backend
 
-__all__ = ["UNDERFLOW", "LoadTable"]
+__all__ = ["UNDERFLOW", "LoadTable", "RttTable"]
 
 _log = Logger()
 
@@ -93,3 +93,67 @@ class LoadTable:
                     backend_id=backend_id,
                     counter=UNDERFLOW,
                 )
+
+
+class RttTable(Dict[str, float]):
+    """
+    Backend id -> connect RTT in seconds (the health checker's
+    L{edgeproxy.net.health.HealthChecker.rtts}): a plain C{dict} for its
+    readers, which notes the id of every entry set or removed in
+    L{changed}.
+
+    @ivar changed: The ids whose RTT was set or removed since the router's
+        selection index last looked (L{edgeproxy.routing.index.SelectionIndex.sync}
+        drains it, one reader only): at most one entry per backend checked.
+    """
+
+    __slots__ = ("changed",)
+
+    def __init__(self, items: Mapping[str, float] | Iterable[Tuple[str, float]] = ()) -> None:
+        super().__init__()
+        self.changed: Set[str] = set()
+        self.update(items)
+
+    def __setitem__(self, key: str, value: float) -> None:
+        dict.__setitem__(self, key, value)
+        self.changed.add(key)
+
+    def __delitem__(self, key: str) -> None:
+        dict.__delitem__(self, key)
+        self.changed.add(key)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        """
+        C{dict.pop}, noting C{key}.
+        """
+        self.changed.add(key)
+        return dict.pop(self, key, *default)
+
+    def popitem(self) -> Tuple[str, float]:
+        """
+        C{dict.popitem}, noting the key.
+        """
+        item = dict.popitem(self)
+        self.changed.add(item[0])
+        return item
+
+    def setdefault(self, key: str, default: float) -> float:  # type: ignore[override]
+        """
+        C{dict.setdefault}, noting C{key}.
+        """
+        self.changed.add(key)
+        return dict.setdefault(self, key, default)
+
+    def update(self, *args: Any, **kwargs: float) -> None:  # type: ignore[override]
+        """
+        C{dict.update}, noting every key.
+        """
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def clear(self) -> None:
+        """
+        C{dict.clear}, noting every key.
+        """
+        self.changed.update(self)
+        dict.clear(self)

@@ -84,11 +84,12 @@ class Router:
     snapshot, which makes the decision without scanning a tier: it is
     rebuilt when C{repository.current()} returns a snapshot of other content
     (a reload that changed something) or C{load} is replaced, and follows
-    the load counts through the load table's C{changed} set.  It decides
-    whenever the RTT term is off (C{rtt_weight} 0 or no RTT measured);
-    with the term on, and with a load counter that has no C{changed} set,
-    the plain tier walk (L{edgeproxy.routing.selection.select_plain})
-    decides.
+    the load counts through the load table's C{changed} set and the RTTs
+    through the RTT table's (L{edgeproxy.routing.load.RttTable}, the health
+    checker's).  It decides with the RTT term on or off; with a load counter
+    that has no C{changed} set, or the term on and an RTT table that has
+    none (a plain C{dict}), the plain tier walk
+    (L{edgeproxy.routing.selection.select_plain}) decides.
 
     @ivar local_region: The region of this POP.
     @ivar load: The per-backend load counts.
@@ -266,10 +267,23 @@ class Router:
         bindings = self._bindings
         skip = exclude
         rtt = self.rtt if self.rtt is not None else _NO_RTT
-        index = self._indexFor(snapshot) if self.rtt_weight <= 0.0 or not rtt else None
+        weight = self.rtt_weight
+        index: SelectionIndex | None
+        if weight <= 0.0:
+            weight = 0.0
+            index = self._indexFor(snapshot, None)
+        elif getattr(rtt, "changed", None) is not None:
+            # An RTT table that notes its changes (the health checker's):
+            # the index follows it.
+            index = self._indexFor(snapshot, rtt)
+        elif not rtt:
+            weight = 0.0
+            index = self._indexFor(snapshot, None)
+        else:
+            index = None
         for _ in range(_ACQUIRE_TRIES):
             if index is not None:
-                chosen = index.select(app, geo, self.local_region, self._rng, skip, blocked)
+                chosen = index.select(app, geo, self.local_region, self._rng, skip, blocked, weight)
             else:
                 chosen = select(
                     snapshot,
@@ -302,15 +316,18 @@ class Router:
             skip = skip | {chosen.id}
         return None
 
-    def _indexFor(self, snapshot: RoutingSnapshot) -> SelectionIndex | None:
+    def _indexFor(
+        self, snapshot: RoutingSnapshot, rtt: Mapping[str, float] | None
+    ) -> SelectionIndex | None:
         """
-        The selection index of C{snapshot} over the current load counts,
+        The selection index of C{snapshot} over the current load counts and
+        C{rtt} (an RTT table with a C{changed} set, or C{None}: no RTT),
         built on first use after a reload; C{None} when the load counter
         reports no changes (no C{changed} set) to follow.
         """
         index = self._index
         connections = self.load.connections
-        if index is not None and index.load is connections:
+        if index is not None and index.load is connections and index.rtt is rtt:
             if index.snapshot is snapshot:
                 return index
             if index.snapshot.same_content(snapshot):
@@ -322,7 +339,8 @@ class Router:
         if changed is None:
             self._index = None
             return None
-        index = self._index = SelectionIndex(snapshot, connections, changed)
+        rtt_changed = getattr(rtt, "changed", None) if rtt is not None else None
+        index = self._index = SelectionIndex(snapshot, connections, changed, rtt, rtt_changed)
         return index
 
     def _started(self, backend: Backend, geo: GeoInfo | None) -> Backend:
