@@ -618,36 +618,37 @@ class SelectionIndex:
             if best < base:
                 # Nothing in this tier or a later one can score below base.
                 break
-            buckets: Sequence[_Bucket]
+            plan: Sequence[Tuple[_Bucket, Iterable[float]]]
             if phase == 0:
                 found = self._by_country.get((app, country)) if country is not None else None
-                buckets = (found,) if found is not None else ()
+                plan = ((found, found.keys),) if found is not None else ()
                 skip = None
             else:
                 skip = country
                 if phase == 1:
                     found = self._by_region.get((app, region)) if region is not None else None
-                    buckets = (found,) if found is not None else ()
+                    plan = ((found, found.keys),) if found is not None else ()
                 elif phase == 2:
                     found = (
                         self._by_region.get((app, local_region)) if local_region != region else None
                     )
-                    buckets = (found,) if found is not None else ()
+                    plan = ((found, found.keys),) if found is not None else ()
                 else:
-                    buckets = [
-                        bucket
+                    plan = [
+                        (bucket, bucket.keys)
                         for r, bucket in self._regions.get(app, ())
                         if r != local_region and r != region
                     ]
+                    if use_rtt and len(plan) > 1:
+                        # Several lists: the lowest group of each first, so
+                        # that the best score found bounds the walk of every
+                        # list (a first list whose lowest group is all
+                        # unmeasured would otherwise be walked to a bound
+                        # the next list beats at once).
+                        plan = [(bucket, keys[:1]) for bucket, keys in plan] + [
+                            (bucket, islice(keys, 1, None)) for bucket, keys in plan
+                        ]
             fallback = -1.0  # the tier's median term, once worked out
-            plan: Iterable[Tuple[_Bucket, Iterable[float]]]
-            if len(buckets) == 1:
-                plan = ((buckets[0], buckets[0].keys),)
-            else:
-                # Several lists (tier 3): the lowest group of each first, so
-                # that the best score found bounds the walk of every list.
-                plan = [(bucket, bucket.keys[:1]) for bucket in buckets]
-                plan.extend((bucket, islice(bucket.keys, 1, None)) for bucket in buckets)
             for bucket, keys in plan:
                 groups = bucket.groups
                 for key in keys:
@@ -656,8 +657,6 @@ class SelectionIndex:
                     group = groups[key]
                     subs = group.subs
                     if not use_rtt:
-                        s = base + key
-                        hit = False
                         for sub in subs.values():
                             for b in sub:
                                 # A backend of the client's country is tier 0
@@ -673,15 +672,22 @@ class SelectionIndex:
                                 hard = b.hard_limit
                                 if hard > 0 and load_get(bid, 0) >= hard:
                                     continue
-                                hit = True
                                 break
-                            if hit:
-                                break
-                        if hit:
-                            if s < best:
-                                best = s
-                                tied = []
-                            tied.extend((sub, skip) for sub in subs.values())
+                            else:
+                                continue
+                            break
+                        else:
+                            # No candidate in the group.
+                            continue
+                        s = base + key
+                        if s < best:
+                            best = s
+                            tied = []
+                        if len(subs) == 1:
+                            tied.append((sub, skip))
+                        else:
+                            for sub in subs.values():
+                                tied.append((sub, skip))
                         continue
                     room = ceiling - key
                     for ms in group.ms:
