@@ -634,19 +634,20 @@ class SelectionIndex:
                     )
                     plan = ((found, found.keys),) if found is not None else ()
                 else:
-                    plan = [
+                    lists = [
                         (bucket, bucket.keys)
                         for r, bucket in self._regions.get(app, ())
                         if r != local_region and r != region
                     ]
-                    if use_rtt and len(plan) > 1:
+                    plan = lists
+                    if use_rtt and len(lists) > 1:
                         # Several lists: the lowest group of each first, so
                         # that the best score found bounds the walk of every
                         # list (a first list whose lowest group is all
                         # unmeasured would otherwise be walked to a bound
                         # the next list beats at once).
-                        plan = [(bucket, keys[:1]) for bucket, keys in plan] + [
-                            (bucket, islice(keys, 1, None)) for bucket, keys in plan
+                        plan = [(bucket, keys[:1]) for bucket, keys in lists] + [
+                            (bucket, islice(keys, 1, None)) for bucket, keys in lists
                         ]
             fallback = -1.0  # the tier's median term, once worked out
             for bucket, keys in plan:
