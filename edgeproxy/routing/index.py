@@ -160,18 +160,40 @@ class _Bucket:
 
     __slots__ = ("groups", "keys", "measured", "pos")
 
-    def __init__(self, members: Sequence[Backend], ms_of: Mapping[str, float]) -> None:
+    def __init__(
+        self,
+        members: Sequence[Backend],
+        lt_of: Mapping[str, float],
+        ms_of: Mapping[str, float],
+    ) -> None:
         self.keys: List[float] = []
         self.groups: Dict[float, _Group] = {}
         self.pos: Dict[str, int] = {}
-        measured = []
+        groups = self.groups
+        lt_get = lt_of.get
+        ms_get = ms_of.get
         for b in members:
-            ms = ms_of.get(b.id)
-            self.add(b, 0.0, ms)
-            if ms is not None:
-                measured.append(ms)
-        measured.sort()
-        self.measured = measured
+            bid = b.id
+            lt = lt_get(bid, 0.0)
+            group = groups.get(lt)
+            if group is None:
+                group = groups[lt] = _Group()
+            ms = ms_get(bid)
+            sub = group.subs.get(ms)
+            if sub is None:
+                group.subs[ms] = [b]
+            else:
+                sub.append(b)
+        pos = self.pos
+        for group in groups.values():
+            for sub in group.subs.values():
+                for i, b in enumerate(sub):
+                    pos[b.id] = i
+            group.ms = sorted(ms for ms in group.subs if ms is not None)
+        self.keys = sorted(groups)
+        self.measured: List[float] = (
+            sorted(ms for ms in map(ms_get, pos) if ms is not None) if ms_of else []
+        )
 
     def remove(self, b: Backend, lt: float, ms: float | None) -> None:
         """
@@ -281,12 +303,10 @@ class SelectionIndex:
     """
 
     __slots__ = (
-        "_buckets_of",
         "_by_country",
         "_by_region",
         "_full",
         "_keys",
-        "_lists_of",
         "_medians",
         "_ms",
         "_ms_app",
@@ -327,11 +347,25 @@ class SelectionIndex:
                     if ms is not None:
                         ms_of[bid] = ms
         self._ms = ms_of
+        #: Backend id -> the load term its groups are filed under (absent: 0.0).
+        keys: Dict[str, float] = {}
+        #: The routable backends at their hard limit.
+        full: set[str] = set()
+        changed.clear()
+        for bid, current in list(load.items()):
+            row = routable.get(bid)
+            if row is not None and current:
+                keys[bid] = _load_term(row, current)
+                hard = row.hard_limit
+                if hard > 0 and current >= hard:
+                    full.add(bid)
+        self._keys = keys
+        self._full = full
         self._by_country: Dict[Tuple[str | None, str | None], _Bucket] = {
-            key: _Bucket(rows, ms_of) for key, rows in snapshot.by_app_country.items()
+            key: _Bucket(rows, keys, ms_of) for key, rows in snapshot.by_app_country.items()
         }
         self._by_region: Dict[Tuple[str | None, str | None], _Bucket] = {
-            key: _Bucket(rows, ms_of) for key, rows in snapshot.by_app_region.items()
+            key: _Bucket(rows, keys, ms_of) for key, rows in snapshot.by_app_region.items()
         }
         regions: Dict[str | None, List[Tuple[str | None, _Bucket]]] = {}
         for (app, region), bucket in self._by_region.items():
@@ -341,54 +375,43 @@ class SelectionIndex:
         # next to the buckets' own.
         ms_app: Dict[str | None, List[float]] = {}
         ms_cell: Dict[Tuple[str | None, str | None, str | None], List[float]] = {}
-        buckets_of: Dict[str, List[_Bucket]] = {}
-        lists_of: Dict[str, List[List[float]]] = {}
-        for index in (self._by_country, self._by_region):
-            for bucket in index.values():
-                for bid in bucket.pos:
-                    buckets_of.setdefault(bid, []).append(bucket)
-                    lists_of.setdefault(bid, []).append(bucket.measured)
-        for b in routable.values():
-            lists = lists_of.setdefault(b.id, [])
-            for app in {b.app, None}:
-                lists.append(ms_app.setdefault(app, []))
-                lists.append(ms_cell.setdefault((app, b.country, b.region), []))
-        for b in routable.values():
-            ms = ms_of.get(b.id)
-            if ms is None:
-                continue
-            for app in {b.app, None}:
-                ms_app[app].append(ms)
-                ms_cell[(app, b.country, b.region)].append(ms)
+        for bid, ms in ms_of.items():
+            b = routable[bid]
+            for app in (None, b.app) if b.app is not None else (None,):
+                ms_app.setdefault(app, []).append(ms)
+                ms_cell.setdefault((app, b.country, b.region), []).append(ms)
         for lst in ms_app.values():
             lst.sort()
         for lst in ms_cell.values():
             lst.sort()
         self._ms_app = ms_app
         self._ms_cell = ms_cell
-        self._buckets_of: Dict[str, Tuple[_Bucket, ...]] = {
-            k: tuple(v) for k, v in buckets_of.items()
-        }
-        self._lists_of: Dict[str, Tuple[List[float], ...]] = {
-            k: tuple(v) for k, v in lists_of.items()
-        }
         self._medians: Dict[Tuple[int, str | None, str | None, str | None, str], float] = {}
-        #: Backend id -> the load term its groups are filed under (absent: 0.0).
-        self._keys: Dict[str, float] = {}
-        #: The routable backends at their hard limit.
-        self._full: set[str] = set()
-        changed.clear()
-        for bid, current in list(load.items()):
-            row = routable.get(bid)
-            if row is not None and current:
-                self._file(row, _load_term(row, current))
-                hard = row.hard_limit
-                if hard > 0 and current >= hard:
-                    self._full.add(bid)
+
+    def _buckets(self, b: Backend) -> List[_Bucket]:
+        """
+        The buckets C{b} is in (two or four).
+        """
+        out = []
+        for app in (None, b.app) if b.app is not None else (None,):
+            if b.country is not None:
+                out.append(self._by_country[(app, b.country)])
+            out.append(self._by_region[(app, b.region)])
+        return out
+
+    def _lists(self, b: Backend) -> List[List[float]]:
+        """
+        The sorted lists of measured RTTs C{b}'s RTT is in.
+        """
+        out = [bucket.measured for bucket in self._buckets(b)]
+        for app in (None, b.app) if b.app is not None else (None,):
+            out.append(self._ms_app.setdefault(app, []))
+            out.append(self._ms_cell.setdefault((app, b.country, b.region), []))
+        return out
 
     def __repr__(self) -> str:
         return (
-            f"<SelectionIndex backends={len(self._buckets_of)} loaded={len(self._keys)}"
+            f"<SelectionIndex backends={len(self._routable)} loaded={len(self._keys)}"
             f" measured={len(self._ms)}>"
         )
 
@@ -402,7 +425,7 @@ class SelectionIndex:
         if old == key:
             return
         ms = self._ms.get(bid)
-        for bucket in self._buckets_of[bid]:
+        for bucket in self._buckets(b):
             bucket.remove(b, old, ms)
             bucket.add(b, key, ms)
         if key:
@@ -417,10 +440,10 @@ class SelectionIndex:
         bid = b.id
         old = self._ms.get(bid)
         lt = self._keys.get(bid, 0.0)
-        for bucket in self._buckets_of[bid]:
+        for bucket in self._buckets(b):
             bucket.remove(b, lt, old)
             bucket.add(b, lt, ms)
-        for lst in self._lists_of[bid]:
+        for lst in self._lists(b):
             if old is not None:
                 del lst[bisect_left(lst, old)]
             if ms is not None:
