@@ -48,9 +48,10 @@ smallest score the next tier could possibly have (C{tier * 100}).  The
 result is exactly the one a scan of every candidate would give (see
 C{tests/test_selection.py}).  It still scores every candidate of each tier
 it walks, which is the whole app when nothing is near the client: the
-router decides with L{edgeproxy.routing.index.SelectionIndex} instead
-whenever the RTT term is off, and this function stays as the reference the
-index is checked against (and the path with the RTT term on).
+router decides with L{edgeproxy.routing.index.SelectionIndex} instead, with
+the RTT term on or off, and this function stays as the reference the index
+is checked against (and the path for load or RTT tables that do not note
+their changes).
 """
 
 from __future__ import annotations
