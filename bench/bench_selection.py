@@ -1,14 +1,21 @@
 """
-Micro-benchmark of L{edgeproxy.routing.selection.select}.
+Micro-benchmark of the routing decision: L{edgeproxy.routing.index.SelectionIndex.select}
+(what the router runs) and the plain tier walk
+L{edgeproxy.routing.selection.select_plain} (the reference).
 
 Builds snapshots of 10, 1,000 and 10,000 backends spread over countries,
 regions and apps, and times one call of C{select} in a few typical cases.
 Prints the median (and 90th percentile) in microseconds per call.
 
-Each case runs three ways: without an RTT table (the scoring of SPEC
-section 3), with an RTT table and C{rtt_weight=0} (the term off), and with
-C{rtt_weight=0.01} (the default of C{--rtt-weight}), three backends in four
-measured (the others score as their tier's median).
+Each case runs five ways: the selection index without RTT (column
+"index": the scoring of SPEC section 3, the router's path with the RTT
+term off), the selection index with an RTT table and C{rtt_weight=0.01}
+("index w=0.01": the router's path with the default C{--rtt-weight}),
+and the plain tier walk without an RTT table ("no rtt", the same scoring
+as "index"), with an RTT table and C{rtt_weight=0} ("w=0", the term off),
+and with C{rtt_weight=0.01} ("w=0.01", the same choice as "index
+w=0.01").  The RTT table has three backends in four measured (the others
+score as their tier's median).
 
     PYTHONPATH=. python bench/bench_selection.py [--repeat 200] [--number 200]
 
@@ -24,7 +31,9 @@ import timeit
 from typing import Callable, Dict, List, Tuple
 
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
-from edgeproxy.routing.selection import select
+from edgeproxy.routing.index import SelectionIndex
+from edgeproxy.routing.load import RttTable
+from edgeproxy.routing.selection import select_plain
 
 REGIONS = ["sa", "us", "eu", "ap"]
 
@@ -56,8 +65,11 @@ def build(n: int, countries: int = 50, apps: int = 10) -> Tuple[RoutingSnapshot,
     return RoutingSnapshot.build(rows), names
 
 
-#: How each case is run: (column title, with an RTT table, rtt_weight).
+#: How each case is run: (column title, with an RTT table, rtt_weight);
+#: the first two are the selection index.
 MODES: List[Tuple[str, bool, float]] = [
+    ("index", False, 0.0),
+    ("index w=0.01", True, 0.01),
     ("no rtt", False, 0.0),
     ("w=0", True, 0.0),
     ("w=0.01", True, 0.01),
@@ -65,7 +77,11 @@ MODES: List[Tuple[str, bool, float]] = [
 
 
 def cases(
-    snapshot: RoutingSnapshot, names: List[str], with_rtt: bool = False, weight: float = 0.0
+    snapshot: RoutingSnapshot,
+    names: List[str],
+    with_rtt: bool = False,
+    weight: float = 0.0,
+    indexed: bool = False,
 ) -> List[Tuple[str, Callable[[], Backend | None]]]:
     rng = random.Random(1)
     ids = [b.id for b in snapshot.backends]
@@ -79,10 +95,17 @@ def cases(
     region_only = GeoInfo("ZZ", probe.region)
     foreign = GeoInfo("ZZ", "zz")
 
+    table = RttTable(rtt)
+    index = SelectionIndex(snapshot, load, set(), table, table.changed) if indexed else None
+
     def call(app: str | None, geo: GeoInfo | None, local: str) -> Callable[[], Backend | None]:
+        if index is not None:
+            return lambda: index.select(app, geo, local, rng, rtt_weight=weight)
         if not with_rtt:
-            return lambda: select(snapshot, app, geo, local, load, rng)
-        return lambda: select(snapshot, app, geo, local, load, rng, rtt=rtt, rtt_weight=weight)
+            return lambda: select_plain(snapshot, app, geo, local, load, rng)
+        return lambda: select_plain(
+            snapshot, app, geo, local, load, rng, rtt=rtt, rtt_weight=weight
+        )
 
     return [
         ("app, country hit", call(app, geo, "us")),
@@ -98,12 +121,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--number", type=int, default=200)
     args = parser.parse_args()
-    print("select(): microseconds per call, median (p90); lower is better")
+    print("routing decision: microseconds per call, median (p90); lower is better")
     header = "".join(f" {title:>17}" for title, _, _ in MODES)
     print(f"{'backends':>8}  {'case':<22}{header}")
     for n in (10, 1000, 10000):
         snapshot, names = build(n)
-        columns = [cases(snapshot, names, with_rtt, weight) for _, with_rtt, weight in MODES]
+        columns = [
+            cases(snapshot, names, with_rtt, weight, indexed=i < 2)
+            for i, (_, with_rtt, weight) in enumerate(MODES)
+        ]
         for row in zip(*columns):
             name = row[0][0]
             cells = []

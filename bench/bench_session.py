@@ -83,6 +83,15 @@ def build(variant: str) -> tuple[Any, Any]:
         reactor,
         random.Random(1),
     )
+    if variant == "rtt":
+        # The RTT term on (--rtt-weight 0.01, the default) with the health
+        # checker's kind of table where the checkout has one (a plain dict,
+        # so the plain walk, before the index followed RTTs).
+        import edgeproxy.routing.load as load_module
+
+        table = getattr(load_module, "RttTable", dict)
+        router.rtt = table({b.id: 0.001 * (1 + i % 3) for i, b in enumerate(rows[:-1])})
+        router.rtt_weight = 0.01
     factory = ProxyFactory(router, reactor, ProxySettings(), metrics, app="web")
     if variant == "ops":
         # Everything issue 8 puts on the path: breaker, per-client limits,
@@ -121,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--variant", choices=["default", "ops"], default="default")
+    parser.add_argument("--variant", choices=["default", "ops", "rtt"], default="default")
     args = parser.parse_args()
     # No log observer (as in production the file observer would add its own
     # cost to both versions alike): events go nowhere.

@@ -59,10 +59,13 @@ class _World:
 
     def busy(self, backend_id: str) -> None:
         """
-        Count one more connection to C{backend_id}, hard limit or not.
+        Count one more connection to C{backend_id}, hard limit or not, and
+        note the change as L{LoadTable.acquire} does (the router's selection
+        index follows the counts through that note).
         """
         counts = self.router.load.connections
         counts[backend_id] = counts.get(backend_id, 0) + 1  # type: ignore[index]
+        self.router.load.changed.add(backend_id)  # type: ignore[attr-defined]
 
     def choose(self, ip: str = CLIENT_BR, app: str | None = "app", exclude=frozenset()):
         return self.router.choose(ip, app, frozenset(exclude))
@@ -469,3 +472,26 @@ def test_explain_excluded_respects_the_limit():
     report = w.router.explain(CLIENT_BR, "app", limit=3)
     assert [e["id"] for e in report["excluded"]] == ["sick-0", "sick-1", "sick-2"]
     assert [c["id"] for c in report["candidates"]] == ["gru"]
+
+
+def test_selection_index_rebuilt_only_when_the_table_changes():
+    """
+    The router's selection index is kept across a reload that changed
+    nothing (a new snapshot of the same rows) and rebuilt when the rows
+    change, after which a new backend is chosen at once and a removed one
+    never again.
+    """
+    w = _World([backend("a", country="US", region="us"), backend("b", country="US", region="us")])
+    assert w.choose() is not None
+    first = w.router._index
+    assert first is not None
+    w.repository.set(
+        [backend("a", country="US", region="us"), backend("b", country="US", region="us")]
+    )
+    assert w.choose("198.51.100.77") is not None
+    assert w.router._index is first
+    w.repository.set([backend("b", country="US", region="us"), backend("c")])
+    assert _id(w.choose("198.51.100.78")) == "c"
+    assert w.router._index is not first
+    w.repository.set([backend("b", country="US", region="us")])
+    assert _id(w.choose("198.51.100.79")) == "b"

@@ -14,7 +14,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
-from edgeproxy.routing.selection import geo_tier, score, select
+from edgeproxy.routing.index import SelectionIndex
+from edgeproxy.routing.load import LoadTable, RttTable
+from edgeproxy.routing.selection import geo_tier, score, select, select_plain
 from edgeproxy.testing import backend
 
 # --------------------------------------------------------------------------
@@ -813,3 +815,625 @@ def test_rtt_term_never_crosses_into_the_next_tier():
     assert score(b, geo, "us", 150, 1e9, 1e6) == 150.0
     assert score(b, geo, "us", 10, 20.0, 0.5) == 20.0
     assert score(b, geo, "us", 10, None, 0.5) == 10.0 == score(b, geo, "us", 10)
+
+
+# --- the selection index (issue 10) -----------------------------------------------
+#
+# SelectionIndex decides with load-ordered groups instead of scoring every
+# candidate of a tier.  Its set of tied best candidates must be exactly the
+# brute-force argmin (and so contain what select_plain picks), whatever the
+# table, the loads (set up front or reached through acquire/release, with
+# reloads in between), the exclusions, the overlay's blocked set and the
+# client; and its draw must be uniform over that set.
+
+
+def _blocked(data, snapshot: RoutingSnapshot) -> frozenset:
+    return frozenset(
+        b.id for b in snapshot.backends if data.draw(st.integers(0, 4), label="blocked") == 0
+    )
+
+
+def _check_index(index: SelectionIndex, snapshot, app, geo, local, load, exclude, blocked, seed):
+    """
+    The index agrees with the brute-force reference and with select_plain.
+    """
+    best, argmin = select_reference(snapshot, app, geo, local, load, exclude | blocked)
+    got_best, got = index.candidates(app, geo, local, exclude, blocked)
+    assert got_best == best
+    assert got == argmin
+    rng = random.Random(seed)
+    plain = select_plain(snapshot, app, geo, local, load, random.Random(seed), exclude, blocked)
+    # Several draws, so that the tie-break's own checks are exercised too.
+    for _ in range(12):
+        chosen = index.select(app, geo, local, rng, exclude, blocked)
+        if best is None:
+            assert chosen is None and plain is None
+        else:
+            assert chosen is not None and chosen.id in argmin
+            assert plain is not None and plain.id in got
+            assert score(chosen, geo, local, load.get(chosen.id, 0)) == best
+
+
+def test_select_is_select_plain():
+    """
+    The plain tier walk is still importable under its historical name.
+    """
+    assert select is select_plain
+
+
+@settings(max_examples=400)
+@given(_situations(), st.data())
+def test_index_matches_plain_scan(situation, data):
+    """
+    Built over a table and its load counts, the index's best score and set
+    of tied best candidates are exactly the brute-force scan's (hard limits,
+    exclusions, the overlay's blocked set, other apps and every geo tier,
+    cross-tier ties included); its pick is in that set and select_plain's
+    pick is in the index's set.
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    blocked = _blocked(data, snapshot)
+    index = SelectionIndex(snapshot, load, set())
+    _check_index(index, snapshot, app, geo, local, load, exclude, blocked, seed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(_backends(max_size=12), min_size=1, max_size=3),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["acquire", "acquire", "release", "check", "reload"]),
+            st.integers(0, 11),
+        ),
+        max_size=40,
+    ),
+    st.data(),
+)
+def test_index_follows_acquire_release_and_reloads(tables, ops, data):
+    """
+    An index fed by a L{LoadTable}'s C{changed} set stays exact through any
+    sequence of acquires (hard limits respected), releases (underflows
+    included) and reloads (a new index over the next table, as the router
+    builds one, with the counts carried over): at every check it finds what
+    the brute-force scan finds for the table's current counts.
+    """
+    table = LoadTable()
+    which = 0
+    snapshot = RoutingSnapshot.build(tables[0])
+    index = SelectionIndex(snapshot, table.connections, table.changed)
+    for op, n in ops:
+        rows = snapshot.backends
+        if op == "acquire" and rows:
+            table.acquire(rows[n % len(rows)])
+        elif op == "release":
+            table.release(rows[n % len(rows)].id if rows else f"b{n}")
+        elif op == "reload":
+            which = (which + 1) % len(tables)
+            snapshot = RoutingSnapshot.build(tables[which])
+            index = SelectionIndex(snapshot, table.connections, table.changed)
+        else:
+            _check_index(
+                index,
+                snapshot,
+                data.draw(st.sampled_from(["a", None, "b"]), label="app"),
+                data.draw(_geos, label="geo"),
+                data.draw(st.sampled_from(_REGIONS), label="local"),
+                dict(table.connections),
+                frozenset(b.id for b in rows if data.draw(st.integers(0, 9)) == 0),
+                _blocked(data, snapshot),
+                n,
+            )
+    _check_index(
+        index, snapshot, "a", BR, "us", dict(table.connections), frozenset(), frozenset(), 0
+    )
+    assert not table.changed
+
+
+def test_index_draw_is_uniform_over_the_tied_candidates():
+    """
+    Ties are broken uniformly over the candidates only, whether a few draws
+    find one (most of the tied group is a candidate) or the index has to
+    count them (nearly all of it is excluded): 4000 seeded draws give each
+    candidate close to its share and never anyone else.
+    """
+    rows = [backend(f"t{i}") for i in range(100)]
+    snapshot = RoutingSnapshot.build(rows)
+    index = SelectionIndex(snapshot, {}, set())
+    for blocked in (frozenset({"t0", "t1"}), frozenset(f"t{i}" for i in range(2, 100))):
+        allowed = {b.id for b in rows} - blocked
+        rng = random.Random(10)
+        counts = Counter(
+            index.select("app", BR, "sa", rng, blocked=blocked).id  # type: ignore[union-attr]
+            for _ in range(4000)
+        )
+        assert set(counts) <= allowed
+        expected = 4000 / len(allowed)
+        for i in allowed:
+            assert 0.5 * expected < counts[i] < 1.6 * expected + 5
+
+
+def test_index_rng_untouched_without_ties():
+    """
+    As the plain walk, the index only draws a random number when more than
+    one candidate ties.
+    """
+
+    class Exploding(random.Random):
+        def random(self) -> float:
+            raise AssertionError("rng used without a tie")
+
+    snapshot = RoutingSnapshot.build([_BR, _AR, _US])
+    index = SelectionIndex(snapshot, {"br": 1, "ar": 2}, set())
+    chosen = index.select("app", BR, "sa", Exploding())
+    assert chosen is not None and chosen.id == "br"
+
+
+def test_index_nothing_near_looks_at_one_backend():
+    """
+    A client near none of an app's backends (every one tier 3) costs the
+    index a look at the first group of each region list, not a scan of the
+    app: with 1,000 idle backends the load of one of them is read (its hard
+    limit) and nothing else.
+    """
+    rows = [
+        backend(f"b{i}", country=f"C{i % 40:02d}", region=("sa", "us", "eu")[i % 3], hard_limit=5)
+        for i in range(1000)
+    ]
+    snapshot = RoutingSnapshot.build(rows)
+
+    class CountingLoad(dict):
+        reads = 0
+
+        def get(self, key, default=None):
+            CountingLoad.reads += 1
+            return super().get(key, default)
+
+    index = SelectionIndex(snapshot, CountingLoad(), set())
+    CountingLoad.reads = 0
+    chosen = index.select("app", GeoInfo("JP", "ap"), "xx", random.Random(0))
+    assert chosen is not None
+    # One hard-limit read per region list (three) plus the tie-break draw's.
+    assert CountingLoad.reads <= 4
+
+
+def test_changed_set_only_holds_acquired_backends():
+    """
+    The load table notes the backends whose count changed, each once, and a
+    release of a backend never acquired (an underflow) notes nothing: an
+    outsider cannot grow the set past the table's backends.
+    """
+    table = LoadTable()
+    for _ in range(3):
+        assert table.acquire(_BR)
+    table.release("br")
+    for i in range(100):
+        table.release(f"nobody-{i}")
+    assert table.changed == {"br"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(_backends(max_size=10), min_size=1, max_size=3),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["choose", "choose", "choose", "release", "reload", "drain"]),
+            st.integers(0, 9),
+        ),
+        max_size=40,
+    ),
+    st.lists(_geos, min_size=1, max_size=4),
+    st.sampled_from(["a", None, "b"]),
+    st.sampled_from(_REGIONS),
+)
+def test_router_choice_is_the_plain_scans(tables, ops, geos, app, local):
+    """
+    Through the router (whose selection index is built on first use, rebuilt
+    when a reload swaps the snapshot, and fed by its load table), every
+    fresh choice is one the brute-force scan allows for the counts and
+    admin states of that moment: connections chosen, released, reloads and
+    backends drained by the operator in any order.
+    """
+    from twisted.internet.task import Clock
+
+    from edgeproxy.interfaces import NO_NEW_CLIENTS
+    from edgeproxy.routing.router import Router
+    from edgeproxy.testing import (
+        BindingTable,
+        InMemoryBackendRepository,
+        MetricsStore,
+        StaticGeoResolver,
+    )
+
+    ips = [f"192.0.2.{i}" for i in range(len(geos))]
+    resolver = StaticGeoResolver({ip: g for ip, g in zip(ips, geos) if g is not None})
+    repository = InMemoryBackendRepository(tables[0])
+    router = Router(
+        repository, BindingTable(), resolver, MetricsStore(), local, Clock(), random.Random(0)
+    )
+    which = 0
+    held = []
+    for step, (op, n) in enumerate(ops):
+        snapshot = repository.current()
+        if op == "choose":
+            ip = ips[n % len(ips)]
+            # A fresh client each time (no binding): bindings key by address.
+            client = f"198.51.100.{step}" if n % 2 else ip
+            geo = resolver.resolve(client)
+            blocked = router.overlay.closedToNew
+            best, argmin = select_reference(
+                snapshot, app, geo, local, dict(router.load.connections), blocked
+            )
+            router._bindings.remove((client, app))  # type: ignore[attr-defined]
+            chosen = router.choose(client, app)
+            if best is None:
+                assert chosen is None
+            else:
+                assert chosen is not None and chosen.id in argmin
+                held.append(chosen.id)
+        elif op == "release" and held:
+            router.release(held.pop(n % len(held)))
+        elif op == "reload":
+            which = (which + 1) % len(tables)
+            repository.set(tables[which])
+        elif op == "drain" and snapshot.backends:
+            bid = snapshot.backends[n % len(snapshot.backends)].id
+            router.overlay.setVerdict(bid, "admin", NO_NEW_CLIENTS)
+
+
+# --------------------------------------------------------------------------
+# The selection index with the RTT term (the default --rtt-weight 0.01).
+
+
+def _ref_valid_ms(seconds: float | None) -> float | None:
+    if seconds is None or not 0.0 <= seconds < float("inf"):
+        return None
+    return _ref_ms(seconds)
+
+
+def select_rtt_reference(snapshot, app, geo, local_region, load, rtt, weight, exclude):
+    """
+    Brute force with the RTT term, values that are no measurement (negative,
+    infinite, NaN) counting as unmeasured: (minimum score, ids that reach
+    it), or (None, set()).
+    """
+    candidates = list(_ref_candidates(snapshot, app, load, exclude))
+    measured: dict[int, list[float]] = {}
+    for b, _ in candidates:
+        ms = _ref_valid_ms(rtt.get(b.id))
+        if ms is not None:
+            measured.setdefault(_ref_tier(b, geo, local_region), []).append(ms)
+    scored = []
+    for b, cur in candidates:
+        tier = _ref_tier(b, geo, local_region)
+        ms = _ref_valid_ms(rtt.get(b.id))
+        if ms is None:
+            ms = _ref_median(measured.get(tier, []))
+        lt = _ref_load(b, cur)
+        scored.append((tier * 100.0 + (lt + min(weight * ms, max(0.0, 99.0 - lt))), b.id))
+    if not scored:
+        return None, set()
+    best = min(s for s, _ in scored)
+    return best, {i for s, i in scored if s == best}
+
+
+_any_rtt_values = st.one_of(
+    _rtt_values,
+    st.sampled_from([0.0014, 0.0015, 0.0016, 0.003, 0.003]),
+    st.sampled_from([-1.0, float("inf"), float("nan")]),
+)
+_index_rtt_weights = st.one_of(
+    st.sampled_from([0.01, 0.01, 0.001, 0.5, 1.0, 10.0, 1e6]), st.floats(1e-6, 1e6)
+)
+
+
+@st.composite
+def _any_rtt_tables(draw, snapshot):
+    table = {}
+    for b in snapshot.backends:
+        if draw(st.integers(0, 3), label="measured"):
+            table[b.id] = draw(_any_rtt_values, label="rtt")
+    return table
+
+
+def _check_rtt_index(
+    index: SelectionIndex, snapshot, app, geo, local, load, rtt, weight, exclude, blocked, seed
+):
+    """
+    With the RTT term, the index agrees with the brute-force reference (the
+    same best score, the same set of tied candidates) and with select_plain.
+    """
+    best, argmin = select_rtt_reference(
+        snapshot, app, geo, local, load, rtt, weight, exclude | blocked
+    )
+    got_best, got = index.candidates(app, geo, local, exclude, blocked, weight)
+    assert got_best == best
+    assert got == argmin
+    # Each tier's median, whether or not it decided anything here.
+    measured: dict[int, list[float]] = {}
+    for b, _ in _ref_candidates(snapshot, app, load, exclude | blocked):
+        ms = _ref_valid_ms(rtt.get(b.id))
+        if ms is not None:
+            measured.setdefault(_ref_tier(b, geo, local), []).append(ms)
+    for tier in range(4):
+        assert index.tier_median(tier, app, geo, local, exclude, blocked) == _ref_median(
+            measured.get(tier, [])
+        ), tier
+    rng = random.Random(seed)
+    plain = select_plain(
+        snapshot,
+        app,
+        geo,
+        local,
+        load,
+        random.Random(seed),
+        exclude,
+        blocked,
+        rtt=dict(rtt),
+        rtt_weight=weight,
+    )
+    for _ in range(6):
+        chosen = index.select(app, geo, local, rng, exclude, blocked, weight)
+        if best is None:
+            assert chosen is None and plain is None
+        else:
+            assert chosen is not None and chosen.id in argmin
+            assert plain is not None and plain.id in got
+
+
+@settings(max_examples=400, deadline=None)
+@given(_situations(), st.data())
+def test_rtt_index_matches_plain_scan(situation, data):
+    """
+    With an RTT table (unmeasured backends, values that are no measurement,
+    equal whole milliseconds, RTTs large enough for the term's cap) and any
+    positive weight, the index's best score and set of tied best candidates
+    are exactly the brute-force scan's, the unmeasured scored with the median
+    of their tier's measured candidates (exclusions, blocked backends and
+    hard limits changing that median); its pick is in that set and
+    select_plain's pick is in the index's set.
+    """
+    snapshot, app, geo, local, load, exclude, seed = situation
+    blocked = _blocked(data, snapshot)
+    rtt = RttTable(data.draw(_any_rtt_tables(snapshot), label="rtt table"))
+    weight = data.draw(_index_rtt_weights, label="weight")
+    index = SelectionIndex(snapshot, load, set(), rtt, rtt.changed)
+    _check_rtt_index(index, snapshot, app, geo, local, load, rtt, weight, exclude, blocked, seed)
+    # Without the term the same index scores as without RTT.
+    _check_index(index, snapshot, app, geo, local, load, exclude, blocked, seed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(_backends(max_size=12), min_size=1, max_size=3),
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["acquire", "acquire", "release", "rtt", "rtt", "forget", "check", "reload"]
+            ),
+            st.integers(0, 11),
+        ),
+        max_size=40,
+    ),
+    _index_rtt_weights,
+    st.data(),
+)
+def test_rtt_index_follows_rtt_updates_acquire_release_and_reloads(tables, ops, weight, data):
+    """
+    An index fed by a L{LoadTable}'s and an L{RttTable}'s C{changed} sets
+    stays exact through any sequence of acquires, releases, RTT updates
+    (new values, values that round to the same milliseconds, values that
+    are no measurement), RTTs forgotten (the backend unmeasured again) and
+    reloads (a new index over the next table, with counts and RTTs carried
+    over): at every check it finds what the brute-force scan with the RTT
+    term finds for the tables' current contents.
+    """
+    table = LoadTable()
+    rtt = RttTable()
+    which = 0
+    snapshot = RoutingSnapshot.build(tables[0])
+    index = SelectionIndex(snapshot, table.connections, table.changed, rtt, rtt.changed)
+    for op, n in ops:
+        rows = snapshot.backends
+        if op == "acquire" and rows:
+            table.acquire(rows[n % len(rows)])
+        elif op == "release":
+            table.release(rows[n % len(rows)].id if rows else f"b{n}")
+        elif op == "rtt":
+            rtt[rows[n % len(rows)].id if rows else f"b{n}"] = data.draw(_any_rtt_values)
+        elif op == "forget":
+            rtt.pop(rows[n % len(rows)].id if rows else f"b{n}", None)
+        elif op == "reload":
+            which = (which + 1) % len(tables)
+            snapshot = RoutingSnapshot.build(tables[which])
+            index = SelectionIndex(snapshot, table.connections, table.changed, rtt, rtt.changed)
+        else:
+            _check_rtt_index(
+                index,
+                snapshot,
+                data.draw(st.sampled_from(["a", None, "b"]), label="app"),
+                data.draw(_geos, label="geo"),
+                data.draw(st.sampled_from(_REGIONS), label="local"),
+                dict(table.connections),
+                dict(rtt),
+                weight,
+                frozenset(b.id for b in rows if data.draw(st.integers(0, 9)) == 0),
+                _blocked(data, snapshot),
+                n,
+            )
+    _check_rtt_index(
+        index,
+        snapshot,
+        "a",
+        BR,
+        "us",
+        dict(table.connections),
+        dict(rtt),
+        weight,
+        frozenset(),
+        frozenset(),
+        0,
+    )
+    assert not table.changed and not rtt.changed
+
+
+def test_rtt_index_median_of_many():
+    """
+    The tier median the index works out from its sorted lists (a signed sum
+    of them, ineligible members subtracted) is the plain scan's for larger
+    tiers too: 300 backends over three countries and regions, a third
+    unmeasured, every client position, some excluded, some at their hard
+    limit.
+    """
+    rng = random.Random(3)
+    rows = [
+        backend(
+            f"m{i}",
+            country=("BR", "AR", "FR")[i % 3],
+            region=("sa", "us", "eu")[(i // 3) % 3],
+            hard_limit=2 if i % 11 == 0 else 0,
+        )
+        for i in range(300)
+    ]
+    snapshot = RoutingSnapshot.build(rows)
+    rtt = RttTable({b.id: rng.randrange(0, 40) / 1000.0 for b in rows if rng.random() < 0.66})
+    load = {b.id: 2 for b in rows if b.hard_limit and rng.random() < 0.5}
+    index = SelectionIndex(snapshot, load, set(), rtt, rtt.changed)
+    for geo in (BR, GeoInfo("FR", "sa"), GeoInfo("ZZ", "us"), GeoInfo("ZZ", "zz"), None):
+        for local in _REGIONS:
+            exclude = frozenset(b.id for b in rows if rng.random() < 0.05)
+            for weight in (0.01, 1.0):
+                _check_rtt_index(
+                    index, snapshot, "app", geo, local, load, rtt, weight, exclude, frozenset(), 1
+                )
+
+
+def test_rtt_table_notes_every_change():
+    """
+    The RTT table notes each id set or removed, whichever way (item
+    assignment, update, setdefault, pop, del, popitem, clear), and reads as
+    the plain dict it is.
+    """
+    rtt = RttTable({"a": 0.001})
+    assert rtt.changed == {"a"} and dict(rtt) == {"a": 0.001} and rtt.get("a") == 0.001
+    rtt.changed.clear()
+    rtt["b"] = 0.002
+    rtt.update({"c": 0.003})
+    rtt.setdefault("d", 0.004)
+    assert rtt.changed == {"b", "c", "d"}
+    rtt.changed.clear()
+    rtt.pop("a")
+    rtt.pop("nobody", None)
+    del rtt["b"]
+    assert rtt.changed == {"a", "b", "nobody"}
+    rtt.changed.clear()
+    key, _ = rtt.popitem()
+    assert rtt.changed == {key}
+    rtt.clear()
+    assert rtt.changed == {"c", "d"} and not rtt
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(_backends(max_size=10), min_size=1, max_size=3),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["choose", "choose", "choose", "release", "reload", "drain", "rtt"]),
+            st.integers(0, 9),
+        ),
+        max_size=40,
+    ),
+    st.lists(_geos, min_size=1, max_size=4),
+    st.sampled_from(["a", None, "b"]),
+    st.sampled_from(_REGIONS),
+    st.sampled_from([0.01, 1.0]),
+    st.data(),
+)
+def test_router_choice_with_rtt_is_the_plain_scans(tables, ops, geos, app, local, weight, data):
+    """
+    Through the router with the RTT term on and an L{RttTable} (as the
+    health checker gives it), every fresh choice is one the brute-force
+    scan with the RTT term allows for the counts, RTTs and admin states of
+    that moment: connections chosen, released, RTTs measured, reloads and
+    drains in any order.
+    """
+    from twisted.internet.task import Clock
+
+    from edgeproxy.interfaces import NO_NEW_CLIENTS
+    from edgeproxy.routing.router import Router
+    from edgeproxy.testing import (
+        BindingTable,
+        InMemoryBackendRepository,
+        MetricsStore,
+        StaticGeoResolver,
+    )
+
+    ips = [f"192.0.2.{i}" for i in range(len(geos))]
+    resolver = StaticGeoResolver({ip: g for ip, g in zip(ips, geos) if g is not None})
+    repository = InMemoryBackendRepository(tables[0])
+    rtt = RttTable()
+    router = Router(
+        repository,
+        BindingTable(),
+        resolver,
+        MetricsStore(),
+        local,
+        Clock(),
+        random.Random(0),
+        rtt=rtt,
+        rtt_weight=weight,
+    )
+    which = 0
+    held = []
+    for step, (op, n) in enumerate(ops):
+        snapshot = repository.current()
+        if op == "choose":
+            ip = ips[n % len(ips)]
+            client = f"198.51.100.{step}" if n % 2 else ip
+            geo = resolver.resolve(client)
+            blocked = router.overlay.closedToNew
+            best, argmin = select_rtt_reference(
+                snapshot, app, geo, local, dict(router.load.connections), rtt, weight, blocked
+            )
+            router._bindings.remove((client, app))  # type: ignore[attr-defined]
+            chosen = router.choose(client, app)
+            if best is None:
+                assert chosen is None
+            else:
+                assert chosen is not None and chosen.id in argmin
+                held.append(chosen.id)
+        elif op == "release" and held:
+            router.release(held.pop(n % len(held)))
+        elif op == "reload":
+            which = (which + 1) % len(tables)
+            repository.set(tables[which])
+        elif op == "drain" and snapshot.backends:
+            bid = snapshot.backends[n % len(snapshot.backends)].id
+            router.overlay.setVerdict(bid, "admin", NO_NEW_CLIENTS)
+        elif op == "rtt" and snapshot.backends:
+            bid = snapshot.backends[n % len(snapshot.backends)].id
+            rtt[bid] = data.draw(_any_rtt_values, label="rtt")
+    assert router._index is None or router._index.rtt is rtt  # type: ignore[attr-defined]
+
+
+def test_rtt_index_sees_rtt_updates():
+    """
+    An RTT update between two decisions moves the backend and the tier's
+    median at once: the unmeasured backend is scored with the new median
+    and the nearer backend wins.
+    """
+    rows = [backend("a", country="BR"), backend("b", country="BR"), backend("c", country="BR")]
+    snapshot = RoutingSnapshot.build(rows)
+    rtt = RttTable({"a": 0.010, "b": 0.030})
+    load = {"a": 50}  # a: load term 0.5
+    index = SelectionIndex(snapshot, load, set(), rtt, rtt.changed)
+    assert index.tier_median(0, "app", BR, "sa") == 20.0
+    # b 0.3, c (median 20 ms) 0.2, a 0.6.
+    assert index.candidates("app", BR, "sa", rtt_weight=0.01) == (pytest.approx(0.2), {"c"})
+    rtt["a"] = 0.0104  # still 10 ms: nothing moves
+    assert index.tier_median(0, "app", BR, "sa") == 20.0
+    rtt["b"] = 0.0
+    assert index.tier_median(0, "app", BR, "sa") == 5.0
+    assert index.candidates("app", BR, "sa", rtt_weight=0.01) == (0.0, {"b"})
+    rtt.pop("a")
+    assert index.tier_median(0, "app", BR, "sa") == 0.0
+    assert index.candidates("app", BR, "sa", rtt_weight=0.01) == (0.0, {"b", "c"})

@@ -106,6 +106,7 @@ from edgeproxy.model import (
     RoutingSnapshot,
     parse_check,
 )
+from edgeproxy.routing.load import RttTable
 
 __all__ = [
     "BODY_LIMIT",
@@ -537,7 +538,9 @@ class HealthChecker(Service):
     @ivar rtts: Backend id -> its connect RTT estimate in seconds (see
         L{rtt}), for the backends that have one: a live table, updated in
         place after each passed check, that the router reads as the RTT
-        input of the selection (L{edgeproxy.routing.router.Router.rtt}).
+        input of the selection (L{edgeproxy.routing.router.Router.rtt}).  An
+        L{RttTable}: it notes the ids it changes, which the router's
+        selection index follows.
     """
 
     def __init__(
@@ -579,7 +582,7 @@ class HealthChecker(Service):
         self.metrics = metrics
         self.probe: Probe = probe if probe is not None else Prober(reactor, self.timeout, resolver)
         self._checks: Dict[str, _Check] = {}
-        self._rtts: Dict[str, float] = {}
+        self._rtts = RttTable()
         self.rtts: Mapping[str, float] = self._rtts
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@ same port.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict, Iterable, Mapping, Set, Tuple
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -17,7 +17,7 @@ from zope.interface import implementer
 from edgeproxy.interfaces import ILoadCounter, IMetricsStore
 from edgeproxy.model import Backend
 
-__all__ = ["UNDERFLOW", "LoadTable"]
+__all__ = ["UNDERFLOW", "LoadTable", "RttTable"]
 
 _log = Logger()
 
@@ -35,12 +35,18 @@ class LoadTable:
         connecting).  A plain C{dict}, read on every routing decision; ids
         drop out when they reach 0 and counts never go negative.
     @ivar metrics: Where an underflow is counted, if given.
+    @ivar changed: The ids whose count changed since the router's selection
+        index last looked (L{edgeproxy.routing.index.SelectionIndex.sync}
+        drains it): one set insertion per acquire and per release.  Only ids
+        of backends that were acquired go in, at most once each, so it never
+        holds more ids than the routing tables have had backends.
     """
 
-    __slots__ = ("_underflowLogged", "connections", "metrics")
+    __slots__ = ("_underflowLogged", "changed", "connections", "metrics")
 
     def __init__(self, metrics: IMetricsStore | None = None) -> None:
         self.connections: Dict[str, int] = {}
+        self.changed: Set[str] = set()
         self.metrics = metrics
         self._underflowLogged = False
 
@@ -60,6 +66,7 @@ class LoadTable:
         if hard > 0 and current >= hard:
             return False
         connections[bid] = current + 1
+        self.changed.add(bid)
         return True
 
     def release(self, backend_id: str) -> None:
@@ -71,8 +78,10 @@ class LoadTable:
         n = connections.get(backend_id, 0)
         if n > 1:
             connections[backend_id] = n - 1
+            self.changed.add(backend_id)
         elif n == 1:
             del connections[backend_id]
+            self.changed.add(backend_id)
         else:
             if self.metrics is not None:
                 self.metrics.increment(UNDERFLOW, backend_id)
@@ -84,3 +93,67 @@ class LoadTable:
                     backend_id=backend_id,
                     counter=UNDERFLOW,
                 )
+
+
+class RttTable(Dict[str, float]):
+    """
+    Backend id -> connect RTT in seconds (the health checker's
+    L{edgeproxy.net.health.HealthChecker.rtts}): a plain C{dict} for its
+    readers, which notes the id of every entry set or removed in
+    L{changed}.
+
+    @ivar changed: The ids whose RTT was set or removed since the router's
+        selection index last looked (L{edgeproxy.routing.index.SelectionIndex.sync}
+        drains it, one reader only): at most one entry per backend checked.
+    """
+
+    __slots__ = ("changed",)
+
+    def __init__(self, items: Mapping[str, float] | Iterable[Tuple[str, float]] = ()) -> None:
+        super().__init__()
+        self.changed: Set[str] = set()
+        self.update(items)
+
+    def __setitem__(self, key: str, value: float) -> None:
+        dict.__setitem__(self, key, value)
+        self.changed.add(key)
+
+    def __delitem__(self, key: str) -> None:
+        dict.__delitem__(self, key)
+        self.changed.add(key)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        """
+        C{dict.pop}, noting C{key}.
+        """
+        self.changed.add(key)
+        return dict.pop(self, key, *default)
+
+    def popitem(self) -> Tuple[str, float]:
+        """
+        C{dict.popitem}, noting the key.
+        """
+        item = dict.popitem(self)
+        self.changed.add(item[0])
+        return item
+
+    def setdefault(self, key: str, default: float) -> float:  # type: ignore[override]
+        """
+        C{dict.setdefault}, noting C{key}.
+        """
+        self.changed.add(key)
+        return dict.setdefault(self, key, default)
+
+    def update(self, *args: Any, **kwargs: float) -> None:  # type: ignore[override]
+        """
+        C{dict.update}, noting every key.
+        """
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def clear(self) -> None:
+        """
+        C{dict.clear}, noting every key.
+        """
+        self.changed.update(self)
+        dict.clear(self)

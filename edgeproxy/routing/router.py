@@ -27,6 +27,7 @@ from edgeproxy.interfaces import (
 from edgeproxy.model import Backend, BindingKey, GeoInfo, RoutingSnapshot
 from edgeproxy.routing.bindings import client_key
 from edgeproxy.routing.breaker import CircuitBreaker
+from edgeproxy.routing.index import SelectionIndex
 from edgeproxy.routing.load import LoadTable
 from edgeproxy.routing.overlay import StateOverlay
 from edgeproxy.routing.selection import geo_tier, median, rtt_ms, score, select
@@ -78,6 +79,17 @@ class Router:
     Load is taken with one atomic L{ILoadCounter.acquire} per connection: if
     a backend chosen by the score turns out full (another worker took its
     last slot), the next best is chosen.
+
+    The one thing kept across calls is the L{SelectionIndex} of the current
+    snapshot, which makes the decision without scanning a tier: it is
+    rebuilt when C{repository.current()} returns a snapshot of other content
+    (a reload that changed something) or C{load} is replaced, and follows
+    the load counts through the load table's C{changed} set and the RTTs
+    through the RTT table's (L{edgeproxy.routing.load.RttTable}, the health
+    checker's).  It decides with the RTT term on or off; with a load counter
+    that has no C{changed} set, or the term on and an RTT table that has
+    none (a plain C{dict}), the plain tier walk
+    (L{edgeproxy.routing.selection.select_plain}) decides.
 
     @ivar local_region: The region of this POP.
     @ivar load: The per-backend load counts.
@@ -149,6 +161,7 @@ class Router:
         self.rtt_weight = float(rtt_weight)
         self._halfOpen: AbstractSet[str] = breaker.halfOpen if breaker is not None else frozenset()
         self._panicking: set[str | None] = set()
+        self._index: SelectionIndex | None = None
         #: The geo tier of the backend the last L{choose} returned (0-3),
         #: for the session's access-log record; C{None} after no choice.
         self.lastTier: int | None = None
@@ -254,19 +267,36 @@ class Router:
         bindings = self._bindings
         skip = exclude
         rtt = self.rtt if self.rtt is not None else _NO_RTT
+        weight = self.rtt_weight
+        index: SelectionIndex | None
+        if weight <= 0.0:
+            weight = 0.0
+            index = self._indexFor(snapshot, None)
+        elif getattr(rtt, "changed", None) is not None:
+            # An RTT table that notes its changes (the health checker's):
+            # the index follows it.
+            index = self._indexFor(snapshot, rtt)
+        elif not rtt:
+            weight = 0.0
+            index = self._indexFor(snapshot, None)
+        else:
+            index = None
         for _ in range(_ACQUIRE_TRIES):
-            chosen = select(
-                snapshot,
-                app,
-                geo,
-                self.local_region,
-                load.connections,
-                self._rng,
-                skip,
-                blocked,
-                rtt=rtt,
-                rtt_weight=self.rtt_weight,
-            )
+            if index is not None:
+                chosen = index.select(app, geo, self.local_region, self._rng, skip, blocked, weight)
+            else:
+                chosen = select(
+                    snapshot,
+                    app,
+                    geo,
+                    self.local_region,
+                    load.connections,
+                    self._rng,
+                    skip,
+                    blocked,
+                    rtt=rtt,
+                    rtt_weight=self.rtt_weight,
+                )
             if chosen is None:
                 break
             binding = bindings.bind(key, chosen.id, now)
@@ -285,6 +315,33 @@ class Router:
             bindings.remove(key)
             skip = skip | {chosen.id}
         return None
+
+    def _indexFor(
+        self, snapshot: RoutingSnapshot, rtt: Mapping[str, float] | None
+    ) -> SelectionIndex | None:
+        """
+        The selection index of C{snapshot} over the current load counts and
+        C{rtt} (an RTT table with a C{changed} set, or C{None}: no RTT),
+        built on first use after a reload; C{None} when the load counter
+        reports no changes (no C{changed} set) to follow.
+        """
+        index = self._index
+        connections = self.load.connections
+        if index is not None and index.load is connections and index.rtt is rtt:
+            if index.snapshot is snapshot:
+                return index
+            if index.snapshot.same_content(snapshot):
+                # A periodic reload that changed nothing: same rows, same
+                # groups; no rebuild.
+                index.snapshot = snapshot
+                return index
+        changed = getattr(self.load, "changed", None)
+        if changed is None:
+            self._index = None
+            return None
+        rtt_changed = getattr(rtt, "changed", None) if rtt is not None else None
+        index = self._index = SelectionIndex(snapshot, connections, changed, rtt, rtt_changed)
+        return index
 
     def _started(self, backend: Backend, geo: GeoInfo | None) -> Backend:
         """

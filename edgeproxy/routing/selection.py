@@ -40,12 +40,18 @@ RTT values).  Within a tier the term is plain addition while
 C{load + rtt term < 99}, so of two equally loaded backends the nearer wins
 (by at least one rounded millisecond).
 
-L{select} does not scan the whole table when the snapshot's indexes allow
-otherwise: it walks the tiers best first (the client's country, the
-client's region, the local region, then the rest of the app) and stops as
-soon as the best score found so far is below the smallest score the next
-tier could possibly have (C{tier * 100}).  The result is exactly the one a
-scan of every candidate would give (see C{tests/test_selection.py}).
+L{select_plain} (also known as L{select}) does not scan the whole table
+when the snapshot's indexes allow otherwise: it walks the tiers best first
+(the client's country, the client's region, the local region, then the rest
+of the app) and stops as soon as the best score found so far is below the
+smallest score the next tier could possibly have (C{tier * 100}).  The
+result is exactly the one a scan of every candidate would give (see
+C{tests/test_selection.py}).  It still scores every candidate of each tier
+it walks, which is the whole app when nothing is near the client: the
+router decides with L{edgeproxy.routing.index.SelectionIndex} instead, with
+the RTT term on or off, and this function stays as the reference the index
+is checked against (and the path for load or RTT tables that do not note
+their changes).
 """
 
 from __future__ import annotations
@@ -55,7 +61,16 @@ from typing import Container, Iterable, List, Mapping, Sequence, Tuple
 
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
 
-__all__ = ["RTT_CEILING", "geo_tier", "in_tier", "median", "rtt_ms", "score", "select"]
+__all__ = [
+    "RTT_CEILING",
+    "geo_tier",
+    "in_tier",
+    "median",
+    "rtt_ms",
+    "score",
+    "select",
+    "select_plain",
+]
 
 _TIER_STEP = 100.0
 _INF = float("inf")
@@ -166,7 +181,7 @@ def score(
     return geo_tier(backend, client_geo, local_region) * _TIER_STEP + load
 
 
-def select(
+def select_plain(
     snapshot: RoutingSnapshot,
     app: str | None,
     client_geo: GeoInfo | None,
@@ -295,6 +310,10 @@ def select(
             # Nothing in a later tier can score below (phase + 1) * 100.
             break
     return best
+
+
+#: The plain tier walk under its historical name.
+select = select_plain
 
 
 def _rtt_phase(
