@@ -36,8 +36,8 @@ never duplicated).  Anything buffered, a producer, or an abort takes
 Twisted's own path.
 
 Two lean transports joined by a session may relay through a pipe with
-C{splice(2)} instead of copying (L{edgeproxy.net.splice}): their C{doRead}
-splices once the session paired them, their C{doWrite} drains the pipe
+C{splice(2)} instead of copying (L{edgeproxy.net.splice}): once paired,
+a large read makes C{doRead} splice, their C{doWrite} drains the pipe
 before their write buffer, their close paths count the pipe as buffered
 data, and their C{connectionLost} closes it.
 
@@ -151,10 +151,9 @@ class _CloseAtOnce:
     _shouldShutdown = False
 
     # Splicing (class defaults; instances get their own once paired):
-    #: The transport this one's bytes are spliced to (None: plain reads).
+    #: The transport this one's bytes are spliced to (None: plain reads;
+    #: reads splice only while C{splice.engage} made C{doRead} splice.read).
     _spliceOut: Any = None
-    #: Whether reads copy (until one brings splice.BULK_READ bytes).
-    _copying = True
     #: Pipes open in the process at most for this one to get one.
     _pipeLimit = 0
     #: This transport's pipe (bytes on their way to its socket): read end,
@@ -195,6 +194,7 @@ class _CloseAtOnce:
             splice.close_pipe(this)
         if this._spliceOut is not None:
             this._spliceOut = None
+            splice._copy(this)
         if this._pipeWaiter is not None:
             this._pipeWaiter = None
         super().connectionLost(reason)  # type: ignore[misc]
@@ -269,12 +269,6 @@ class LeanServer(_CloseAtOnce, tcp.Server):
         self.hostname = client[0]
         self.startReading()
         self.connected = 1
-
-    def doRead(self) -> Any:
-        out = self._spliceOut
-        if out is None:
-            return tcp.Connection.doRead(self)
-        return splice.read(self, out)
 
     def doWrite(self) -> Any:
         return self._writeBuffered()
@@ -363,10 +357,7 @@ class LeanClient(_CloseAtOnce, tcp.Connection):
 
     def doRead(self) -> Any:
         if self.connected:
-            out = self._spliceOut
-            if out is None:
-                return tcp.Connection.doRead(self)
-            return splice.read(self, out)
+            return tcp.Connection.doRead(self)
         return None
 
     def stopConnecting(self) -> None:

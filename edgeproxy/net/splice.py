@@ -71,6 +71,7 @@ __all__ = [
     "SMALL_SPLICE",
     "close_pipe",
     "drain",
+    "engage",
     "pair",
     "pipes_open",
     "read",
@@ -136,8 +137,8 @@ def pair(a: Any, b: Any, limit: int = PIPE_LIMIT) -> bool:
     fewer than C{limit} are open.  C{False} (and nothing changed) where
     splicing is not available or C{limit} is 0.
 
-    (Their C{_copying} flag starts as a class default: an idle pair costs
-    two attributes per transport.)
+    (An idle pair costs two attributes per transport, and its reads no
+    extra call: L{engage} switches a direction to L{read}.)
     """
     if not AVAILABLE or limit <= 0:
         return False
@@ -193,20 +194,25 @@ def close_pipe(transport: Any) -> None:
             pass
 
 
-def _recv(reader: Any) -> Any:
+def engage(reader: Any) -> None:
     """
-    An ordinary read (C{tcp.Connection.doRead}); one of L{BULK_READ} bytes
-    or more makes the next one a splice.
+    A read of L{BULK_READ} bytes or more came from C{reader}: if it is
+    paired (L{pair}), its next reads splice (its C{doRead} becomes L{read}
+    until a small splice, or a missing pipe, makes it copy again).
+
+    Called by the session's C{dataReceived} for large reads only, so that a
+    paired transport that copies has no extra call per read.
     """
-    try:
-        data = reader.socket.recv(reader.bufferSize)
-    except OSError as se:
-        if se.args[0] == errno.EWOULDBLOCK:
-            return None
-        return main.CONNECTION_LOST
-    if len(data) >= BULK_READ:
-        reader._copying = False
-    return reader._dataReceived(data)
+    out = getattr(reader, "_spliceOut", None)
+    if out is not None and "doRead" not in reader.__dict__:
+        reader.doRead = lambda: read(reader, out)
+
+
+def _copy(reader: Any) -> None:
+    """
+    C{reader} goes back to ordinary reads (its class's C{doRead}).
+    """
+    reader.__dict__.pop("doRead", None)
 
 
 def read(reader: Any, out: Any) -> Any:
@@ -227,16 +233,14 @@ def read(reader: Any, out: Any) -> Any:
     ):
         # Something is queued (or the out side is closing): keep Twisted's
         # order and paths.
-        return _recv(reader)
-    if reader._copying:
-        return _recv(reader)
+        return tcp.Connection.doRead(reader)
     w = out._pipeW
     if w < 0:
         w = _openPipe(out, reader._pipeLimit)
         if w < 0:
             # No pipe to have now: copy, and ask again at a large read.
-            reader._copying = True
-            return _recv(reader)
+            _copy(reader)
+            return tcp.Connection.doRead(reader)
     try:
         n = _splice(reader.socket.fileno(), w, _CHUNK, flags=_FLAGS)
     except BlockingIOError:
@@ -244,6 +248,7 @@ def read(reader: Any, out: Any) -> Any:
     except OSError as e:
         if e.errno in _UNSUPPORTED:
             reader._spliceOut = None
+            _copy(reader)
             return tcp.Connection.doRead(reader)
         return main.CONNECTION_LOST
     if not n:
@@ -255,7 +260,7 @@ def read(reader: Any, out: Any) -> Any:
     out._pipeLen = n
     if n < SMALL_SPLICE:
         # The stream slowed down to small messages: copy them.
-        reader._copying = True
+        _copy(reader)
     if _push(out, reader):
         # The out socket is full (or failed): wait for it, reading nothing
         # more meanwhile (the pipe is the buffer).
@@ -297,6 +302,7 @@ def _unpipe(out: Any, reader: Any) -> None:
     read ordinarily from now on.
     """
     reader._spliceOut = None
+    _copy(reader)
     chunks = []
     left = out._pipeLen
     while left:
