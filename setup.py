@@ -7,7 +7,20 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.10",
+    python_requires=">=3.9",
+    classifiers=[
+        "Framework :: Twisted",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.9",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Programming Language :: Python :: Implementation :: CPython",
+        "Programming Language :: Python :: Implementation :: PyPy",
+    ],
     packages=[*find_packages(include=["edgeproxy", "edgeproxy.*"]), "twisted.plugins"],
     package_data={"edgeproxy": ["py.typed", "data/*"], "twisted.plugins": []},
     include_package_data=True,
@@ -20,6 +33,10 @@ setup(
         # older than 26, Twisted's own ssl: endpoint, e.g. for --admin over TLS, needs
         # pyOpenSSL < 26; edgeproxy's txsni: listeners work with either.)
         "twisted[tls]>=23.10.0,<27",
+        # PyPy 3.9 (Debian bookworm's pypy3): cryptography 43.0.x is the last release
+        # with pypy39 wheels; a newer one would build from source and need Rust.  (pip
+        # then picks Twisted 25.5.0, the last for Python 3.9, and pyOpenSSL 25.1.0.)
+        'cryptography<44; platform_python_implementation == "PyPy" and python_version < "3.10"',
         "zope.interface>=6.0",
         "attrs>=23.1.0",
         "geoip2>=4.7.0",
@@ -39,10 +56,16 @@ setup(
             "pytest-timeout>=2.1",
             "dnspython>=2.4",
             "selenium>=4.15",
-            "psycopg[binary]>=3.2",
+            # psycopg's binary wheels are CPython's; on PyPy the pure-Python psycopg
+            # loads the system's libpq (Debian: libpq5, which postgresql brings).
+            'psycopg[binary]>=3.2; platform_python_implementation == "CPython"',
+            'psycopg>=3.2; platform_python_implementation != "CPython"',
         ],
         # The PostgreSQL routing table (--db postgresql://...).
-        "postgresql": ["psycopg[binary]>=3.2"],
+        "postgresql": [
+            'psycopg[binary]>=3.2; platform_python_implementation == "CPython"',
+            'psycopg>=3.2; platform_python_implementation != "CPython"',
+        ],
         "dev": [
             "mypy>=1.8",
             "mypy-zope>=1.0.3",

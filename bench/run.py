@@ -5,7 +5,7 @@ a direct connection, on one pinned core each.
 
     python bench/run.py [--quick] [--rounds N] [--duration S] [--json out.json]
                         [--peers edgeproxy,haproxy,nginx-stream,direct]
-                        [--variant NAME:KEY=VAL,...]
+                        [--variant NAME:KEY=VAL,...] [--pypy PATH]
 
 What it does (everything on 127.0.0.1, every process cleaned up on exit or
 Ctrl-C, every loop bounded in count and time):
@@ -24,6 +24,12 @@ Ctrl-C, every loop bounded in count and time):
       nginx-stream  the stream module, 1 worker, no logging;
       direct        no proxy at all (the floor for latency);
       twisted-portforward  (opt-in) Twisted's own bare forwarder;
+      edgeproxy-pypy  (C{--pypy PATH}) the edgeproxy column's proxy, settings
+                    and all, run by another interpreter, e.g. PyPy: the
+                    C{python} knob of a variant (C{--variant
+                    edgeproxy-pypy:python=PATH}).  That interpreter needs
+                    edgeproxy's dependencies (e.g. a venv with
+                    C{pip install .}); the tree is on its PYTHONPATH;
   - alternates the peers inside each round (A B C D A B C D ...) and reports
     the median and min-max over rounds;
   - measures: memory per idle proxied connection (N idle connections, RSS
@@ -1114,6 +1120,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "(add NAME to --peers, or it is appended)",
     )
     ap.add_argument(
+        "--pypy",
+        default=None,
+        metavar="PATH",
+        help="add an edgeproxy-pypy column: the edgeproxy column's proxy run by this "
+        "interpreter (e.g. a PyPy venv's bin/python with edgeproxy's dependencies)",
+    )
+    ap.add_argument(
         "--idle-conns",
         type=int,
         default=None,
@@ -1179,6 +1192,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name, _, spec = v.partition(":")
         knobs = dict(kv.split("=", 1) for kv in spec.split(",") if "=" in kv)
         variants[name] = knobs
+    if args.pypy:
+        if shutil.which(args.pypy) is None:
+            ap.error(f"--pypy {args.pypy}: no such interpreter")
+        variants.setdefault("edgeproxy-pypy", {})["python"] = args.pypy
     peer_names = [p for p in args.peers.split(",") if p]
     for name in variants:
         if name not in peer_names:

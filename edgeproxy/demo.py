@@ -402,7 +402,7 @@ def connect(
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection(target, timeout=timeout)
-    except TimeoutError:
+    except (TimeoutError, socket.timeout):  # one class from Python 3.10 on
         raise ClientError(f"cannot connect to {where}: no answer within {timeout:g}s") from None
     except OSError as e:
         raise ClientError(f"cannot connect to {where}: {e.strerror or e}") from None
@@ -422,7 +422,7 @@ def connect(
                 received += len(chunk)
                 out.write(chunk)
                 out.flush()
-        except TimeoutError:
+        except (TimeoutError, socket.timeout):
             raise ClientError(
                 f"{where} did not close the connection within {timeout:g}s"
                 f" ({received} bytes received)"

@@ -342,7 +342,7 @@ def receive(sock: socket.socket, timeout: float = 5.0) -> "Deferred[Optional[byt
         sock.settimeout(timeout)
         try:
             return sock.recv(65535)
-        except TimeoutError:
+        except socket.timeout:  # TimeoutError from Python 3.10 on
             return None
 
     return deferToThread(recv)
@@ -946,7 +946,7 @@ def tcp_exchange(port: int, data: bytes, expect: int) -> List[bytes]:
                 (length,) = struct.unpack("!H", buffered[:2])
                 messages.append(buffered[2 : 2 + length])
                 buffered = buffered[2 + length :]
-    except (TimeoutError, ConnectionResetError, BrokenPipeError):
+    except (socket.timeout, ConnectionResetError, BrokenPipeError):
         pass
     finally:
         sock.close()

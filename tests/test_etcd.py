@@ -807,6 +807,25 @@ def test_tls_client_certificates(tmp_path: Path) -> Any:
         cluster.destroy()
 
 
+def test_a_refused_client_certificate_is_always_a_tls_error(tmp_path: Path) -> None:
+    """
+    Without the client certificate a member that requires one refuses with
+    an alert after the TLS 1.3 handshake, racing the request (which may
+    fail with the alert, a broken pipe or a reset): every try of twenty is
+    a TLS error, never a member that does not answer.
+    """
+    cluster = EtcdCluster.start_new(size=1, tls=True)
+    try:
+        assert cluster.tls is not None
+        url = cluster.url("/race", scheme="etcds")
+        options = {"db-cache": str(tmp_path / "cache.db"), "etcd-ca": cluster.tls.ca}
+        for _ in range(20):
+            with pytest.raises(StoreError, match="TLS with etcd member"):
+                open_store(url, reactor, MetricsStore(), options)
+    finally:
+        cluster.destroy()
+
+
 @pytest_twisted.inlineCallbacks
 def test_expired_auth_token_is_renewed(tmp_path: Path) -> Any:
     """

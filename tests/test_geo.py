@@ -27,6 +27,7 @@ from edgeproxy.geo import (
     default_geoip_path,
     load_overrides,
     load_regions,
+    open_database,
     parse_overrides,
     parse_regions,
     region_for,
@@ -68,7 +69,8 @@ class SpyReader:
     def __init__(self, error: Exception | None = None) -> None:
         path = default_geoip_path()
         assert path is not None
-        self.real = maxminddb.open_database(path)
+        # edgeproxy's choice of reader (not maxminddb's C extension on PyPy).
+        self.real = open_database(path).reader
         self.lookups: List[object] = []
         self.error = error
         self.armed = False

@@ -10,6 +10,7 @@ a backend through the API.
 
 from __future__ import annotations
 
+import platform
 import socket
 import subprocess
 import time
@@ -41,9 +42,21 @@ from edgeproxy.stores.pops import IPopRepository
 from edgeproxy.stores.sqlite import InvalidRowError
 from edgeproxy.tap import Options, makeService
 
-psycopg = pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]'")
+try:
+    import psycopg  # noqa: F401  (the store and pgkit import it)
+except ImportError as e:  # not installed, or (pure-Python psycopg) no libpq
+    pytest.skip(
+        f"psycopg: {e}: "
+        + (
+            "pip install 'psycopg[binary]'"
+            if platform.python_implementation() == "CPython"
+            # psycopg's binary wheels are CPython's: the pure-Python one loads libpq
+            else "pip install psycopg, with the system's libpq (apt-get install libpq5)"
+        ),
+        allow_module_level=True,
+    )
 
-from edgeproxy.stores.postgres import (  # noqa: E402
+from edgeproxy.stores.postgres import (
     CHANNEL,
     ChangeListener,
     PostgresBackendRepository,
@@ -796,3 +809,27 @@ def test_backoff_doubles_up_to_its_cap() -> None:
     listener, _, _, _ = _fakeListener()
     assert [listener.delay(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
     assert listener.delay(10_000) == 30
+
+
+def test_ctypes_holds_a_weak_reference_for_psycopg() -> None:
+    """
+    Once the store is imported, C{ctypes.py_object} holds a weak reference
+    and gives it back, as the pure-Python psycopg needs for every
+    connection: on PyPy 7.3.11 only because the store patched ctypes
+    (nothing is patched elsewhere).
+    """
+    import ctypes
+    import weakref
+
+    from edgeproxy.stores import postgres
+
+    class Target:
+        pass
+
+    target = Target()
+    ref = weakref.ref(target)
+    held = ctypes.py_object(ref)
+    assert held.value is ref
+    assert held.value() is target
+    if platform.python_implementation() == "CPython":
+        assert postgres._let_ctypes_hold_weak_references() is False

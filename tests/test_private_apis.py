@@ -336,7 +336,7 @@ def _tcp_eof(client: BioClient, wait: float = 10.0) -> bool:
     client.sock.settimeout(wait)
     try:
         return client.sock.recv(1) == b""
-    except TimeoutError:
+    except socket.timeout:  # TimeoutError from Python 3.10 on
         return False
     except ConnectionResetError:
         return False

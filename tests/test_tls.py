@@ -281,7 +281,7 @@ def raw_exchange(
                     if not chunk:
                         break
                     received += chunk
-                except TimeoutError:
+                except socket.timeout:  # TimeoutError from Python 3.10 on
                     continue
                 except OSError:
                     break
@@ -1122,7 +1122,7 @@ async def test_backpressure_from_the_client(certdir: Path) -> None:
             while sent < 20_000_000:
                 client.send(chunk)
                 sent += len(chunk)
-        except TimeoutError:
+        except socket.timeout:
             pass
         return sent
 

@@ -241,9 +241,10 @@ def _ipv6_key(ip: str, prefix: int) -> str:
     what C{ipaddress} gives, unparsable text included.
     """
     # ipaddress's rules for a scope id: none, or non-empty without "%";
-    # and no "/" anywhere.
+    # and no "/" anywhere.  No NUL either: PyPy's inet_pton stops at one
+    # ("::\x00junk" is "::" there), CPython's refuses it.
     address, sep, scope = ip.partition("%")
-    if (sep and (not scope or "%" in scope)) or "/" in ip:
+    if (sep and (not scope or "%" in scope)) or "/" in ip or "\x00" in address:
         return ip
     try:
         packed = socket.inet_pton(socket.AF_INET6, address)

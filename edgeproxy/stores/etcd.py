@@ -49,6 +49,7 @@ import binascii
 import json
 import os
 import re
+import socket
 import sqlite3
 import ssl
 import tempfile
@@ -56,7 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import attrs
 from twisted.application.service import Service
@@ -547,9 +548,51 @@ def _blockingPost(
                 f"TLS with etcd member {endpoint} failed: {reason} (check --etcd-ca,"
                 " --etcd-cert and --etcd-key)"
             ) from None
+        refusal = (
+            _tlsRefusal(endpoint, context, timeout)
+            if context is not None and isinstance(reason, (BrokenPipeError, ConnectionResetError))
+            else None
+        )
+        if refusal is not None:
+            raise EtcdError(
+                f"TLS with etcd member {endpoint} failed: {refusal} (check --etcd-ca,"
+                " --etcd-cert and --etcd-key)"
+            ) from None
         raise EtcdError(
             f"etcd member {endpoint} does not answer: {reason}", unavailable=True
         ) from None
+
+
+def _tlsRefusal(endpoint: str, context: ssl.SSLContext, timeout: float) -> Optional[str]:
+    """
+    Why the member at C{endpoint} refuses this client's TLS, if it does.
+
+    With TLS 1.3 a member that requires a client certificate (and gets none,
+    or one it does not trust) says so with an alert after the handshake,
+    while the request is already on its way: the request then fails with
+    the alert, or with a broken pipe or a reset, by a race (PyPy 7.3.11's
+    ssl reports the broken pipe about half the time; CPython's an
+    SSLEOFError).  That is a set-up error, not a member that is away, so
+    after such a failure a fresh handshake waits (at most a second) for the
+    alert.  Blocking.
+
+    @return: The alert, or C{None} if none came (the member took the
+        handshake and sent nothing, closed, or could not be reached).
+    """
+    parts = urlsplit(endpoint)
+    host, port = parts.hostname, parts.port
+    if host is None or port is None:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                tls.settimeout(min(timeout, 1.0))
+                tls.recv(1)
+    except ssl.SSLError as e:
+        return str(e)
+    except OSError:
+        pass
+    return None
 
 
 def blocking_read(

@@ -23,8 +23,11 @@ is not delivered there).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import threading
+import weakref
 from importlib import resources
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import parse_qsl, urlencode
@@ -81,6 +84,50 @@ __all__ = [
 _log = Logger()
 
 _T = TypeVar("_T")
+
+
+def _let_ctypes_hold_weak_references() -> bool:
+    """
+    Make C{ctypes.py_object(weakref.ref(x))} work where it does not: on
+    PyPy 7.3.11 (Debian bookworm's pypy3), whose ctypes keeps each
+    C{py_object}'s value through a weak reference, and a weak reference
+    cannot itself be weakly referenced (TypeError).  The pure-Python
+    psycopg, the only one on PyPy, makes such an object for every
+    connection (its notice receiver's argument), so no connection could
+    open.  Such values are kept by a strong reference instead: one small
+    weak reference object per connection opened, never freed, where PyPy's
+    container already keeps one dead entry per value for ever.  Elsewhere
+    (CPython, a PyPy without the limit) nothing is changed.
+
+    @return: Whether ctypes was patched.
+    """
+    if platform.python_implementation() != "PyPy":
+        return False
+    try:
+        ctypes.py_object(weakref.ref(_let_ctypes_hold_weak_references))
+        return False
+    except TypeError:
+        pass
+    try:
+        from _ctypes import primitive  # type: ignore[attr-defined]  # PyPy's pure-Python ctypes
+
+        container_type = type(primitive.pyobj_container)
+        add = container_type.add
+    except (ImportError, AttributeError):
+        return False
+
+    def add_or_keep(self: Any, obj: object) -> int:
+        try:
+            return int(add(self, obj))
+        except TypeError:  # not weakly referenceable: keep it
+            self.objs.append(lambda: obj)
+            return len(self.objs) - 1
+
+    container_type.add = add_or_keep
+    return True
+
+
+_let_ctypes_hold_weak_references()
 
 #: The channel the schema's trigger notifies (payload: the table's name).
 CHANNEL = "edgeproxy_routing"
