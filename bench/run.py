@@ -27,7 +27,9 @@ Ctrl-C, every loop bounded in count and time):
       edgeproxy-pypy  (C{--pypy PATH}) the edgeproxy column's proxy, settings
                     and all, run by another interpreter, e.g. PyPy: the
                     C{python} knob of a variant (C{--variant
-                    edgeproxy-pypy:python=PATH}).  That interpreter needs
+                    edgeproxy-pypy:python=PATH}), with C{gcnursery=16M}
+                    (PYPY_GC_NURSERY) and C{warmup=15} (seconds of each
+                    warm-up load) unless given.  That interpreter needs
                     edgeproxy's dependencies (e.g. a venv with
                     C{pip install .}); the tree is on its PYTHONPATH;
   - alternates the peers inside each round (A B C D A B C D ...) and reports
@@ -654,6 +656,9 @@ class Edgeproxy(Peer):
             if knob in self.knobs:
                 env_extra[var] = self.knobs[knob]
                 wrapped = True
+        if "gcnursery" in self.knobs:
+            # PyPy's minor-collection nursery (read at interpreter start).
+            env_extra["PYPY_GC_NURSERY"] = self.knobs["gcnursery"]
         argv = [python]
         argv += [os.path.join(HERE, "twist_knobs.py")] if wrapped else ["-m", "twisted"]
         argv += [f"--log-file={logfile}", "--log-format=text"]
@@ -1116,7 +1121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="an extra edgeproxy peer with knobs: reactor=poll|select|asyncio, "
         "loglevel=warn, logformat=json, accesslog=0, bufsize=N, readsize=N, sockbuf=N, "
         "noconnlog=1, "
-        "eagerwrite=1, fastctx=1, python=PATH, root=CHECKOUT, args=--opt=v+--opt2=v "
+        "eagerwrite=1, fastctx=1, python=PATH, gcnursery=16M (PYPY_GC_NURSERY), "
+        "warmup=SECS, root=CHECKOUT, args=--opt=v+--opt2=v "
         "(add NAME to --peers, or it is appended)",
     )
     ap.add_argument(
@@ -1195,7 +1201,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.pypy:
         if shutil.which(args.pypy) is None:
             ap.error(f"--pypy {args.pypy}: no such interpreter")
-        variants.setdefault("edgeproxy-pypy", {})["python"] = args.pypy
+        pypy = variants.setdefault("edgeproxy-pypy", {})
+        pypy["python"] = args.pypy
+        # As README's "On PyPy" recommends: a nursery of 16 MB (PyPy sizes
+        # it from the L2 cache, 256 KB here, and then collects several
+        # times per thousand connections), and a JIT warm-up.
+        pypy.setdefault("gcnursery", "16M")
+        pypy.setdefault("warmup", str(max(args.warmup, 15.0)))
     peer_names = [p for p in args.peers.split(",") if p]
     for name in variants:
         if name not in peer_names:
@@ -1290,8 +1302,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         record(peer.name, "mem_per_conn", m["bytes_per_conn"])
                         time.sleep(0.5)
                     # warm-up (JITs, caches, first-connection paths)
-                    wrk(procs, pdir, running.http_port, args.warmup, 8, close=True)
-                    wrk(procs, pdir, running.http_port, args.warmup, 8)
+                    warmup = float(getattr(peer, "knobs", {}).get("warmup", args.warmup))
+                    wrk(procs, pdir, running.http_port, warmup, 8, close=True)
+                    wrk(procs, pdir, running.http_port, warmup, 8)
                     pids = [p.pid for p in running.procs]
                     if "conn" not in skip:
                         cm = CpuMeter(pids)
