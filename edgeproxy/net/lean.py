@@ -36,8 +36,8 @@ never duplicated).  Anything buffered, a producer, or an abort takes
 Twisted's own path.
 
 Two lean transports joined by a session may relay through a pipe with
-C{splice(2)} instead of copying (L{edgeproxy.net.splice}): once paired,
-a large read makes C{doRead} splice, their C{doWrite} drains the pipe
+C{splice(2)} instead of copying (L{edgeproxy.net.splice}): a large read
+makes C{doRead} splice, their C{doWrite} drains the pipe
 before their write buffer, their close paths count the pipe as buffered
 data, and their C{connectionLost} closes it.
 
@@ -150,11 +150,14 @@ class _CloseAtOnce:
     # close() alone sends the FIN.
     _shouldShutdown = False
 
-    # Splicing (class defaults; instances get their own once paired):
+    # Splicing (class defaults; a direction gets its own once it engages):
     #: The transport this one's bytes are spliced to (None: plain reads;
     #: reads splice only while C{splice.engage} made C{doRead} splice.read).
     _spliceOut: Any = None
-    #: Pipes open in the process at most for this one to get one.
+    #: Lean transports can splice to each other (L{splice.engage}).
+    _splices = True
+    #: Pipes open in the process at most for this one to get one (-1: the
+    #: kernel refused to splice this connection: never again).
     _pipeLimit = 0
     #: This transport's pipe (bytes on their way to its socket): read end,
     #: write end (-1: none), bytes in it, and the reader waiting for it to

@@ -38,7 +38,7 @@ keeps Twisted's two transports from growing an attribute dict each (about
 L{READ_SIZE} bytes at a time.
 
 When both legs are lean transports (L{edgeproxy.net.lean}) and
-C{settings.splice} is on, the legs are also paired for C{splice(2)}
+C{settings.splice} is on, the legs may also relay with C{splice(2)}
 (L{edgeproxy.net.splice}): once one read of a direction brought 64 KiB,
 its bytes go through a pipe in the kernel instead of through
 C{dataReceived} (the C{dataReceived} methods here make that switch, so
@@ -504,8 +504,8 @@ class ProxyFactory(Factory):
         self.leanConnect = bool(settings.lean) and _isPosixReactor(reactor)
         #: The connect timeouts of its lean attempts (one timer).
         self.connectDeadlines = self.connections.connectDeadlines(reactor)
-        #: The pipe limit of two lean legs paired for splice(2)
-        #: (L{edgeproxy.net.splice}); 0: never paired (C{settings.splice}
+        #: The pipe limit of two lean legs relaying with splice(2)
+        #: (L{edgeproxy.net.splice}); 0: never spliced (C{settings.splice}
         #: off, or no splice here).
         self.splicePipes = settings.splice_pipes if settings.splice and splice.AVAILABLE else 0
 
@@ -615,7 +615,7 @@ class ProxyBackendProtocol(Protocol):
         n = len(data)
         self.bytesToClient += n
         if n >= splice.BULK_READ:
-            splice.engage(self.transport)
+            splice.engage(self.transport, self.out, self.session.factory.splicePipes)
         sock = self.outSocket
         if sock is None:
             self.out.write(data)
@@ -804,7 +804,7 @@ class ProxyClientProtocol(Protocol):
         n = len(data)
         self.bytesToBackend += n
         if n >= splice.BULK_READ:
-            splice.engage(self.transport)
+            splice.engage(self.transport, self._out, self.factory.splicePipes)
         out = self._out
         if out is None:
             if self._pending is None:
@@ -1068,9 +1068,6 @@ class ProxyClientProtocol(Protocol):
         keepalive = self.factory.settings.keepalive
         _tuneSocket(client_transport, keepalive)
         _tuneSocket(backend_transport, keepalive)
-        pipes = self.factory.splicePipes
-        if pipes and type(client_transport) in _PRETUNED and type(backend_transport) in _PRETUNED:
-            splice.pair(client_transport, backend_transport, pipes)
         # Each transport becomes the streaming producer of the other; on an
         # eager leg only at the first write that queues (see the module
         # docstring and dataReceived).

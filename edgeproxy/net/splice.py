@@ -40,8 +40,8 @@ own buffering, backpressure and close paths intact:
     (C{protocol.splicedReceived(n)}), so the idle timeout, the metrics and
     the access log see them.
 
-Pipes cost two descriptors each: a pair of transports is given a limit
-(L{pair}), and a pipe is made only while fewer than that many are open in
+Pipes cost two descriptors each: a direction engaging is given a limit
+(L{engage}), and a pipe is made only while fewer than that many are open in
 the process (L{edgeproxy.tap} reserves descriptors for L{PIPE_LIMIT}).  A
 connection that finds none free carries on copying and tries again at its
 next large read.  A pipe the kernel made smaller than
@@ -72,7 +72,6 @@ __all__ = [
     "close_pipe",
     "drain",
     "engage",
-    "pair",
     "pipes_open",
     "read",
 ]
@@ -129,25 +128,6 @@ def pipes_open() -> int:
     return _open[0]
 
 
-def pair(a: Any, b: Any, limit: int = PIPE_LIMIT) -> bool:
-    """
-    Let the lean transports C{a} and C{b} (the two legs of one proxied
-    connection, both connected) splice to each other once a read of a
-    direction brings L{BULK_READ} bytes, each through a pipe made only while
-    fewer than C{limit} are open.  C{False} (and nothing changed) where
-    splicing is not available or C{limit} is 0.
-
-    (An idle pair costs two attributes per transport, and its reads no
-    extra call: L{engage} switches a direction to L{read}.)
-    """
-    if not AVAILABLE or limit <= 0:
-        return False
-    a._spliceOut = b
-    b._spliceOut = a
-    a._pipeLimit = b._pipeLimit = limit
-    return True
-
-
 def _openPipe(out: Any, limit: int) -> int:
     """
     Give C{out} its pipe; its write end, or -1 if there is none to have
@@ -194,18 +174,32 @@ def close_pipe(transport: Any) -> None:
             pass
 
 
-def engage(reader: Any) -> None:
+def engage(reader: Any, out: Any, limit: int) -> bool:
     """
-    A read of L{BULK_READ} bytes or more came from C{reader}: if it is
-    paired (L{pair}), its next reads splice (its C{doRead} becomes L{read}
-    until a small splice, or a missing pipe, makes it copy again).
+    A read of L{BULK_READ} bytes or more came from C{reader}, whose bytes
+    go to C{out} (the other leg of the connection): if both are lean
+    transports, splicing is available and C{limit} (the pipes the process
+    may have open) is positive, C{reader}'s next reads splice (its
+    C{doRead} becomes L{read} until a small splice, or a missing pipe,
+    makes it copy again).  C{False} if nothing changed.
 
-    Called by the session's C{dataReceived} for large reads only, so that a
-    paired transport that copies has no extra call per read.
+    Called by the session's C{dataReceived} for large reads only: a
+    connection that never carries a bulk stream has no attribute set and
+    no extra call per read (an idle connection costs no memory for this).
     """
-    out = getattr(reader, "_spliceOut", None)
-    if out is not None and "doRead" not in reader.__dict__:
-        reader.doRead = lambda: read(reader, out)
+    if (
+        limit <= 0
+        or not AVAILABLE
+        or not getattr(reader, "_splices", False)
+        or not getattr(out, "_splices", False)
+        or reader._pipeLimit < 0  # (refused by the kernel: copy for good)
+        or "doRead" in reader.__dict__
+    ):
+        return False
+    reader._spliceOut = out
+    reader._pipeLimit = limit
+    reader.doRead = lambda: read(reader, out)
+    return True
 
 
 def _copy(reader: Any) -> None:
@@ -217,7 +211,7 @@ def _copy(reader: Any) -> None:
 
 def read(reader: Any, out: Any) -> Any:
     """
-    C{doRead} of a lean transport paired with C{out} (see L{pair}).
+    C{doRead} of a lean transport splicing to C{out} (see L{engage}).
     """
     if out._pipeLen:
         # Waiting for the pipe to drain (a spurious wake-up).
@@ -248,6 +242,7 @@ def read(reader: Any, out: Any) -> Any:
     except OSError as e:
         if e.errno in _UNSUPPORTED:
             reader._spliceOut = None
+            reader._pipeLimit = -1
             _copy(reader)
             return tcp.Connection.doRead(reader)
         return main.CONNECTION_LOST
@@ -302,6 +297,7 @@ def _unpipe(out: Any, reader: Any) -> None:
     read ordinarily from now on.
     """
     reader._spliceOut = None
+    reader._pipeLimit = -1
     _copy(reader)
     chunks = []
     left = out._pipeLen
