@@ -947,7 +947,15 @@ if hasattr(bench_selection, "build") and hasattr(bench_selection, "cases"):
         for n in sizes:
             snap, names = bench_selection.build(n)
             per_case = {{}}
-            for cname, fn in bench_selection.cases(snap, names):
+            try:
+                # what the router runs: the index, with the default RTT weight
+                case_list = bench_selection.cases(snap, names, with_rtt=True, weight=0.01,
+                                                  indexed=True)
+                what = "the router's index, --rtt-weight 0.01"
+            except TypeError:  # (a checkout before the index)
+                case_list = bench_selection.cases(snap, names)
+                what = "the plain scan"
+            for cname, fn in case_list:
                 per = []
                 batch = 200
                 for _ in range(15 if quick else 60):
@@ -961,7 +969,8 @@ if hasattr(bench_selection, "build") and hasattr(bench_selection, "cases"):
             worst = max(per_case, key=lambda k: per_case[k]["median_us"])
             res[str(n)] = dict(per_case[first], case=first, worst_case=worst,
                                worst_median_us=per_case[worst]["median_us"], cases=per_case)
-        out = {{"source": "bench/bench_selection.py build()/cases(), headline case: " + first,
+        out = {{"source": "bench/bench_selection.py build()/cases(), " + what
+                          + ", headline case: " + first,
                "result": res}}
     except Exception as e:
         out = {{"source_error": repr(e)}}
