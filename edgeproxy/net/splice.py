@@ -265,14 +265,16 @@ def read(reader: Any, out: Any) -> Any:
     return None
 
 
-def _push(out: Any, reader: Any) -> bool:
+def _emptyPipe(out: Any) -> OSError | None:
     """
-    Splice C{out}'s pipe into its socket as far as it goes; C{True} if
-    bytes are left (C{EAGAIN}, or an error its C{doWrite} will meet).
+    Splice C{out}'s pipe into its socket as far as it goes (until it is
+    empty or the socket is full); C{out._pipeLen} is what is left.  The
+    error that stopped it, if any other than C{EAGAIN}.
     """
     left = out._pipeLen
     r = out._pipeR
     fd = out.socket.fileno()
+    err = None
     try:
         while left:
             m = _splice(r, fd, left, flags=_FLAGS)
@@ -282,12 +284,21 @@ def _push(out: Any, reader: Any) -> bool:
     except BlockingIOError:
         pass
     except OSError as e:
-        if e.errno in _UNSUPPORTED:
-            out._pipeLen = left
-            _unpipe(out, reader)
-            return False
+        err = e
     out._pipeLen = left
-    return bool(left)
+    return err
+
+
+def _push(out: Any, reader: Any) -> bool:
+    """
+    Splice C{out}'s pipe into its socket as far as it goes; C{True} if
+    bytes are left (C{EAGAIN}, or an error its C{doWrite} will meet).
+    """
+    err = _emptyPipe(out)
+    if err is not None and err.errno in _UNSUPPORTED:
+        _unpipe(out, reader)
+        return False
+    return bool(out._pipeLen)
 
 
 def _unpipe(out: Any, reader: Any) -> None:
@@ -326,20 +337,9 @@ def drain(out: Any) -> Any:
         (the caller goes on with Twisted's C{doWrite}, or stops writing if
         nothing else is left).
     """
-    left = out._pipeLen
-    r = out._pipeR
-    fd = out.socket.fileno()
-    try:
-        while left:
-            m = _splice(r, fd, left, flags=_FLAGS)
-            if not m:
-                break
-            left -= m
-    except BlockingIOError:
-        pass
-    except OSError as e:
-        out._pipeLen = left
-        if e.errno in _UNSUPPORTED:
+    err = _emptyPipe(out)
+    if err is not None:
+        if err.errno in _UNSUPPORTED:
             waiter = out._pipeWaiter
             out._pipeWaiter = None
             if waiter is not None:
@@ -347,8 +347,7 @@ def drain(out: Any) -> Any:
                 _resume(waiter)
             return True
         return main.CONNECTION_LOST
-    out._pipeLen = left
-    if left:
+    if out._pipeLen:
         return None
     waiter = out._pipeWaiter
     if waiter is not None:

@@ -99,13 +99,18 @@ from typing import (
 )
 
 from edgeproxy.model import Backend, GeoInfo, RoutingSnapshot
-from edgeproxy.routing.selection import RTT_CEILING, _client_keys, rtt_ms
+from edgeproxy.routing.selection import (
+    _INF,
+    _NO_EXCLUDE,
+    _TIER_STEP,
+    RTT_CEILING,
+    _client_keys,
+    load_term,
+    rtt_ms,
+)
 
 __all__ = ["SelectionIndex"]
 
-_TIER_STEP = 100.0
-_INF = float("inf")
-_NO_EXCLUDE: frozenset[str] = frozenset()
 _EMPTY_MS: List[float] = []
 
 #: Uniform draws over the tied groups before counting their candidates.
@@ -113,22 +118,6 @@ _DRAWS = 8
 
 #: At most this many tier medians are cached between RTT changes.
 _MEDIAN_CACHE = 1024
-
-
-def _load_term(b: Backend, current: int) -> float:
-    """
-    The load term of C{b} with C{current} connections, computed exactly as
-    the plain scan computes it (the same float).
-    """
-    if not current:
-        return 0.0
-    soft = b.soft_limit
-    if soft < 1:
-        soft = 1
-    weight = b.weight
-    if weight < 1:
-        weight = 1
-    return current / soft / weight
 
 
 class _Group:
@@ -355,7 +344,7 @@ class SelectionIndex:
         for bid, current in list(load.items()):
             row = routable.get(bid)
             if row is not None and current:
-                keys[bid] = _load_term(row, current)
+                keys[bid] = load_term(row, current)
                 hard = row.hard_limit
                 if hard > 0 and current >= hard:
                     full.add(bid)
@@ -470,7 +459,7 @@ class SelectionIndex:
                 if b is None:
                     continue
                 current = load_get(bid, 0)
-                key = _load_term(b, current)
+                key = load_term(b, current)
                 if keys_get(bid, 0.0) != key:
                     self._file(b, key)
                 hard = b.hard_limit

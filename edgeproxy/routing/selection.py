@@ -65,6 +65,7 @@ __all__ = [
     "RTT_CEILING",
     "geo_tier",
     "in_tier",
+    "load_term",
     "median",
     "rtt_ms",
     "score",
@@ -154,6 +155,21 @@ def in_tier(load: float, ms: float, rtt_weight: float) -> float:
     return load + extra
 
 
+def load_term(backend: Backend, current: int) -> float:
+    """
+    The load term of C{backend} with C{current} connections:
+    C{current / soft_limit / weight}, both at least 1.  (The scans below
+    inline it; the index uses this, so that both compute the same float.)
+    """
+    soft = backend.soft_limit
+    if soft < 1:
+        soft = 1
+    weight = backend.weight
+    if weight < 1:
+        weight = 1
+    return current / soft / weight
+
+
 def score(
     backend: Backend,
     client_geo: GeoInfo | None,
@@ -169,13 +185,7 @@ def score(
         of its measurement, or its tier's median when it has none); C{None}
         or C{rtt_weight} 0: no RTT term.
     """
-    soft = backend.soft_limit
-    if soft < 1:
-        soft = 1
-    weight = backend.weight
-    if weight < 1:
-        weight = 1
-    load = current / soft / weight
+    load = load_term(backend, current)
     if ms is not None and rtt_weight > 0.0:
         load = in_tier(load, ms, rtt_weight)
     return geo_tier(backend, client_geo, local_region) * _TIER_STEP + load
