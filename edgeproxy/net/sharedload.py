@@ -1,0 +1,705 @@
+"""
+Per-backend connection counts shared by the worker processes of one POP
+(C{--workers N}): an L{ILoadCounter} whose hard limits hold across workers.
+
+The supervisor makes one L{SharedCounters} table (an anonymous file in
+shared memory) and hands its descriptor to every worker; each worker counts
+its connections in it through a L{SharedLoadTable}, and the supervisor reads
+the totals through a L{SharedLoadView} for its metrics and status page.
+
+The table is a matrix of 64-bit counters, one row per worker and one column
+(a I{slot}) per backend id; each worker writes only its own row, so no cell
+has two writers, and a backend's count is the sum of its column.  Taking a
+slot under a hard limit reads that sum and increments the worker's own cell
+while holding a POSIX record lock on one byte of the file for that slot
+(C{fcntl.lockf}): two workers can never both see room for the last
+connection.  Record locks rather than semaphores or futexes because the
+kernel releases them when the holding process dies, even by C{SIGKILL}:
+a crashed worker never leaves a backend locked.  Its counts stay in its row
+until the supervisor, having seen it exit, clears the row
+(L{SharedCounters.clearWorker}); its connections died with it.
+
+Releases and acquires without a hard limit take no lock: a release only
+lowers a count, so a concurrent reader can only over-estimate it and refuse
+a connection it could have taken, never admit one too many.
+
+File layout (offsets in bytes, all little-endian int64 unless said)::
+
+    0                 header page(s): magic, version, workers, slots; at 64,
+                      one generation per worker (bumped on each of its writes)
+    H                 directory: `slots` entries of 16 bytes, the blake2b
+                      digest of a backend id (all zero: empty); open
+                      addressing, linear probing from the digest's first 8
+                      bytes (big-endian) modulo `slots`; entry 0 is never used
+    H + D             counters, worker-major: cell (worker * slots + slot)
+
+Slot 0 is the POP's global connection count (L{SharedLoadTable.acquireGlobal}).
+Lock bytes (locks may lie anywhere, data or not): byte 0 guards the
+directory's inserts, byte 1 + slot guards a slot's acquires.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import tempfile
+from typing import Dict, Iterable, List, Mapping, Optional, Set
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from edgeproxy.interfaces import ILoadCounter, IMetricsStore
+from edgeproxy.model import Backend
+from edgeproxy.routing.load import UNDERFLOW, LoadTable
+
+__all__ = [
+    "GLOBAL_SLOT",
+    "SharedCounters",
+    "SharedLoadTable",
+    "SharedLoadView",
+]
+
+_log = Logger()
+
+#: The slot of the POP's global connection count: never given to an id.
+GLOBAL_SLOT = 0
+
+_PAGE = 4096
+_MAGIC = b"EPSHLOAD"
+_VERSION = 1
+#: Offset of the first worker's generation in the header.
+_GENERATIONS = 64
+_DIGEST = 16
+_EMPTY = bytes(_DIGEST)
+#: Bytes of a worker's row compared at a time by L{SharedLoadTable.refresh}.
+_CHUNK = 4096
+_CELLS_PER_CHUNK = _CHUNK // 8
+_Q = struct.Struct("<q")
+_HEADER = struct.Struct("<8sqqq")
+
+
+def _roundUp(n: int) -> int:
+    """
+    C{n} rounded up to a whole number of pages.
+    """
+    return -(-n // _PAGE) * _PAGE
+
+
+def _digest(backend_id: str) -> bytes:
+    """
+    The directory key of C{backend_id}: never all zero (that marks an empty
+    entry).
+    """
+    d = hashlib.blake2b(backend_id.encode("utf-8"), digest_size=_DIGEST).digest()
+    return d if d != _EMPTY else _EMPTY[:-1] + b"\x01"
+
+
+def _anonymousFile() -> int:
+    """
+    A descriptor of a new, empty, unnamed file in memory (close-on-exec).
+    """
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        try:
+            fd: int = memfd_create("edgeproxy-load", getattr(os, "MFD_CLOEXEC", 1))
+            return fd
+        except OSError:
+            pass  # e.g. a seccomp filter: fall back on a temporary file
+    where = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    fd, path = tempfile.mkstemp(prefix="edgeproxy-load-", dir=where)
+    os.unlink(path)
+    return fd
+
+
+class SharedCounters:
+    """
+    Per-worker, per-slot connection counters in shared memory (see the
+    module docstring for the layout and the locking).
+
+    Every method is for one thread of one process; a process writes only
+    the row of the worker index it passes, and no two live processes may
+    pass the same index.
+
+    @ivar fd: The descriptor of the shared file (the supervisor passes it to
+        each worker, e.g. with C{subprocess}'s C{pass_fds}).
+    @ivar workers: Rows (worker indexes 0 to C{workers - 1}).
+    @ivar slots: Columns, slot 0 (L{GLOBAL_SLOT}) included.
+    @ivar size: The file's size in bytes.
+    """
+
+    def __init__(self, fd: int, workers: int, slots: int, *, initialise: bool) -> None:
+        """
+        Map C{fd}; use L{create} or L{attach}.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
+        if slots < 2:
+            raise ValueError(f"slots must be >= 2, not {slots}")
+        self.fd = fd
+        self.workers = workers
+        self.slots = slots
+        header = _roundUp(_GENERATIONS + 8 * workers)
+        self._directory = header
+        self._cellsAt = header + _roundUp(_DIGEST * slots)
+        self.size = self._cellsAt + 8 * workers * slots
+        if initialise:
+            os.ftruncate(fd, self.size)
+        elif os.fstat(fd).st_size < self.size:
+            raise ValueError(
+                f"the shared file is {os.fstat(fd).st_size} bytes; "
+                f"{workers} workers and {slots} slots need {self.size}"
+            )
+        self._mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        if initialise:
+            self._mm[0 : _HEADER.size] = _HEADER.pack(_MAGIC, _VERSION, workers, slots)
+        else:
+            magic, version, w, s = _HEADER.unpack_from(self._mm, 0)
+            if (magic, version, w, s) != (_MAGIC, _VERSION, workers, slots):
+                self._mm.close()
+                raise ValueError(
+                    f"the shared file holds {w} workers x {s} slots "
+                    f"(magic {magic!r}, version {version}), "
+                    f"not {workers} x {slots}"
+                )
+        view = memoryview(self._mm)
+        self._generations = view[_GENERATIONS : _GENERATIONS + 8 * workers].cast("q")
+        self._cells = view[self._cellsAt : self.size].cast("q")
+        view.release()
+        #: Backend id -> slot, for the ids looked up or inserted here.
+        self._slots: Dict[str, int] = {}
+        self._fullLogged = False
+        self._closed = False
+
+    @classmethod
+    def create(cls, workers: int, slots: int = 65536) -> SharedCounters:
+        """
+        Make a new, zeroed table in an anonymous file in memory
+        (C{memfd_create}, else an unlinked file in C{/dev/shm} or the
+        temporary directory), for the supervisor.
+
+        @param workers: Worker processes that will count in it.
+        @param slots: Directory entries (backend ids that can be shared,
+            plus the global slot).
+        """
+        fd = _anonymousFile()
+        try:
+            return cls(fd, workers, slots, initialise=True)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def attach(cls, fd: int, workers: int, slots: int) -> SharedCounters:
+        """
+        Map the table made by L{create} whose descriptor a worker was given;
+        L{close} closes C{fd}.
+
+        @raise ValueError: The file is no such table, or one of another
+            shape.
+        """
+        return cls(fd, workers, slots, initialise=False)
+
+    def close(self) -> None:
+        """
+        Unmap the table and close the descriptor (idempotent).  Other
+        processes' mappings are unaffected.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._generations.release()
+        self._cells.release()
+        self._mm.close()
+        os.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"<SharedCounters fd={self.fd} workers={self.workers} slots={self.slots}>"
+
+    # The directory.
+
+    def _probe(self, digest: bytes) -> int:
+        """
+        The slot holding C{digest}, or C{-(free slot) - 1} for the first
+        empty entry of its probe sequence, or C{0} (never a slot of an id)
+        when the directory is full without it.
+        """
+        mm = self._mm
+        slots = self.slots
+        base = self._directory
+        slot = int.from_bytes(digest[:8], "big") % slots
+        for _ in range(slots):
+            if slot != GLOBAL_SLOT:
+                at = base + slot * _DIGEST
+                entry = mm[at : at + _DIGEST]
+                if entry == digest:
+                    return slot
+                if entry == _EMPTY:
+                    return -slot - 1
+            slot += 1
+            if slot == slots:
+                slot = 0
+        return 0
+
+    def lookup(self, backend_id: str) -> int:
+        """
+        The slot of C{backend_id} if some process has given it one, else
+        C{-1}; never inserts.
+        """
+        slot = self._slots.get(backend_id)
+        if slot is not None:
+            return slot
+        found = self._probe(_digest(backend_id))
+        if found > 0:
+            self._slots[backend_id] = found
+            return found
+        return -1
+
+    def slotFor(self, backend_id: str) -> int:
+        """
+        The slot of C{backend_id}, given one now if it has none (under the
+        directory's lock, so that processes inserting at once agree); a
+        dictionary lookup after the first call.
+
+        @return: The slot (1 to C{slots - 1}), or C{-1} when the directory
+            is full (logged once): the caller then counts this id in its
+            own process only, so its hard limit holds per worker, not
+            across them.  Slots are never given back: ids of backends that
+            left the table keep theirs.
+        """
+        slot = self._slots.get(backend_id)
+        if slot is not None:
+            return slot
+        digest = _digest(backend_id)
+        found = self._probe(digest)
+        if found > 0:
+            self._slots[backend_id] = found
+            return found
+        fd = self.fd
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
+        try:
+            # Again under the lock: another process may have inserted it.
+            found = self._probe(digest)
+            if found < 0:
+                found = -found - 1
+                at = self._directory + found * _DIGEST
+                self._mm[at : at + _DIGEST] = digest
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+        if found == 0:
+            if not self._fullLogged:
+                self._fullLogged = True
+                _log.warn(
+                    "the shared load table's {slots} slots are all taken: "
+                    "{backend_id} and later new backends are counted per "
+                    "worker (their hard limits hold per worker; logged once)",
+                    slots=self.slots,
+                    backend_id=backend_id,
+                )
+            self._slots[backend_id] = -1
+            return -1
+        self._slots[backend_id] = found
+        return found
+
+    # The counters.
+
+    def acquire(self, slot: int, worker: int, hard: int) -> int:
+        """
+        Count one more connection of C{worker} in C{slot} if the slot's
+        total is below C{hard} (C{hard <= 0}: no limit), in one atomic step
+        across processes.
+
+        @return: The new total (C{>= 1}) when the connection was counted;
+            when the slot is full, minus the total seen (C{<= -hard}).
+            Never 0.  With a limit the total is exact as of the check (read
+            under the slot's lock); without one it is read without a lock
+            and may be slightly stale.
+        """
+        cells = self._cells
+        slots = self.slots
+        if hard > 0:
+            fd = self.fd
+            start = 1 + slot
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, start)
+            try:
+                total = sum(cells[slot::slots])
+                if total >= hard:
+                    return -total
+                cells[worker * slots + slot] += 1
+                self._generations[worker] += 1
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, start)
+            return total + 1
+        cells[worker * slots + slot] += 1
+        self._generations[worker] += 1
+        return sum(cells[slot::slots])
+
+    def release(self, slot: int, worker: int) -> bool:
+        """
+        Count one connection of C{worker} in C{slot} less (no lock).
+
+        @return: C{False}, and nothing changed, if C{worker}'s count there
+            was already 0.
+        """
+        i = worker * self.slots + slot
+        cells = self._cells
+        n = cells[i]
+        if n <= 0:
+            return False
+        cells[i] = n - 1
+        self._generations[worker] += 1
+        return True
+
+    def total(self, slot: int, locked: bool = False) -> int:
+        """
+        The connections of every worker in C{slot}.
+
+        @param locked: Read under the slot's lock, so that no acquire runs
+            meanwhile: the sum is then never above the true total (releases
+            may still lower it while it is read).  Without the lock the
+            cells are read at slightly different moments, and the sum may
+            be off either way by connections that came and went meanwhile.
+        """
+        if not locked:
+            return sum(self._cells[slot :: self.slots])
+        fd = self.fd
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, 1 + slot)
+        try:
+            return sum(self._cells[slot :: self.slots])
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, 1 + slot)
+
+    def count(self, slot: int, worker: int) -> int:
+        """
+        C{worker}'s own connections in C{slot}.
+        """
+        return self._cells[worker * self.slots + slot]
+
+    def generation(self, worker: int) -> int:
+        """
+        C{worker}'s generation: it moves on every write to its row.
+        """
+        return self._generations[worker]
+
+    def clearWorker(self, worker: int) -> None:
+        """
+        Zero C{worker}'s row, for the supervisor once that worker has exited
+        and before its replacement starts (its connections died with it).
+        Its generation moves on (rather than back to 0), so that no reader
+        can mistake the replacement's first writes for the generation it
+        last saw.
+        """
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"no worker {worker} in a table of {self.workers}")
+        start = self._cellsAt + worker * self.slots * 8
+        self._mm[start : start + self.slots * 8] = bytes(self.slots * 8)
+        self._generations[worker] += 1
+
+    def totals(self, ids: Iterable[str]) -> Dict[str, int]:
+        """
+        Backend id -> connections of every worker, for each of C{ids} (0 for
+        ids no process has counted in the table); never inserts.
+        """
+        cells = self._cells
+        slots = self.slots
+        out: Dict[str, int] = {}
+        for bid in ids:
+            slot = self.lookup(bid)
+            out[bid] = sum(cells[slot::slots]) if slot > 0 else 0
+        return out
+
+
+@implementer(ILoadCounter)
+class SharedLoadTable(LoadTable):
+    """
+    A worker's L{ILoadCounter} over L{SharedCounters}: hard limits hold
+    across every worker of the table; C{connections} holds totals across
+    workers, exact for this worker's own connections and brought up to date
+    for the others' by L{refresh}.
+
+    The routing index reads C{connections} and drains C{changed} as it does
+    a L{LoadTable}'s.  An id the shared directory has no room for (slot
+    C{-1}) is counted here only, as a plain L{LoadTable} would.
+
+    @ivar counters: The shared table.
+    @ivar worker: This process's row in it.
+    """
+
+    __slots__ = (
+        "_base",
+        "_cells",
+        "_chunks",
+        "_copies",
+        "_dirty",
+        "_generations",
+        "_ids",
+        "_others",
+        "_seen",
+        "_slots",
+        "counters",
+        "worker",
+    )
+
+    def __init__(
+        self, counters: SharedCounters, worker: int, metrics: IMetricsStore | None = None
+    ) -> None:
+        if not 0 <= worker < counters.workers:
+            raise IndexError(f"no worker {worker} in a table of {counters.workers}")
+        super().__init__(metrics)
+        self.counters = counters
+        self.worker = worker
+        self._cells = counters._cells
+        self._generations = counters._generations
+        self._base = worker * counters.slots
+        #: Backend id -> slot (-1: counted here only).
+        self._slots: Dict[str, int] = {}
+        #: Slot -> backend id, for the slots of L{_slots}.
+        self._ids: Dict[int, str] = {}
+        #: Chunk of a row -> the slots of L{_ids} in it.
+        self._chunks: Dict[int, List[int]] = {}
+        #: The other workers' indexes.
+        self._others: List[int] = [w for w in range(counters.workers) if w != worker]
+        #: Worker -> its generation at the last refresh (None: compare all).
+        self._seen: Dict[int, Optional[int]] = {w: None for w in self._others}
+        #: Worker -> chunk -> the bytes of that chunk of its row at the
+        #: last refresh that compared it.
+        self._copies: Dict[int, Dict[int, bytes]] = {w: {} for w in self._others}
+        #: Slots whose C{connections} entry was read fresh from the table
+        #: (it may hold other workers' counts newer than L{_copies}): the
+        #: next refresh sets them from the copies again.
+        self._dirty: Set[int] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<SharedLoadTable worker={self.worker} backends={len(self.connections)} "
+            f"total={sum(self.connections.values())}>"
+        )
+
+    def _register(self, backend_id: str) -> int:
+        """
+        Give C{backend_id} its shared slot and start following it.
+        """
+        slot = self.counters.slotFor(backend_id)
+        self._slots[backend_id] = slot
+        if slot > 0:
+            self._ids[slot] = backend_id
+            self._chunks.setdefault(slot // _CELLS_PER_CHUNK, []).append(slot)
+            # Compare every chunk at the next refresh, and set this id
+            # from the copies then: its chunk may have had no copy.
+            for w in self._others:
+                self._seen[w] = None
+            self._dirty.add(slot)
+            self._set(backend_id, sum(self._cells[slot :: self.counters.slots]))
+        return slot
+
+    def _set(self, backend_id: str, total: int) -> None:
+        """
+        Set C{connections[backend_id]} to C{total}, noting a change.
+        """
+        connections = self.connections
+        if connections.get(backend_id, 0) == total:
+            return
+        if total > 0:
+            connections[backend_id] = total
+        else:
+            del connections[backend_id]
+        self.changed.add(backend_id)
+
+    def track(self, backend_ids: Iterable[str]) -> None:
+        """
+        Give each of C{backend_ids} its shared slot now, so that
+        L{refresh} brings in other workers' connections to backends this
+        worker has not yet tried (e.g. every id of a new routing snapshot);
+        without it an id is followed from its first L{acquire}.
+        """
+        slots = self._slots
+        for bid in backend_ids:
+            if bid not in slots:
+                self._register(bid)
+
+    def acquire(self, backend: Backend) -> bool:
+        """
+        See L{ILoadCounter.acquire}: with a hard limit, checked against
+        every worker's connections under the slot's lock.  C{connections}
+        gets the total read then (also on a refusal, so that scoring sees
+        the backend full).
+        """
+        bid = backend.id
+        slot = self._slots.get(bid)
+        if slot is None:
+            slot = self._register(bid)
+        if slot < 0:
+            return LoadTable.acquire(self, backend)
+        hard = backend.hard_limit
+        if hard > 0:
+            n = self.counters.acquire(slot, self.worker, hard)
+            self._dirty.add(slot)
+            if n < 0:
+                self._set(bid, -n)
+                return False
+            self.connections[bid] = n
+            self.changed.add(bid)
+            return True
+        # SharedCounters.acquire without a limit, inlined; the count of
+        # this worker's own connections is exact, the others' come in on
+        # refresh.
+        self._cells[self._base + slot] += 1
+        self._generations[self.worker] += 1
+        connections = self.connections
+        connections[bid] = connections.get(bid, 0) + 1
+        self.changed.add(bid)
+        return True
+
+    def release(self, backend_id: str) -> None:
+        """
+        See L{ILoadCounter.release}.  Releasing more than this worker took
+        changes nothing, counts L{UNDERFLOW} and logs once.
+        """
+        slot = self._slots.get(backend_id, -1)
+        if slot < 0:
+            LoadTable.release(self, backend_id)
+            return
+        # SharedCounters.release, inlined (one call less per connection).
+        cells = self._cells
+        i = self._base + slot
+        own = cells[i]
+        if own <= 0:
+            self._underflow(backend_id)
+            return
+        cells[i] = own - 1
+        self._generations[self.worker] += 1
+        connections = self.connections
+        n = connections.get(backend_id, 0)
+        if n > 1:
+            connections[backend_id] = n - 1
+        elif n == 1:
+            del connections[backend_id]
+        else:  # pragma: no cover - connections counts this worker's own
+            return
+        self.changed.add(backend_id)
+
+    def _underflow(self, backend_id: str) -> None:
+        """
+        Count and log (once) a release of a connection never taken.
+        """
+        if self.metrics is not None:
+            self.metrics.increment(UNDERFLOW, backend_id)
+        if not self._underflowLogged:
+            self._underflowLogged = True
+            _log.warn(
+                "connection to {backend_id} released more often than taken "
+                "(ignored; counted as {counter}, logged once)",
+                backend_id=backend_id,
+                counter=UNDERFLOW,
+            )
+
+    def refresh(self) -> None:
+        """
+        Bring the other workers' connections into C{connections} (and the
+        ids whose total moved into C{changed}); for a periodic call (every
+        0.1 s or so).
+
+        Workers whose generation has not moved since the last call are
+        skipped; of the others' rows only the chunks holding slots of ids
+        followed here are read, and only the slots of chunks whose bytes
+        differ from the last copy are summed again.
+        """
+        counters = self.counters
+        generations = self._generations
+        mm = counters._mm
+        row = counters.slots * 8
+        dirty = self._dirty
+        chunks = self._chunks
+        copies = self._copies
+        seen = self._seen
+        for w in self._others:
+            g = generations[w]
+            if g == seen[w]:
+                continue
+            # The generation is read before the cells: a write after this
+            # read moves it again and is seen next time.
+            seen[w] = g
+            copy = copies[w]
+            row_at = counters._cellsAt + w * row
+            for chunk, slots in chunks.items():
+                at = row_at + chunk * _CHUNK
+                end = min(at + _CHUNK, row_at + row)
+                data = mm[at:end]
+                if copy.get(chunk) != data:
+                    copy[chunk] = data
+                    dirty.update(slots)
+        if not dirty:
+            return
+        cells = self._cells
+        base = self._base
+        ids = self._ids
+        unpack = _Q.unpack_from
+        others = [copies[w] for w in self._others]
+        for slot in dirty:
+            chunk, offset = divmod(slot * 8, _CHUNK)
+            total = cells[base + slot]
+            for copy in others:
+                total += unpack(copy[chunk], offset)[0]
+            self._set(ids[slot], total)
+        dirty.clear()
+
+    def acquireGlobal(self, cap: int) -> bool:
+        """
+        Count one more connection in the POP's global count (slot 0) if it
+        is below C{cap} across workers (C{cap <= 0}: no cap).
+
+        @return: C{True} if counted (call L{releaseGlobal} once later).
+        """
+        return self.counters.acquire(GLOBAL_SLOT, self.worker, cap) > 0
+
+    def releaseGlobal(self) -> None:
+        """
+        Give back a connection counted by L{acquireGlobal} (an underflow is
+        counted and logged once, as for L{release}).
+        """
+        if not self.counters.release(GLOBAL_SLOT, self.worker):
+            self._underflow("(global)")
+
+    def globalTotal(self) -> int:
+        """
+        The POP's connections across workers in the global count.
+        """
+        return self.counters.total(GLOBAL_SLOT)
+
+
+class SharedLoadView:
+    """
+    The supervisor's read-only view of L{SharedCounters}: C{connections}
+    (backend id -> connections across workers, ids at 0 left out), for the
+    ids given to L{track}, as of the last L{refresh}; what the metrics
+    collector and the status page read as C{load.connections}.
+
+    @ivar counters: The shared table.
+    @ivar connections: Backend id -> total, replaced by each L{refresh}.
+    """
+
+    def __init__(self, counters: SharedCounters) -> None:
+        self.counters = counters
+        self.connections: Mapping[str, int] = {}
+        self._ids: List[str] = []
+
+    def track(self, backend_ids: Iterable[str]) -> None:
+        """
+        Report C{backend_ids} from the next L{refresh} on, in place of the
+        ids tracked so far (e.g. every id of the routing snapshot in force).
+        """
+        self._ids = list(dict.fromkeys(backend_ids))
+
+    def refresh(self) -> None:
+        """
+        Read the tracked ids' totals.
+        """
+        self.connections = {bid: n for bid, n in self.counters.totals(self._ids).items() if n > 0}
+
+    def globalTotal(self) -> int:
+        """
+        The POP's connections across workers in the global count.
+        """
+        return self.counters.total(GLOBAL_SLOT)

@@ -1,0 +1,665 @@
+"""
+Tests for L{edgeproxy.net.sharedload}: connection counts shared by worker
+processes through a real memfd, real record locks and real processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
+from zope.interface.verify import verifyObject
+
+from edgeproxy.interfaces import ILoadCounter
+from edgeproxy.net.sharedload import (
+    GLOBAL_SLOT,
+    SharedCounters,
+    SharedLoadTable,
+    SharedLoadView,
+)
+from edgeproxy.routing.load import UNDERFLOW
+from edgeproxy.routing.router import Router
+from edgeproxy.testing import (
+    BindingTable,
+    InMemoryBackendRepository,
+    MetricsStore,
+    backend,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Shared:
+    """
+    One shared table and a L{SharedLoadTable} per worker, each over its own
+    mapping of the file (as in separate worker processes).
+    """
+
+    def __init__(self, workers: int = 3, slots: int = 64) -> None:
+        self.counters = SharedCounters.create(workers, slots)
+        self.metrics = MetricsStore()
+        self.attached: List[SharedCounters] = []
+        self.tables: List[SharedLoadTable] = []
+        for w in range(workers):
+            c = SharedCounters.attach(os.dup(self.counters.fd), workers, slots)
+            self.attached.append(c)
+            self.tables.append(SharedLoadTable(c, w, self.metrics))
+
+    def close(self) -> None:
+        for c in self.attached:
+            c.close()
+        self.counters.close()
+
+
+@pytest.fixture
+def shared() -> Iterator[_Shared]:
+    s = _Shared()
+    yield s
+    s.close()
+
+
+def test_verify_object(shared: _Shared) -> None:
+    """
+    L{SharedLoadTable} provides L{ILoadCounter}.
+    """
+    assert verifyObject(ILoadCounter, shared.tables[0])
+
+
+def test_attach_checks_shape(shared: _Shared) -> None:
+    """
+    Attaching with another shape than the table was created with, or to a
+    file that is no table, fails with L{ValueError}.
+    """
+    fd = os.dup(shared.counters.fd)
+    with pytest.raises(ValueError):
+        SharedCounters.attach(fd, 3, 32)
+    with pytest.raises(ValueError):
+        SharedCounters.attach(fd, 4, 64)
+    os.close(fd)
+    other = os.memfd_create("not-a-table")
+    os.ftruncate(other, shared.counters.size)
+    with pytest.raises(ValueError):
+        SharedCounters.attach(other, 3, 64)
+    os.close(other)
+
+
+def test_create_is_zeroed_and_cloexec() -> None:
+    """
+    A new table has every count and generation at 0, and its descriptor is
+    not inherited across exec unless passed on purpose.
+    """
+    c = SharedCounters.create(2, 16)
+    try:
+        assert not os.get_inheritable(c.fd)
+        assert all(c.total(s) == 0 for s in range(16))
+        assert c.generation(0) == c.generation(1) == 0
+    finally:
+        c.close()
+    c.close()  # idempotent
+
+
+def test_hard_limit_exact_across_workers(shared: _Shared) -> None:
+    """
+    Three workers taking connections to one backend in turn get exactly
+    C{hard_limit} of them between them; then every one is refused.
+    """
+    b = backend("b1", hard_limit=5)
+    taken = [t.acquire(b) for _ in range(3) for t in shared.tables]
+    assert taken.count(True) == 5
+    assert taken[:5] == [True] * 5
+    assert not any(t.acquire(b) for t in shared.tables)
+    slot = shared.counters.slotFor("b1")
+    assert shared.counters.total(slot) == 5
+    assert [shared.counters.count(slot, w) for w in range(3)] == [2, 2, 1]
+
+
+def test_refused_acquire_changes_no_count(shared: _Shared) -> None:
+    """
+    A refused acquire changes no cell nor generation, and leaves the
+    refusing worker's C{connections} at the total it saw, noted in
+    C{changed}, so that scoring sees the backend full.
+    """
+    a, b_, c = shared.tables
+    b = backend("b1", hard_limit=2)
+    assert a.acquire(b) and a.acquire(b)
+    c.track(["b1"])
+    c.connections.clear()  # as if c had not seen a's connections yet
+    c.changed.clear()
+    slot = shared.counters.slotFor("b1")
+    cells = [shared.counters.count(slot, w) for w in range(3)]
+    gens = [shared.counters.generation(w) for w in range(3)]
+    assert not c.acquire(b)
+    assert [shared.counters.count(slot, w) for w in range(3)] == cells
+    assert [shared.counters.generation(w) for w in range(3)] == gens
+    assert c.connections == {"b1": 2}
+    assert c.changed == {"b1"}
+    assert b_.acquire(backend("b1", hard_limit=3))
+
+
+def test_release_frees_room_for_another_worker(shared: _Shared) -> None:
+    """
+    A connection released by one worker can be taken by another.
+    """
+    a, b_, _ = shared.tables
+    b = backend("b1", hard_limit=1)
+    assert a.acquire(b)
+    assert not b_.acquire(b)
+    a.release("b1")
+    assert a.connections == {}
+    assert b_.acquire(b)
+    assert b_.connections == {"b1": 1}
+
+
+def test_acquire_without_limit(shared: _Shared) -> None:
+    """
+    Without a hard limit every acquire succeeds and counts in the worker's
+    own cell; C{connections} counts this worker's connections at once.
+    """
+    a, b_, _ = shared.tables
+    b = backend("b1")
+    for _ in range(4):
+        assert a.acquire(b)
+    assert b_.acquire(b)
+    slot = shared.counters.slotFor("b1")
+    assert shared.counters.total(slot) == 5
+    assert a.connections == {"b1": 4}
+    assert shared.counters.acquire(slot, 2, 0) == 6
+
+
+def test_refresh_brings_other_workers_in(shared: _Shared) -> None:
+    """
+    L{SharedLoadTable.refresh} sets C{connections} to the totals across
+    workers of the ids it follows and notes the ids that moved in
+    C{changed}; ids at 0 leave C{connections}; a refresh with nothing new
+    notes nothing.
+    """
+    a, b_, c = shared.tables
+    c.track(["b1", "b2"])
+    c.refresh()
+    c.changed.clear()
+    assert a.acquire(backend("b1")) and a.acquire(backend("b1"))
+    assert b_.acquire(backend("b2", hard_limit=9))
+    assert a.acquire(backend("b3"))  # not followed by c
+    assert c.connections == {}
+    c.refresh()
+    assert c.connections == {"b1": 2, "b2": 1}
+    assert c.changed == {"b1", "b2"}
+    c.changed.clear()
+    c.refresh()
+    assert c.changed == set()
+    a.release("b1")
+    b_.release("b2")
+    c.refresh()
+    assert c.connections == {"b1": 1}
+    assert c.changed == {"b1", "b2"}
+
+
+def test_refresh_after_fresh_read_that_went_back(shared: _Shared) -> None:
+    """
+    A total read fresh on acquire (or on a refusal) that includes other
+    workers' connections is corrected by the next refresh even when those
+    workers' cells went back to what the last refresh copied (the chunk
+    compares equal).
+    """
+    a, b_, _ = shared.tables
+    b = backend("b1", hard_limit=2)
+    b_.track(["b1"])
+    b_.refresh()
+    assert a.acquire(b)
+    assert b_.acquire(b)
+    assert b_.connections == {"b1": 2}
+    a.release("b1")
+    b_.refresh()
+    assert b_.connections == {"b1": 1}
+    b_.release("b1")
+    assert a.acquire(b) and a.acquire(b)
+    assert not b_.acquire(b)
+    assert b_.connections == {"b1": 2}
+    a.release("b1")
+    a.release("b1")
+    b_.refresh()
+    assert b_.connections == {}
+
+
+def test_track_reads_current_totals(shared: _Shared) -> None:
+    """
+    An id given to L{SharedLoadTable.track} after other workers counted
+    connections to it starts at their total.
+    """
+    a, b_, _ = shared.tables
+    assert a.acquire(backend("b1")) and a.acquire(backend("b1"))
+    b_.track(["b1", "b9"])
+    assert b_.connections == {"b1": 2}
+    assert b_.changed == {"b1"}
+
+
+def test_underflow(shared: _Shared) -> None:
+    """
+    Releasing more than a worker took changes no count (not even another
+    worker's), counts L{UNDERFLOW} per release and logs once.
+    """
+    a, b_, _ = shared.tables
+    assert a.acquire(backend("b1", hard_limit=3))
+    b_.track(["b1"])
+    with capturedLogs() as events:
+        b_.release("b1")
+        b_.release("b1")
+        b_.release("never-seen")
+    slot = shared.counters.slotFor("b1")
+    assert shared.counters.total(slot) == 1
+    assert b_.connections == {"b1": 1}
+    assert shared.metrics.counter(UNDERFLOW, "b1") == 2
+    assert shared.metrics.counter(UNDERFLOW, "never-seen") == 1
+    assert len([e for e in events if e["log_level"] == LogLevel.warn]) == 1
+    assert not shared.counters.release(slot, 1)
+
+
+def test_clear_worker(shared: _Shared) -> None:
+    """
+    L{SharedCounters.clearWorker} zeroes a dead worker's row and moves its
+    generation on, so that the others' refresh drops its connections.
+    """
+    a, b_, c = shared.tables
+    for _ in range(3):
+        assert a.acquire(backend("b1", hard_limit=10))
+    assert b_.acquire(backend("b1", hard_limit=10))
+    assert a.acquire(backend("b2"))
+    c.track(["b1", "b2"])
+    c.refresh()
+    assert c.connections == {"b1": 4, "b2": 1}
+    generation = shared.counters.generation(0)
+    shared.counters.clearWorker(0)
+    assert shared.counters.generation(0) > generation
+    slot = shared.counters.slotFor("b1")
+    assert shared.counters.total(slot) == 1
+    assert shared.counters.count(slot, 1) == 1
+    c.refresh()
+    assert c.connections == {"b1": 1}
+    with pytest.raises(IndexError):
+        shared.counters.clearWorker(3)
+
+
+def test_directory_never_gives_slot_zero() -> None:
+    """
+    Ids get distinct slots from 1 to C{slots - 1}, the same in every
+    mapping; once they are all taken a new id gets -1 (logged once) and
+    ids already in keep theirs.
+    """
+    c = SharedCounters.create(2, 8)
+    other = SharedCounters.attach(os.dup(c.fd), 2, 8)
+    try:
+        ids = [f"backend-{i}" for i in range(7)]
+        slots = [c.slotFor(i) for i in ids]
+        assert sorted(slots) == list(range(1, 8))
+        assert [other.slotFor(i) for i in ids] == slots
+        assert [other.lookup(i) for i in reversed(ids)] == slots[::-1]
+        with capturedLogs() as events:
+            assert other.slotFor("one-too-many") == -1
+            assert other.slotFor("two-too-many") == -1
+        assert len(events) == 1
+        assert other.lookup("one-too-many") == -1
+        assert c.slotFor(ids[3]) == slots[3]
+    finally:
+        other.close()
+        c.close()
+
+
+def test_directory_full_counts_locally() -> None:
+    """
+    An id with no room in the directory is counted per worker as a plain
+    L{LoadTable} counts it: its hard limit holds per worker, refresh leaves
+    it alone, release works.
+    """
+    s = _Shared(workers=2, slots=2)  # one slot for ids
+    try:
+        a, b_ = s.tables
+        assert a.acquire(backend("first", hard_limit=1))
+        b = backend("second", hard_limit=1)
+        assert a.acquire(b)
+        assert not a.acquire(b)
+        assert b_.acquire(b)
+        assert s.counters.lookup("second") == -1
+        a.refresh()
+        assert a.connections == {"first": 1, "second": 1}
+        a.release("second")
+        a.release("second")
+        assert a.connections == {"first": 1}
+        assert s.metrics.counter(UNDERFLOW, "second") == 1
+        assert not b_.acquire(backend("first", hard_limit=1))
+    finally:
+        s.close()
+
+
+def test_global_count(shared: _Shared) -> None:
+    """
+    The global count (slot 0) caps connections across workers; a cap of 0
+    counts without a limit.
+    """
+    a, b_, c = shared.tables
+    assert a.acquireGlobal(2)
+    assert b_.acquireGlobal(2)
+    assert not c.acquireGlobal(2)
+    assert c.globalTotal() == 2
+    a.releaseGlobal()
+    assert c.acquireGlobal(2)
+    assert c.acquireGlobal(0)
+    assert a.globalTotal() == 3
+    a.releaseGlobal()  # a holds none now
+    assert shared.metrics.counter(UNDERFLOW, "(global)") == 1
+    assert shared.counters.total(GLOBAL_SLOT) == 3
+
+
+def test_view(shared: _Shared) -> None:
+    """
+    L{SharedLoadView} reports the tracked ids' totals across workers as of
+    its last refresh, leaves out ids at 0, and inserts nothing in the
+    directory.
+    """
+    a, b_, _ = shared.tables
+    assert a.acquire(backend("b1")) and b_.acquire(backend("b1"))
+    assert b_.acquire(backend("b2"))
+    assert a.acquireGlobal(0)
+    view = SharedLoadView(shared.counters)
+    view.track(["b1", "b2", "b3"])
+    assert dict(view.connections) == {}
+    view.refresh()
+    assert dict(view.connections) == {"b1": 2, "b2": 1}
+    assert shared.counters.lookup("b3") == -1
+    assert view.globalTotal() == 1
+    b_.release("b2")
+    view.track(["b2"])
+    view.refresh()
+    assert dict(view.connections) == {}
+    assert shared.counters.totals(["b1", "b2", "b3"]) == {"b1": 2, "b2": 0, "b3": 0}
+
+
+def test_routers_share_hard_limit(shared: _Shared) -> None:
+    """
+    Two routers, each over its worker's table, never hand out more than a
+    backend's hard limit between them, and route the rest to the other
+    backend once a refresh shows it full.
+    """
+    backends = [backend("full", hard_limit=2), backend("spare", region="eu", country="FR")]
+
+    def router(table: SharedLoadTable) -> Router:
+        return Router(
+            InMemoryBackendRepository(backends),
+            BindingTable(),
+            None,
+            MetricsStore(),
+            "sa",
+            Clock(),
+            random.Random(1),
+            load=table,
+        )
+
+    one, two = router(shared.tables[0]), router(shared.tables[1])
+    chosen: List[str] = []
+    for _ in range(3):
+        for r in (one, two):
+            b = r.choose(f"192.0.2.{len(chosen) + 1}", "app", frozenset())
+            assert b is not None
+            chosen.append(b.id)
+        shared.tables[0].refresh()
+        shared.tables[1].refresh()
+    assert chosen.count("full") == 2
+    slot = shared.counters.slotFor("full")
+    assert shared.counters.total(slot) == 2
+
+
+class SharedMachine(RuleBasedStateMachine):
+    """
+    Random acquires, releases and refreshes over several workers' tables:
+    every shared total is what succeeded minus what was released and never
+    above the hard limit; after a refresh a table's counts are the totals;
+    every count a table changed is noted in its C{changed}.
+    """
+
+    WORKERS = 3
+    IDS = ("a", "b", "c", "d")
+    HARD = {"a": 2, "b": 3, "c": 0, "d": 1}
+
+    @initialize()
+    def setUp(self) -> None:
+        self.shared = _Shared(self.WORKERS, 16)
+        self.held: Dict[Tuple[int, str], int] = {}
+        # What each table's reader (the selection index) last drained.
+        self.drained: List[Dict[str, int]] = [{} for _ in range(self.WORKERS)]
+        self.underflows = 0
+
+    def teardown(self) -> None:
+        if hasattr(self, "shared"):
+            self.shared.close()
+
+    def total(self, bid: str) -> int:
+        return sum(self.held.get((w, bid), 0) for w in range(self.WORKERS))
+
+    @rule(w=st.integers(0, WORKERS - 1), bid=st.sampled_from(IDS))
+    def acquire(self, w: int, bid: str) -> None:
+        hard = self.HARD[bid]
+        expected = hard <= 0 or self.total(bid) < hard
+        assert self.shared.tables[w].acquire(backend(bid, hard_limit=hard)) is expected
+        if expected:
+            self.held[(w, bid)] = self.held.get((w, bid), 0) + 1
+
+    @rule(w=st.integers(0, WORKERS - 1), bid=st.sampled_from(IDS))
+    def release(self, w: int, bid: str) -> None:
+        self.shared.tables[w].release(bid)
+        n = self.held.get((w, bid), 0)
+        if n:
+            self.held[(w, bid)] = n - 1
+        else:
+            self.underflows += 1
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def refresh(self, w: int) -> None:
+        table = self.shared.tables[w]
+        table.refresh()
+        for bid in self.IDS:
+            if bid in table._slots:
+                assert table.connections.get(bid, 0) == self.total(bid)
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def drain(self, w: int) -> None:
+        table = self.shared.tables[w]
+        for bid in table.changed:
+            self.drained[w][bid] = table.connections.get(bid, 0)
+        table.changed.clear()
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def crash(self, w: int) -> None:
+        """A worker dies: the supervisor clears its row, a new one takes it."""
+        s = self.shared
+        s.counters.clearWorker(w)
+        s.attached[w].close()
+        s.attached[w] = SharedCounters.attach(os.dup(s.counters.fd), self.WORKERS, 16)
+        s.tables[w] = SharedLoadTable(s.attached[w], w, s.metrics)
+        self.drained[w] = {}
+        for bid in self.IDS:
+            self.held.pop((w, bid), None)
+
+    @invariant()
+    def totals(self) -> None:
+        if not hasattr(self, "shared"):
+            return
+        counters = self.shared.counters
+        for bid in self.IDS:
+            slot = counters.lookup(bid)
+            total = counters.total(slot) if slot > 0 else 0
+            assert total == self.total(bid)
+            hard = self.HARD[bid]
+            assert hard <= 0 or total <= hard
+            for w in range(self.WORKERS):
+                own = counters.count(slot, w) if slot > 0 else 0
+                assert own == self.held.get((w, bid), 0)
+        underflows = self.shared.metrics.counters()
+        assert sum(n for (name, _), n in underflows.items() if name == UNDERFLOW) == self.underflows
+
+    @invariant()
+    def changes_noted(self) -> None:
+        if not hasattr(self, "shared"):
+            return
+        for w, table in enumerate(self.shared.tables):
+            assert all(n > 0 for n in table.connections.values())
+            for bid in self.IDS:
+                if table.connections.get(bid, 0) != self.drained[w].get(bid, 0):
+                    assert bid in table.changed
+
+
+TestSharedMachine = SharedMachine.TestCase
+
+
+# Real processes.
+
+_HAMMER = r"""
+import json, sys
+from edgeproxy.net.sharedload import SharedCounters
+
+fd, workers, slots, w, rounds, want, hard = map(int, sys.argv[1:8])
+c = SharedCounters.attach(fd, workers, slots)
+print("up", flush=True)
+sys.stdin.readline()
+slot = c.slotFor("b1")
+mine = {f"w{w}-{k}": c.slotFor(f"w{w}-{k}") for k in range(10)}
+print(json.dumps({"slot": slot, "mine": mine}), flush=True)
+sys.stdin.readline()
+held = seen = refused = taken = 0
+for i in range(rounds):
+    while held < want:
+        n = c.acquire(slot, w, hard)
+        if n < 0:
+            refused += 1
+            break
+        held += 1
+        taken += 1
+        seen = max(seen, n, c.total(slot, locked=True))
+    for _ in range((i % held) + 1 if held else 0):
+        assert c.release(slot, w)
+        held -= 1
+while held:
+    assert c.release(slot, w)
+    held -= 1
+print(json.dumps({"max": seen, "refused": refused, "taken": taken}), flush=True)
+"""
+
+_HOLD = r"""
+import fcntl, sys
+from edgeproxy.net.sharedload import SharedCounters
+
+fd, workers, slots, w = map(int, sys.argv[1:5])
+c = SharedCounters.attach(fd, workers, slots)
+slot = c.slotFor("b1")
+for _ in range(3):
+    assert c.acquire(slot, w, 10) > 0
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, 1 + slot)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def _spawn(script: str, fd: int, *args: int) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(fd), *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=(fd,),
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_processes_hammering_one_backend() -> None:
+    """
+    Three processes inserting ids at once agree on their slots; then,
+    hammering acquire and release on one backend with a hard limit of 10
+    while this process holds 7 (so that each of them alone hits the limit),
+    none ever sees more than 10, each is refused, and the count ends at 0.
+    """
+    workers, slots = 4, 128
+    counters = SharedCounters.create(workers, slots)
+    procs = [_spawn(_HAMMER, counters.fd, workers, slots, w, 3000, 4, 10) for w in (1, 2, 3)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "up\n"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("\n")
+            p.stdin.flush()
+        inserted = [json.loads(p.stdout.readline()) for p in procs if p.stdout is not None]
+        slot = counters.slotFor("b1")
+        assert {r["slot"] for r in inserted} == {slot}
+        mine = {k: v for r in inserted for k, v in r["mine"].items()}
+        assert len(set(mine.values()) | {slot}) == 31
+        assert all(counters.lookup(k) == v for k, v in mine.items())
+        for _ in range(7):
+            assert counters.acquire(slot, 0, 10) > 0
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("\n")
+            p.stdin.close()
+        results = []
+        for p in procs:
+            assert p.stdout is not None
+            results.append(json.loads(p.stdout.readline()))
+            assert p.wait(timeout=120) == 0
+        print(results)
+        assert max(r["max"] for r in results) <= 10
+        assert all(r["refused"] > 0 and r["taken"] > 0 for r in results)
+        assert counters.total(slot) == 7
+        for _ in range(7):
+            assert counters.release(slot, 0)
+        assert counters.total(slot) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        counters.close()
+
+
+@pytest.mark.slow
+def test_killed_lock_holder() -> None:
+    """
+    A process killed with SIGKILL while holding a slot's lock leaves it
+    free (the kernel drops a dead process's record locks): another
+    process's acquire then succeeds; clearing the dead worker's row takes
+    its connections out of the total.
+    """
+    workers, slots = 2, 16
+    counters = SharedCounters.create(workers, slots)
+    proc = _spawn(_HOLD, counters.fd, workers, slots, 1)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        slot = counters.slotFor("b1")
+        with pytest.raises(OSError):
+            fcntl.lockf(counters.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1 + slot)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert counters.acquire(slot, 0, 10) == 4
+        assert counters.count(slot, 1) == 3
+        counters.clearWorker(1)
+        assert counters.total(slot) == 1
+        assert counters.acquire(slot, 1, 2) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        counters.close()
