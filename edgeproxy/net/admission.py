@@ -63,8 +63,12 @@ class Admission:
     @ivar maxConnections: Concurrent connections allowed, counted from
         accept to close whatever stage they are in (TLS handshake, PROXY
         header, proxied); 0 means unlimited.
-    @ivar open: Connections holding a slot now.
+    @ivar open: Connections holding a slot now (in this process).
     @ivar refused: Connections refused since the cap was last logged.
+    @ivar shared: With several workers, the shared counters the cap is
+        checked on (L{edgeproxy.net.sharedload.SharedLoadTable}'s
+        C{acquireGlobal}/C{releaseGlobal}), so that it holds for all of them
+        together; C{None}: this process alone.
     """
 
     __slots__ = (
@@ -75,6 +79,7 @@ class Admission:
         "metrics",
         "open",
         "refused",
+        "shared",
     )
 
     def __init__(
@@ -93,6 +98,7 @@ class Admission:
         self.open = 0
         self.refused = 0
         self._refusing = False
+        self.shared: Any = None
 
     def __repr__(self) -> str:
         return f"<Admission open={self.open}/{self.maxConnections or 'unlimited'}>"
@@ -109,7 +115,12 @@ class Admission:
             once when the connection is gone).
         """
         cap = self.maxConnections
-        if cap and self.open >= cap:
+        shared = self.shared
+        if (
+            (shared.acquireGlobal(cap) is False)
+            if shared is not None
+            else (cap and self.open >= cap)
+        ):
             self.metrics.increment(REJECTED, "limit")
             self.refused += 1
             if not self._refusing:
@@ -139,6 +150,8 @@ class Admission:
         """
         if self.open > 0:
             self.open -= 1
+            if self.shared is not None:
+                self.shared.releaseGlobal()
         else:
             self.metrics.increment("admission_underflow")
 

@@ -251,6 +251,16 @@ class ProxyHeaderProtocol(Protocol):
             return
         self._buffer = b""
         header, length = result
+        steering = self.factory.steering
+        if (
+            steering is not None
+            and header.source is not None
+            and steering.divert(self, header.source[0], buffer)
+        ):
+            # Another worker owns this client: the connection is its now.
+            self._done = True
+            self._stopTimeout()
+            return
         self._headerReceived(header, buffer[length:])
 
     def _stopTimeout(self) -> None:
@@ -422,10 +432,14 @@ class ProxyHeaderWrappingFactory(Factory):  # type: ignore[type-arg]
         C{address in trusted}); others are closed at once.
     @ivar headerTimeout: Seconds to wait for the whole header, or C{None}.
     @ivar maxV2Length: Ceiling of the v2 length field.
+    @ivar steering: With several workers, what passes a connection whose
+        client another worker owns to that worker
+        (L{edgeproxy.net.workers.ListenerSteering}), or C{None}.
     """
 
     protocol = ProxyHeaderProtocol  # type: ignore[assignment]
     noisy = False
+    steering: Any = None
 
     def __init__(
         self,
@@ -481,18 +495,42 @@ class ProxyHeaderServerEndpoint:
     header_timeout: float | None
     metrics: IMetricsStore
     max_v2_length: int = DEFAULT_V2_MAX_LENGTH
+    steering: Any = None
 
     def listen(self, protocolFactory: IProtocolFactory) -> "Deferred[IListeningPort]":
-        return self.inner.listen(
-            ProxyHeaderWrappingFactory(
-                protocolFactory,
-                self.reactor,
-                self.trusted,
-                self.header_timeout,
-                self.metrics,
-                self.max_v2_length,
-            )
+        factory = ProxyHeaderWrappingFactory(
+            protocolFactory,
+            self.reactor,
+            self.trusted,
+            self.header_timeout,
+            self.metrics,
+            self.max_v2_length,
         )
+        factory.steering = self.steering
+        return self.inner.listen(factory)
+
+
+def socket_layer(description: str) -> Tuple[str, bool]:
+    """
+    The innermost part of a listener description (what
+    L{twisted.internet.endpoints.serverFromString} is given: C{tcp:443},
+    C{tcp6:8080:interface=\\:\\:}) and whether a C{haproxy:} layer reads
+    PROXY headers on it.
+
+    @raise ValueError: A malformed description.
+    """
+    behind = False
+    rest = description
+    while True:
+        if rest.startswith("sni:"):
+            rest = rest[4:]
+        elif rest.startswith("haproxy:"):
+            rest = rest[8:]
+            behind = True
+        elif rest.startswith("txsni:"):
+            _, rest = _split_argument(rest[6:])
+        else:
+            return rest, behind
 
 
 def _split_argument(text: str) -> Tuple[str, str]:
@@ -523,6 +561,8 @@ def server_endpoint(
     header_timeout: float | None = 5.0,
     tls_handshake_timeout: float = 10.0,
     admission: Admission | None = None,
+    socket_endpoint: IStreamServerEndpoint | None = None,
+    steering: Any = None,
     _behindHeader: bool = False,
     _nested: bool = False,
 ) -> IStreamServerEndpoint:
@@ -549,6 +589,13 @@ def server_endpoint(
         L{edgeproxy.net.admission}); on a listener without a C{haproxy:}
         layer the socket peer is the client, and its per-client limits are
         applied then too.
+    @param socket_endpoint: The endpoint that listens instead of the one
+        the innermost description names (a worker's adopted socket, see
+        L{edgeproxy.net.workers.AdoptedPortEndpoint}); the description is
+        still parsed and checked.
+    @param steering: For a C{haproxy:} layer directly on the socket, what
+        passes a connection to the worker that owns its client
+        (L{edgeproxy.net.workers.ListenerSteering}).
     @raise ValueError: A malformed description.
     """
 
@@ -561,6 +608,8 @@ def server_endpoint(
             header_timeout=header_timeout,
             tls_handshake_timeout=tls_handshake_timeout,
             admission=admission,
+            socket_endpoint=socket_endpoint,
+            steering=steering,
             _behindHeader=behindHeader,
             _nested=True,
         )
@@ -573,8 +622,17 @@ def server_endpoint(
             raise ValueError("sni: passes TLS through; it cannot be a txsni: listener")
         return inner(rest)
     if description.startswith("haproxy:"):
+        rest = description[8:]
+        # Handing a connection to another worker passes its socket: only
+        # where the header is the first thing on it (not inside TLS).
+        on_socket = not rest.startswith(("txsni:", "haproxy:"))
         return ProxyHeaderServerEndpoint(
-            inner(description[8:], True), reactor, tuple(trusted), header_timeout, metrics
+            inner(rest, True),
+            reactor,
+            tuple(trusted),
+            header_timeout,
+            metrics,
+            steering=steering if on_socket else None,
         )
     if description.startswith("txsni:"):
         from edgeproxy.net.tls import sni_server_endpoint
@@ -588,6 +646,8 @@ def server_endpoint(
             metrics=metrics,
         )
     endpoint = serverFromString(reactor, description)
+    if socket_endpoint is not None:
+        endpoint = socket_endpoint
     if admission is not None:
         return AdmissionEndpoint(endpoint, admission, clientKnown=not _behindHeader)
     return endpoint
