@@ -122,6 +122,8 @@ class EdgeProxyService(MultiService):
         self.adminSite: Any = None
         self.pops: Any = None
         self.status: Any = None
+        self.collector: Any = None
+        self.supervisor: Any = None
         self.api: Any = None
         self.adminDescription: Optional[str] = None
         #: The L{edgeproxy.geo.GeoDatabaseWatcher}, if the geo file is watched.
@@ -378,6 +380,8 @@ def build_service(
     writer: Optional[Any] = None,
     store_services: Sequence[IService] = (),
     geo_poll: Optional[float] = 5.0,
+    socket_endpoints: Optional[Sequence[Any]] = None,
+    steerings: Optional[Sequence[Any]] = None,
 ) -> EdgeProxyService:
     """
     Assemble the proxy from ready parts.  Nothing starts until the returned
@@ -451,6 +455,11 @@ def build_service(
         repository (names resolved in the background when they appear,
         refreshed every few seconds past their TTL).  Call its
         C{resolveBlocking} before starting for names present at startup.
+    @param socket_endpoints: Per listener, the endpoint that listens instead
+        of the one its description names (a worker's inherited socket,
+        L{edgeproxy.net.workers.AdoptedPortEndpoint}); C{None}: as described.
+    @param steerings: Per listener, what passes a PROXY-header connection to
+        the worker that owns its client (L{edgeproxy.net.workers.ListenerSteering}).
     """
     from edgeproxy.net.admission import Admission
     from edgeproxy.net.endpoints import server_endpoint
@@ -507,6 +516,8 @@ def build_service(
             header_timeout=header_timeout,
             tls_handshake_timeout=tls_handshake_timeout,
             admission=admission,
+            socket_endpoint=socket_endpoints[index] if socket_endpoints else None,
+            steering=steerings[index] if steerings else None,
         )
         if settings.lean and not any(layer in spec.description for layer in ("haproxy:", "txsni:")):
             # A plain TCP listener: its clients are lean transports.
@@ -688,8 +699,10 @@ def _addAdmin(
             "routable": len(snapshot.routable),
             "open_connections": top.admission.open if top.admission is not None else None,
             "routing_table_error": getattr(repository, "lastError", None),
+            **({"workers": top.supervisor.describe()} if top.supervisor is not None else {}),
         }
 
+    top.collector = collector
     site = admin_site(
         Exposition(collector, reactor=reactor), health=health, reactor=reactor, metrics=metrics
     )

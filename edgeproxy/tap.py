@@ -17,6 +17,7 @@ import ipaddress
 import math
 import os
 import re
+import sys
 import textwrap
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -105,6 +106,19 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
         return number
 
     return parse
+
+
+def _workers(value: str) -> int:
+    text = value.strip().lower()
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"not a number of workers or auto: {value!r}") from None
+    if not 1 <= count <= 256:
+        raise ValueError(f"must be from 1 to 256 or auto, got {count}")
+    return count
 
 
 def _health_check(value: str) -> str:
@@ -603,6 +617,15 @@ _OPTIONS: tuple[_Option, ...] = (
         " lean accepted transports); off: Twisted's connectTCP and tcp.Server for every leg",
     ),
     _Option(
+        "workers",
+        "EDGEPROXY_WORKERS",
+        1,
+        lambda v: _workers(v),
+        "worker processes accepting on the listeners, a number or auto (the CPUs this"
+        " process may run on); above 1 this process supervises them (see the README's"
+        " Several workers)",
+    ),
+    _Option(
         "splice",
         "EDGEPROXY_SPLICE",
         True,
@@ -796,6 +819,7 @@ class Options(usage.Options):
         self._repeated: dict[str, list[str]] = {"listen": [], "proxy-protocol-trusted": []}
         self.sources: dict[str, str] = {}
         self.given: set[str] = set()
+        self.arguments: list[str] = []
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """
@@ -811,6 +835,8 @@ class Options(usage.Options):
             without a parent command (by a program or a test).
         @raise SystemExit: Instead, under twistd.
         """
+        #: The arguments as given (a supervisor starts its workers with them).
+        self.arguments = list(options) if options is not None else list(sys.argv[1:])
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -1082,7 +1108,16 @@ def makeService(
     else:
         raise_nofile_limit(cap)
 
-    metrics = MetricsStore()
+    from edgeproxy.net.workers import WORKER_ENV, WorkerFds, WorkerMetrics
+
+    worker_fds: Optional[WorkerFds] = None
+    if environ.get(WORKER_ENV):
+        try:
+            worker_fds = WorkerFds.decode(environ[WORKER_ENV])
+        except ValueError as e:
+            raise _fatal(str(e)) from None
+    supervising = worker_fds is None and options["workers"] > 1
+    metrics = WorkerMetrics() if supervising else MetricsStore()
     from edgeproxy.stores.open import StoreError, open_store
 
     try:
@@ -1146,6 +1181,22 @@ def makeService(
         overlay, reactor, options["breaker-failures"], options["breaker-cooldown"], metrics
     )
     bindings = BindingTable(ttl=options["binding-ttl"], max_size=options["binding-max"])
+    load: Any = None
+    counters: Any = None
+    if worker_fds is not None or supervising:
+        from edgeproxy.net.sharedload import SharedCounters, SharedLoadTable, SharedLoadView
+
+        try:
+            if worker_fds is not None:
+                counters = SharedCounters.attach(
+                    worker_fds.counters, worker_fds.count, worker_fds.slots
+                )
+                load = SharedLoadTable(counters, worker_fds.index, metrics)
+            else:
+                counters = SharedCounters.create(options["workers"])
+                load = SharedLoadView(counters)
+        except OSError as e:
+            raise _fatal(f"cannot share connection counts between workers: {e}") from None
     router = Router(
         repository,
         bindings,
@@ -1158,6 +1209,7 @@ def makeService(
         breaker=breaker,
         panic=options["panic-routing"],
         rtt_weight=options["rtt-weight"],
+        load=load,
     )
     from edgeproxy.net.health import HealthChecker
 
@@ -1174,6 +1226,14 @@ def makeService(
         resolver=resolver,
         metrics=metrics,
     )
+    health_checker: Any = health
+    if worker_fds is not None:
+        # The supervisor checks, once per machine, and sends this worker the
+        # verdicts and RTTs.
+        from edgeproxy.routing.load import RttTable
+
+        health_checker = None
+        router.rtt = RttTable()
     from edgeproxy.net.limits import ClientLimiter
 
     limiter = ClientLimiter(
@@ -1201,7 +1261,7 @@ def makeService(
 
     pops = store.pops
     dns = None
-    if options["dns"] != "none":
+    if options["dns"] != "none" and worker_fds is None:
         dns = dns_service(
             reactor,
             options["dns"],
@@ -1217,7 +1277,7 @@ def makeService(
             metrics,
         )
     access_log = None
-    if options["access-log"]:
+    if options["access-log"] and not supervising:
         from edgeproxy.net.accesslog import AccessLog, AccessLogError
 
         try:
@@ -1226,14 +1286,48 @@ def makeService(
             raise _fatal(f"--access-log: {e}") from None
     reactor.callWhenRunning(_exit_zero_on_sigterm, reactor)
 
-    return build_service(
+    listeners: Sequence[ListenerSpec] = options["listen"]
+    socket_endpoints: Any = None
+    steerings: Any = None
+    handoff: Any = None
+    addresses: list[tuple[str, int, bool]] = []
+    if supervising:
+        addresses = [_socket_address(reactor, spec) for spec in listeners]
+        listeners = ()
+    elif worker_fds is not None:
+        import socket as _socket
+
+        from edgeproxy.net.workers import AdoptedPortEndpoint, Handoff, ListenerSteering
+
+        if len(worker_fds.listeners) != len(listeners):
+            raise _fatal(
+                f"worker {worker_fds.index}: {len(worker_fds.listeners)} sockets"
+                f" for {len(listeners)} listeners"
+            )
+        handoff = Handoff(
+            reactor,
+            worker_fds.index,
+            worker_fds.count,
+            worker_fds.ipv6_prefix,
+            [None if fd < 0 else _socket.socket(fileno=fd) for fd in worker_fds.outboxes],
+            metrics,
+        )
+        socket_endpoints = [
+            AdoptedPortEndpoint(reactor, fd, family, index, handoff)
+            for index, (fd, family) in enumerate(zip(worker_fds.listeners, worker_fds.families))
+        ]
+        steerings = [ListenerSteering(handoff, index) for index in range(len(listeners))]
+
+    top = build_service(
         reactor=reactor,
         repository=repository,
         bindings=bindings,
         geo=geo,
         metrics=metrics,
         router=router,
-        listeners=options["listen"],
+        listeners=listeners,
+        socket_endpoints=socket_endpoints,
+        steerings=steerings,
         settings=settings,
         trusted=options["proxy-protocol-trusted"],
         header_timeout=options["proxy-header-timeout"],
@@ -1247,10 +1341,10 @@ def makeService(
         shutdown_timeout=options["shutdown-timeout"],
         admin_states=admin,
         state_file=state_file,
-        health_checker=health,
+        health_checker=health_checker,
         access_log=access_log,
         client_limiter=limiter,
-        admin=options["admin"],
+        admin="none" if worker_fds is not None else options["admin"],
         dns=dns,
         pops=pops,
         api_tokens=tokens,
@@ -1259,6 +1353,119 @@ def makeService(
         writer=store.writer,
         store_services=store.services,
     )
+    if worker_fds is not None:
+        from edgeproxy.net.workers import WorkerRuntime
+
+        top.admission.shared = load
+        # Slots for every backend of the table, so that other workers' counts
+        # reach this one's scoring before it first connects to them.
+        load.track(b.id for b in repository.current().backends)
+        repository.addListener(lambda old, new: load.track(b.id for b in new.backends))
+        WorkerRuntime(
+            reactor,
+            worker_fds,
+            metrics=metrics,
+            load=load,
+            overlay=overlay,
+            rtts=router.rtt,
+            handoff=handoff,
+            bindings=bindings,
+            admission=top.admission,
+            state_file=state_file,
+        ).setServiceParent(top)
+    elif supervising:
+        _supervise(reactor, options, top, addresses, counters, load, metrics, health, admin)
+    return top
+
+
+def _socket_address(reactor: Any, spec: ListenerSpec) -> tuple[str, int, bool]:
+    """
+    Where a listener's sockets listen (host, port) and whether connections
+    on it may be steered by their peer address (no PROXY header on it).
+    """
+    from twisted.internet.endpoints import (
+        TCP4ServerEndpoint,
+        TCP6ServerEndpoint,
+        serverFromString,
+    )
+
+    from edgeproxy.net.endpoints import socket_layer
+
+    inner, behind = socket_layer(spec.description)
+    endpoint = serverFromString(reactor, inner)
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        raise _fatal(
+            f"--workers: listener {spec.description!r} is not a TCP socket"
+            " (several workers share TCP listeners only)"
+        )
+    host = endpoint._interface  # type: ignore[attr-defined]
+    if not host:
+        host = "::" if isinstance(endpoint, TCP6ServerEndpoint) else "0.0.0.0"
+    return host, int(endpoint._port), not behind  # type: ignore[attr-defined]
+
+
+def _supervise(
+    reactor: Any,
+    options: Options,
+    top: Any,
+    addresses: Sequence[tuple[str, int, bool]],
+    counters: Any,
+    load: Any,
+    metrics: Any,
+    health: Any,
+    admin: Any,
+) -> None:
+    """
+    Make C{top} the supervisor of C{--workers} worker processes: it owns
+    their sockets and shared counters, and its admin listener shows them
+    all.
+    """
+    import signal
+
+    from twisted.application.internet import TimerService
+
+    from edgeproxy.net.workers import (
+        GroupAdmission,
+        GroupBindings,
+        WorkerSupervisor,
+        forward_signals,
+        worker_command,
+    )
+
+    supervisor = WorkerSupervisor(
+        reactor,
+        options["workers"],
+        addresses,
+        worker_command(options.arguments, reactor),
+        counters=counters,
+        metrics=metrics,
+        ipv6_prefix=options["binding-ipv6-prefix"],
+        shutdown_timeout=options["shutdown-timeout"],
+        overlay=getattr(top.router, "overlay", None),
+        rtts=health.rtts if health is not None else None,
+        state=admin,
+    )
+    supervisor.setServiceParent(top)
+    top.supervisor = supervisor
+    # The admin listener's figures are the whole group's.
+    group = GroupAdmission(counters, options["max-connections"])
+    bindings = GroupBindings(metrics)
+    top.admission = group
+    for part in (getattr(top, "status", None), getattr(top, "collector", None)):
+        if part is not None:
+            part.admission = group
+            part.bindings = bindings
+    track = getattr(load, "track", None)
+    if callable(track):
+        repository = top.repository
+        track(b.id for b in repository.current().backends)
+        repository.addListener(lambda old, new: track(b.id for b in new.backends))
+    refresh = getattr(load, "refresh", None)
+    if callable(refresh):
+        refreshing = TimerService(1.0, refresh)
+        refreshing.clock = reactor
+        refreshing.setServiceParent(top)
+    reactor.callWhenRunning(forward_signals, supervisor, (signal.SIGHUP, signal.SIGUSR1))
 
 
 def _exit_zero_on_sigterm(reactor: Any) -> None:
@@ -1269,7 +1476,14 @@ def _exit_zero_on_sigterm(reactor: Any) -> None:
     """
     import signal
 
+    stopping: list[int] = []
+
     def terminate(signum: int, frame: Any) -> None:
+        if stopping:
+            # Already shutting down (systemd signals a whole control group,
+            # so a worker hears it from systemd and from its supervisor).
+            return
+        stopping.append(signum)
         _log.info("SIGTERM: shutting down gracefully")
         reactor.callFromThread(reactor.stop)
 

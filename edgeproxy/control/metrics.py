@@ -51,6 +51,7 @@ listed):
 | edgeproxy_routing_rows_skipped_total | routing_rows_skipped | column |
 | edgeproxy_routing_notifications_total | routing_notify | event |
 | edgeproxy_load_underflow_total | load_underflow | backend |
+| edgeproxy_worker_handoffs_total | worker_handoffs | result |
 | edgeproxy_health_probes_total | health_probes | result |
 | edgeproxy_health_transitions_total | health_transitions | to |
 | edgeproxy_breaker_transitions_total | breaker_transitions | to |
@@ -365,6 +366,13 @@ COUNTERS: Mapping[str, CounterSpec] = {
         "Change notifications from a shared store (PostgreSQL NOTIFY), and the"
         " listening connection lost and made again, by event.",
         label="event",
+    ),
+    "worker_handoffs": _spec(
+        "worker_handoffs",
+        "PROXY-listener connections passed between workers to the one owning the client,"
+        " by result (sent, received, failed: served where accepted, dropped).",
+        label="result",
+        known=("sent", "received", "failed", "dropped"),
     ),
     "load_underflow": _spec(
         "load_underflow",
