@@ -1465,7 +1465,9 @@ def _supervise(
         refreshing = TimerService(1.0, refresh)
         refreshing.clock = reactor
         refreshing.setServiceParent(top)
-    reactor.callWhenRunning(forward_signals, supervisor, (signal.SIGHUP, signal.SIGUSR1))
+    if options["access-log"]:
+        # The workers write the access log: SIGUSR1 (logrotate) reopens theirs.
+        reactor.callWhenRunning(forward_signals, supervisor, (signal.SIGUSR1,))
 
 
 def _exit_zero_on_sigterm(reactor: Any) -> None:

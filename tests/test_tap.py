@@ -6,6 +6,7 @@ environment variables and their validation.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -54,6 +55,7 @@ ENV_NAMES = {
     "breaker-cooldown": "EDGEPROXY_BREAKER_COOLDOWN",
     "panic-routing": "EDGEPROXY_PANIC_ROUTING",
     "lean-path": "EDGEPROXY_LEAN_PATH",
+    "workers": "EDGEPROXY_WORKERS",
     "splice": "EDGEPROXY_SPLICE",
     "rtt-weight": "EDGEPROXY_RTT_WEIGHT",
     "state-file": "EDGEPROXY_STATE_FILE",
@@ -134,6 +136,7 @@ def test_defaults() -> None:
     assert options["breaker-cooldown"] == 30.0
     assert options["panic-routing"] is True
     assert options["lean-path"] is True
+    assert options["workers"] == 1
     assert options["splice"] is True
     assert options["rtt-weight"] == 0.01
     assert options["state-file"] is None
@@ -196,6 +199,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
         "--breaker-cooldown=7",
         "--panic-routing=off",
         "--lean-path=off",
+        "--workers=3",
         "--splice=off",
         "--rtt-weight=0.5",
         f"--state-file={tmp_path / 's.json'}",
@@ -255,6 +259,7 @@ def test_every_option_from_the_command_line(tmp_path: Path, overrides: str, regi
     assert options["breaker-cooldown"] == 7.0
     assert options["panic-routing"] is False
     assert options["lean-path"] is False
+    assert options["workers"] == 3
     assert options["splice"] is False
     assert options["rtt-weight"] == 0.5
     assert options["state-file"] == str(tmp_path / "s.json")
@@ -338,6 +343,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
         "EDGEPROXY_PANIC_ROUTING": "no",
         "EDGEPROXY_LEAN_PATH": "off",
         "EDGEPROXY_SPLICE": "off",
+        "EDGEPROXY_WORKERS": "auto",
         "EDGEPROXY_RTT_WEIGHT": "0",
         "EDGEPROXY_STATE_FILE": str(tmp_path / "env-state.json"),
         "EDGEPROXY_ADMIN": "none",
@@ -395,6 +401,7 @@ def test_every_option_from_the_environment(tmp_path: Path, overrides: str, regio
     assert options["breaker-cooldown"] == 0.5
     assert options["panic-routing"] is False
     assert options["lean-path"] is False
+    assert options["workers"] == max(1, len(os.sched_getaffinity(0)))
     assert options["splice"] is False
     assert options["rtt-weight"] == 0.0
     assert options["state-file"] == str(tmp_path / "env-state.json")

@@ -323,16 +323,20 @@ def test_hard_limit_exact_across_workers(tmp_path: Path, group_factory: Any, wor
             assert names.count("near") == 10, names
             assert names.count("far") == 190, names
             assert backends.peak["near"] == 10
-            # Every worker proxied some of them.
-            per_worker = group.wait(
-                lambda: (
-                    [w["open_connections"] for w in group.health()["workers"]]
-                    if all(w["open_connections"] for w in group.health()["workers"])
-                    else None
-                ),
-                "every worker to report open connections",
+
+            # Every worker proxied some of them (as their reports say, a
+            # second at most after the fact).
+            def reported() -> Optional[List[int]]:
+                counts = [w["open_connections"] for w in group.health()["workers"]]
+                return counts if sum(counts) == 200 else None
+
+            per_worker = group.wait(reported, "every worker to report its connections")
+            assert all(per_worker), per_worker
+            # The supervisor's metrics show the group's counts.
+            group.wait(
+                lambda: 'edgeproxy_backend_connections{backend="near"} 10.0' in group.metrics(),
+                "the group's count of the near backend",
             )
-            assert sum(per_worker) == 200, per_worker
             assert group.health()["open_connections"] == 200
         finally:
             for s, _ in results:
@@ -506,5 +510,55 @@ def test_sigterm_drains_every_worker(tmp_path: Path, group_factory: Any) -> None
         assert not [p for p in pids if _alive(p)]
         text = group.text()
         assert text.count("shutdown deadline of 4.0s reached: closed 3 connections") == 2, text
+    finally:
+        backends.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_handed_off_connections_fit_the_global_cap(tmp_path: Path, group_factory: Any) -> None:
+    """
+    A connection passed to the worker that owns its client gives back the
+    sender's slot of the global cap before the owner takes one: with 29 of
+    --max-connections 30 held, a 30th connection is served every time,
+    however often it is handed over (no double count at the cap).
+    """
+    from edgeproxy.net.steering import owner_of
+
+    backends = Backends(["only"])
+    try:
+        write_table(tmp_path / "routing.db", [("only", backends.ports["only"], 1, 0)])
+        group = group_factory(
+            2,
+            listen="haproxy:tcp:{port}:interface=127.0.0.1",
+            extra=("--max-connections", "30"),
+        )
+        group.wait_ready()
+        clients = [f"198.51.100.{i}" for i in range(1, 60)]
+        held_client = next(c for c in clients if owner_of(c, 2) == 0)
+        other_client = next(c for c in clients if owner_of(c, 2) == 1)
+
+        def header(client: str) -> bytes:
+            return f"PROXY TCP4 {client} 192.0.2.1 40000 443\r\n".encode()
+
+        held = [dial(group.port, header=header(held_client)) for _ in range(29)]
+        try:
+            assert [name for _, name in held] == ["only"] * 29
+            for _ in range(40):
+                s, name = dial(group.port, header=header(other_client))
+                s.close()
+                assert name == "only"
+                group.wait(lambda: group.health()["open_connections"] <= 29, "the 30th to close")
+        finally:
+            for s, _ in held:
+                s.close()
+
+        def handoffs() -> Optional[float]:
+            for line in group.metrics().splitlines():
+                if line.startswith('edgeproxy_worker_handoffs_total{result="received"}'):
+                    return float(line.split()[-1]) or None
+            return None
+
+        assert group.wait(handoffs, "handoffs to be reported") >= 20
     finally:
         backends.stop()

@@ -155,6 +155,16 @@ class Admission:
         else:
             self.metrics.increment("admission_underflow")
 
+    def rejoin(self) -> None:
+        """
+        Take back a slot given back by L{leave} for a connection that stays
+        after all (a handoff to another worker that could not be sent): it
+        was admitted already, so it counts whatever the cap says now.
+        """
+        self.open += 1
+        if self.shared is not None:
+            self.shared.acquireGlobal(0)
+
     def admitClient(self, host: str) -> bool:
         """
         The proxied session knows its real client C{host} (the socket peer

@@ -46,6 +46,7 @@ What is shared, and how:
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
@@ -109,7 +110,7 @@ HANDOFFS = "worker_handoffs"
 #: Largest datagram of a handoff: the PROXY header and what followed it in
 #: the same reads (a v2 header is at most 64 KiB + 16; reads are 64 KiB).
 _HANDOFF_MAX = 256 * 1024
-_HANDOFF_HEAD = struct.Struct("!BB")
+_HANDOFF_HEAD = struct.Struct("!BH")
 _HANDOFF_VERSION = 1
 
 # A twistd log line: "2026-12-02T18:00:00+0000 [system] text".
@@ -347,9 +348,13 @@ class _Link(NetstringReceiver):
             message = json.loads(string)
             if not isinstance(message, dict):
                 raise ValueError("not an object")
-            self.messageReceived(message)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             _log.warn("control message refused: {error}", error=str(e))
+            return
+        try:
+            self.messageReceived(message)
+        except Exception:
+            _log.failure("control message {keys} failed", keys=sorted(message))
 
     def messageReceived(self, message: Dict[str, Any]) -> None:
         raise NotImplementedError()
@@ -367,9 +372,13 @@ class SupervisorLink(_Link):
     def connectionMade(self) -> None:
         self.supervisor.linkMade(self)
 
+    #: Set when the worker's process has ended: a report still unread on the
+    #: connection then is ignored (its counts are already retired).
+    retired = False
+
     def messageReceived(self, message: Dict[str, Any]) -> None:
         report = message.get("metrics")
-        if report is not None:
+        if report is not None and not self.retired:
             self.supervisor.metrics.report(self.index, report)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -479,6 +488,9 @@ class Handoff:
         self.count = count
         self.ipv6Prefix = ipv6_prefix
         self.outboxes = list(outboxes)
+        for outbox in self.outboxes:
+            if outbox is not None:
+                outbox.setblocking(False)
         self.metrics = metrics
         self.factories: Dict[int, IProtocolFactory] = {}
         self._ownerOf = owner_of
@@ -517,9 +529,29 @@ class Handoff:
         if sock is None or outbox is None or not hasattr(transport, "_shouldShutdown"):
             return False
         payload = _HANDOFF_HEAD.pack(_HANDOFF_VERSION, listener) + data
+        # The connection's slot of the global cap goes back before it is
+        # sent, so that the owner (woken by the send, maybe before this
+        # process runs again) finds it free: never two slots for one
+        # connection, never more than the cap.
+        admission = getattr(protocol, "admission", None)
+        if admission is not None and getattr(protocol, "admissionAware", False):
+            protocol.admission = None
+            admission.leave()
+        else:
+            admission = None
         try:
-            socket.send_fds(outbox, [payload], [sock.fileno()], socket.MSG_DONTWAIT)
+            # (Not socket.send_fds: it drops its flags argument, and a full
+            # inbox would then block this worker.)
+            outbox.sendmsg(
+                [payload],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))],
+                socket.MSG_DONTWAIT,
+            )
         except OSError as e:
+            if admission is not None:
+                # Served here after all: it holds its slot again.
+                admission.rejoin()
+                protocol.admission = admission
             self.metrics.increment(HANDOFFS, "failed")
             if not self._failLogged:
                 self._failLogged = True
@@ -557,20 +589,33 @@ class Handoff:
             os.close(fd)
             self.metrics.increment(HANDOFFS, "dropped")
             return
-        sock = socket.socket(fileno=fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            self.metrics.increment(HANDOFFS, "dropped")
+            return
+        transport = None
         try:
             transport = self.reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
-        except OSError as e:
+            protocol = getattr(transport, "protocol", None)
+            if transport is None or protocol is None or not getattr(transport, "connected", True):
+                # Refused by the admission (the cap, just reached).
+                self.metrics.increment(HANDOFFS, "dropped")
+                return
+            self.metrics.increment(HANDOFFS, "received")
+            rest = data[_HANDOFF_HEAD.size :]
+            if rest:
+                protocol.dataReceived(rest)
+        except Exception:
+            # One connection's failure must not take the inbox down with it.
             self.metrics.increment(HANDOFFS, "dropped")
-            _log.warn("cannot adopt a handed-off connection: {error}", error=e)
-            return
+            _log.failure("a handed-off connection failed; closed")
+            abort = getattr(transport, "abortConnection", None)
+            if callable(abort):
+                abort()
         finally:
             sock.close()
-        self.metrics.increment(HANDOFFS, "received")
-        protocol = getattr(transport, "protocol", None)
-        rest = data[_HANDOFF_HEAD.size :]
-        if protocol is not None and rest and getattr(transport, "connected", False):
-            protocol.dataReceived(rest)
 
 
 @attrs.define
@@ -707,8 +752,15 @@ class WorkerRuntime(Service):
                 continue
             for source in FORWARDED_SOURCES:
                 value = sources.get(source, 0)
-                if isinstance(value, int):
-                    overlay.setVerdict(str(backend_id), source, value)
+                if isinstance(value, int) and value in (0, 1, 2):
+                    try:
+                        overlay.setVerdict(str(backend_id), source, value)
+                    except Exception:
+                        _log.failure(
+                            "verdict {source} of {backend} failed",
+                            source=source,
+                            backend=backend_id,
+                        )
 
     def applyRtts(self, rtts: Mapping[str, Any]) -> None:
         table = self.rtts
@@ -766,6 +818,27 @@ class WorkerProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.supervisor.workerEnded(self, reason)
+
+
+def _probe(host: str, port: int) -> None:
+    """
+    Fail as a single process would when C{(host, port)} is taken: the
+    C{SO_REUSEPORT} group would otherwise join another process's group on
+    it (another edgeproxy of the same user) instead of failing.
+
+    @raise SystemExit: The address is in use (or not local).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"edgeproxy: cannot listen on {host}:{port}: {e}") from None
+    finally:
+        probe.close()
 
 
 class WorkerSupervisor(Service):
@@ -837,6 +910,13 @@ class WorkerSupervisor(Service):
     def privilegedStartService(self) -> None:
         from edgeproxy.net.steering import reuseport_group
 
+        seen = set()
+        for host, port, _ in self.addresses:
+            if port and (host, port) in seen:
+                raise SystemExit(f"edgeproxy: two listeners on {host}:{port}")
+            seen.add((host, port))
+            if port:
+                _probe(host, port)
         for host, port, steer in self.addresses:
             try:
                 group = reuseport_group(
@@ -1027,6 +1107,9 @@ class WorkerSupervisor(Service):
         if self.processes.get(index) is process:
             del self.processes[index]
         self.pids.pop(index, None)
+        link = self.links.get(index)
+        if link is not None:
+            link.retired = True
         # Its connections died with it: nothing it counted is open now.
         self.counters.clearWorker(index)
         self.metrics.retire(index)
