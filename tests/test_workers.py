@@ -113,11 +113,15 @@ class Backends:
         self._selector.close()
 
 
-def write_table(path: Path, rows: Sequence[Tuple[str, int, int, int]]) -> None:
+def write_table(
+    path: Path, rows: Sequence[Tuple[str, int, int, int]], checks: Optional[Dict[str, str]] = None
+) -> None:
     """
     A routing table of (id, port, weight, hard_limit) rows, app C{app},
-    region sa, no health checks (the backends count every connection).
+    region sa, no health checks (the backends count every connection)
+    unless C{checks} gives a row's C{health_check}.
     """
+    checks = checks or {}
     conn = sqlite3.connect(path)
     try:
         with conn:
@@ -126,8 +130,8 @@ def write_table(path: Path, rows: Sequence[Tuple[str, int, int, int]]) -> None:
                 conn.execute(
                     "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight,"
                     " soft_limit, hard_limit, deleted, proxy_protocol, health_check)"
-                    " VALUES (?, 'app', 'sa', 'BR', '127.0.0.1', ?, 1, ?, 100, ?, 0, 0, 'off')",
-                    (backend_id, port, weight, hard),
+                    " VALUES (?, 'app', 'sa', 'BR', '127.0.0.1', ?, 1, ?, 100, ?, 0, 0, ?)",
+                    (backend_id, port, weight, hard, checks.get(backend_id, "off")),
                 )
     finally:
         conn.close()
@@ -332,6 +336,18 @@ def test_hard_limit_exact_across_workers(tmp_path: Path, group_factory: Any, wor
 
             per_worker = group.wait(reported, "every worker to report its connections")
             assert all(per_worker), per_worker
+
+            # The status page shows the whole group: connections and bindings.
+            def status() -> Optional[Dict[str, Any]]:
+                url = f"http://127.0.0.1:{group.admin}/api/v1/status"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    body: Dict[str, Any] = json.loads(r.read())
+                return body if body["bindings"] == 200 else None
+
+            body = group.wait(status, "the status page to show 200 bindings")
+            assert body["connections"]["open"] == 200
+            near = [b for b in body["backends"] if b["id"] == "near"]
+            assert near and near[0]["connections"] == 10, near
             # The supervisor's metrics show the group's counts.
             group.wait(
                 lambda: 'edgeproxy_backend_connections{backend="near"} 10.0' in group.metrics(),
@@ -562,5 +578,71 @@ def test_handed_off_connections_fit_the_global_cap(tmp_path: Path, group_factory
 
         # The kernel spread the 40 over both workers: about half were passed.
         group.wait(handoffs, "at least 10 handoffs to be reported")
+    finally:
+        backends.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_health_checks_run_once_and_hold_for_every_worker(
+    tmp_path: Path, group_factory: Any
+) -> None:
+    """
+    The supervisor checks the backends (the workers do not) and its
+    verdicts hold in every worker: a preferred backend that accepts TCP but
+    fails its HTTP check takes no client through any worker, and it sees
+    the probes of one checker only.
+    """
+    backends = Backends(["sick", "well"])
+    try:
+        write_table(
+            tmp_path / "routing.db",
+            [("sick", backends.ports["sick"], 100, 0), ("well", backends.ports["well"], 1, 0)],
+            checks={"sick": "http:/health"},
+        )
+        group = group_factory(
+            2, extra=("--health-interval", "0.5", "--health-timeout", "0.3", "--health-fall", "1")
+        )
+        group.wait_ready()
+        group.wait(
+            lambda: 'edgeproxy_backend_up{backend="sick"} 0.0' in group.metrics(),
+            "the sick backend to be marked down",
+        )
+        checked = backends.total["sick"]
+        addresses = sources(40)
+        assert len(owners(addresses, 2)) == 2
+        results = [dial(group.port, a) for a in addresses]
+        try:
+            assert [name for _, name in results] == ["well"] * 40
+        finally:
+            for s, _ in results:
+                s.close()
+        # Only the supervisor's checks reached it: one every half second,
+        # not one per worker.
+        time.sleep(2.0)
+        probes = backends.total["sick"] - checked
+        assert 1 <= probes <= 6, probes
+    finally:
+        backends.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_workers_stop_when_the_supervisor_dies(tmp_path: Path, group_factory: Any) -> None:
+    """
+    A supervisor killed with SIGKILL leaves no orphans: each worker sees its
+    control connection close and shuts down by itself.
+    """
+    backends = Backends(["only"])
+    try:
+        write_table(tmp_path / "routing.db", [("only", backends.ports["only"], 1, 0)])
+        group = group_factory(2, extra=("--shutdown-timeout", "2"))
+        pids = group.wait_ready()
+        group.proc.kill()
+        group.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
     finally:
         backends.stop()
