@@ -111,7 +111,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 def _workers(value: str) -> int:
     text = value.strip().lower()
     if text == "auto":
-        return max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return max(1, min(cpus, 256))
     try:
         count = int(text)
     except ValueError:
