@@ -19,6 +19,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -114,14 +115,19 @@ class Backends:
 
 
 def write_table(
-    path: Path, rows: Sequence[Tuple[str, int, int, int]], checks: Optional[Dict[str, str]] = None
+    path: Path,
+    rows: Sequence[Tuple[str, int, int, int]],
+    checks: Optional[Dict[str, str]] = None,
+    regions: Optional[Dict[str, str]] = None,
 ) -> None:
     """
     A routing table of (id, port, weight, hard_limit) rows, app C{app},
     region sa, no health checks (the backends count every connection)
-    unless C{checks} gives a row's C{health_check}.
+    unless C{checks} gives a row's C{health_check}, or C{regions} its
+    region.
     """
     checks = checks or {}
+    regions = regions or {}
     conn = sqlite3.connect(path)
     try:
         with conn:
@@ -130,8 +136,15 @@ def write_table(
                 conn.execute(
                     "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight,"
                     " soft_limit, hard_limit, deleted, proxy_protocol, health_check)"
-                    " VALUES (?, 'app', 'sa', 'BR', '127.0.0.1', ?, 1, ?, 100, ?, 0, 0, ?)",
-                    (backend_id, port, weight, hard, checks.get(backend_id, "off")),
+                    " VALUES (?, 'app', ?, 'BR', '127.0.0.1', ?, 1, ?, 100, ?, 0, 0, ?)",
+                    (
+                        backend_id,
+                        regions.get(backend_id, "sa"),
+                        port,
+                        weight,
+                        hard,
+                        checks.get(backend_id, "off"),
+                    ),
                 )
     finally:
         conn.close()
@@ -599,6 +612,8 @@ def test_health_checks_run_once_and_hold_for_every_worker(
             tmp_path / "routing.db",
             [("sick", backends.ports["sick"], 100, 0), ("well", backends.ports["well"], 1, 0)],
             checks={"sick": "http:/health"},
+            # Closer: sick would take every client if a worker thought it up.
+            regions={"well": "eu"},
         )
         group = group_factory(
             2, extra=("--health-interval", "0.5", "--health-timeout", "0.3", "--health-fall", "1")
@@ -644,5 +659,58 @@ def test_workers_stop_when_the_supervisor_dies(tmp_path: Path, group_factory: An
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(_alive(p) for p in pids)
+    finally:
+        backends.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_admin_state_holds_in_every_worker(tmp_path: Path, group_factory: Any) -> None:
+    """
+    An admin state set in the state file (edgeproxy-ctl state set, as when
+    the API is unreachable) reaches every worker: a preferred backend put in
+    maint takes no client through any worker, and back to ready it takes
+    new ones again.
+    """
+    backends = Backends(["main", "spare"])
+    try:
+        write_table(
+            tmp_path / "routing.db",
+            [("main", backends.ports["main"], 1, 0), ("spare", backends.ports["spare"], 1, 0)],
+            # The POP's region: main is closer, whatever the load.
+            regions={"spare": "eu"},
+        )
+        state = tmp_path / "state.json"
+        group = group_factory(2, extra=("--state-file", str(state)))
+        group.wait_ready()
+        addresses = sources(30)
+        assert len(owners(addresses, 2)) == 2
+
+        def ctl(*args: str) -> None:
+            subprocess.run(
+                [sys.executable, "-m", "edgeproxy.ctl", "--state-file", str(state), *args],
+                check=True,
+                env=edgeproxy_env(),
+                capture_output=True,
+            )
+
+        def reached(addresses: Sequence[str]) -> List[str]:
+            results = [dial(group.port, a) for a in addresses]
+            for s, _ in results:
+                s.close()
+            return [name for _, name in results]
+
+        ctl("state", "set", "main", "maint")
+        group.wait(lambda: reached(addresses) == ["spare"] * 30, "every client to reach spare")
+        ctl("state", "set", "main", "ready")
+        # Those clients stay bound to spare: new ones (new at each try, as
+        # a try before the change binds its clients) go to main.
+        tries = iter(range(100, 10_000, 30))
+
+        def fresh() -> bool:
+            batch = sources(30, start=next(tries))
+            return len(owners(batch, 2)) == 2 and reached(batch) == ["main"] * 30
+
+        group.wait(fresh, "new clients to reach main again")
     finally:
         backends.stop()
