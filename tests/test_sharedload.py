@@ -28,7 +28,9 @@ from zope.interface.verify import verifyObject
 
 from edgeproxy.interfaces import ILoadCounter
 from edgeproxy.net.sharedload import (
+    GLOBAL_BLOCK,
     GLOBAL_SLOT,
+    RESERVED_ID,
     SharedCounters,
     SharedLoadTable,
     SharedLoadView,
@@ -663,3 +665,82 @@ def test_killed_lock_holder() -> None:
             proc.kill()
             proc.wait()
         counters.close()
+
+
+def _tables(n: int) -> list:
+    counters = SharedCounters.create(n, slots=64)
+    return [SharedLoadTable(counters, w) for w in range(n)]
+
+
+def test_global_cap_reserves_room_in_blocks() -> None:
+    """
+    Far from the cap a worker reserves room for many connections under one
+    lock and admits from it; the group's open count is what the workers
+    hold, not what they reserved.
+    """
+    a, b = _tables(2)
+    assert a.acquireGlobal(1000)
+    slot = a.counters.lookup(RESERVED_ID)
+    assert slot > 0
+    block = min(GLOBAL_BLOCK, 1000 // 8)
+    assert a.counters.total(slot) == block
+    for _ in range(block - 1):
+        assert a.acquireGlobal(1000)
+    assert a.counters.total(slot) == block
+    assert a.acquireGlobal(1000)
+    assert a.counters.total(slot) == 2 * block
+    assert b.acquireGlobal(1000)
+    assert a.globalTotal() == block + 2
+
+
+def test_global_cap_exact_with_the_last_connections_anywhere() -> None:
+    """
+    Near the cap room is taken one connection at a time and given back at
+    once: with 29 of 30 held by one worker the other takes the 30th, and
+    nobody takes a 31st; when one closes, any worker may take its place.
+    """
+    a, b = _tables(2)
+    for _ in range(29):
+        assert a.acquireGlobal(30)
+    assert b.acquireGlobal(30)
+    assert not a.acquireGlobal(30)
+    assert not b.acquireGlobal(30)
+    assert a.globalTotal() == 30
+    a.releaseGlobal()
+    assert b.acquireGlobal(30)
+    assert not a.acquireGlobal(30)
+    b.releaseGlobal()
+    assert a.acquireGlobal(30)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_global_cap_never_exceeded_and_refuses_little_early(seed: int) -> None:
+    """
+    Random acquires and releases over three workers: the open connections
+    never add up to more than the cap, every refusal comes within two
+    blocks per other worker of it, and when everything is closed the
+    reservations are back to what fits the rule (all returned near the cap).
+    """
+    import random
+
+    rng = random.Random(seed)
+    cap = rng.choice([5, 30, 200, 1000])
+    tables = _tables(3)
+    held = [0, 0, 0]
+    block = max(1, min(GLOBAL_BLOCK, cap // 12))
+    for _ in range(3000):
+        w = rng.randrange(3)
+        if held[w] and rng.random() < 0.45:
+            tables[w].releaseGlobal()
+            held[w] -= 1
+        elif tables[w].acquireGlobal(cap):
+            held[w] += 1
+        else:
+            assert sum(held) >= cap - 2 * 2 * block, (sum(held), cap, block)
+        assert sum(held) <= cap
+        assert tables[0].globalTotal() == sum(held)
+    for w in range(3):
+        while held[w]:
+            tables[w].releaseGlobal()
+            held[w] -= 1
+    assert tables[0].globalTotal() == 0
