@@ -5,7 +5,7 @@ a direct connection, on one pinned core each.
 
     python bench/run.py [--quick] [--rounds N] [--duration S] [--json out.json]
                         [--peers edgeproxy,haproxy,nginx-stream,direct]
-                        [--variant NAME:KEY=VAL,...] [--pypy PATH]
+                        [--variant NAME:KEY=VAL,...] [--pypy PATH] [--workers 1,2]
 
 What it does (everything on 127.0.0.1, every process cleaned up on exit or
 Ctrl-C, every loop bounded in count and time):
@@ -48,6 +48,15 @@ Ctrl-C, every loop bounded in count and time):
     and how much of the proxy's core other processes took;
   - prints a table with ratios to HAProxy and writes the numbers as JSON
     (default C{bench/results/<timestamp>.json}).
+
+With C{--workers 1,2}: each edgeproxy peer (and variant) runs once per count
+with C{--workers N} (N > 1: C{steer=off}, the groups without client steering,
+since every wrk connection comes from 127.0.0.1) and HAProxy with C{nbthread
+N}; N=1 on the proxy core, N>1 on cores 0..N-1, shared with the load
+generator (wall-clock rates are then capped by wrk's share: compare the
+per-CPU-second figures).  Only new connections/s and keepalive are
+measured; the proxy's CPU is summed over its whole process tree; a scaling
+report compares N with 1 per proxy CPU-second.
 
 Peers that are not installed are skipped with the command that installs
 them.  Requires Linux (taskset, /proc).
