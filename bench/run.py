@@ -5,7 +5,7 @@ a direct connection, on one pinned core each.
 
     python bench/run.py [--quick] [--rounds N] [--duration S] [--json out.json]
                         [--peers edgeproxy,haproxy,nginx-stream,direct]
-                        [--variant NAME:KEY=VAL,...] [--pypy PATH]
+                        [--variant NAME:KEY=VAL,...] [--pypy PATH] [--workers 1,2]
 
 What it does (everything on 127.0.0.1, every process cleaned up on exit or
 Ctrl-C, every loop bounded in count and time):
@@ -49,6 +49,15 @@ Ctrl-C, every loop bounded in count and time):
   - prints a table with ratios to HAProxy and writes the numbers as JSON
     (default C{bench/results/<timestamp>.json}).
 
+With C{--workers 1,2}: each edgeproxy peer (and variant) runs once per count
+with C{--workers N} (N > 1: C{steer=off}, the groups without client steering,
+since every wrk connection comes from 127.0.0.1) and HAProxy with C{nbthread
+N}; N=1 on the proxy core, N>1 on cores 0..N-1, shared with the load
+generator (wall-clock rates are then capped by wrk's share: compare the
+per-CPU-second figures).  Only new connections/s and keepalive are
+measured; the proxy's CPU is summed over its whole process tree; a scaling
+report compares N with 1 per proxy CPU-second.
+
 Peers that are not installed are skipped with the command that installs
 them.  Requires Linux (taskset, /proc).
 """
@@ -61,6 +70,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -269,6 +279,73 @@ def proc_cpu_seconds(pids: Sequence[int]) -> float:
     return total / _CLK_TCK
 
 
+def _children(pid: int) -> List[int]:
+    """
+    The live children of C{pid}: /proc/<pid>/task/*/children, or a scan of
+    every /proc/<n>/stat's parent where the kernel lacks that file.
+    """
+    kids: List[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    found = False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+            found = True
+        except OSError:
+            continue
+    if found:
+        return kids
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                kids.append(int(name))
+    return kids
+
+
+def proc_tree(roots: Sequence[int]) -> List[int]:
+    """
+    C{roots} and all their live descendants (bounded: at most 4,096).
+    """
+    seen: List[int] = []
+    todo = list(roots)
+    while todo and len(seen) < 4096:
+        pid = todo.pop(0)
+        if pid in seen:
+            continue
+        seen.append(pid)
+        todo += _children(pid)
+    return seen
+
+
+def tree_cpu(roots: Sequence[int]) -> Dict[int, Tuple[float, float]]:
+    """
+    For every process of the trees under C{roots}: (its own user + system
+    CPU seconds, those of its children that ended and were reaped).  The
+    second term keeps a worker that dies during a test counted: its time
+    moves to its parent's once it is reaped.
+    """
+    out: Dict[int, Tuple[float, float]] = {}
+    for pid in proc_tree(roots):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        own = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+        reaped = (int(fields[13]) + int(fields[14])) / _CLK_TCK  # cutime, cstime
+        out[pid] = (own, reaped)
+    return out
+
+
 def core_busy_seconds(cpu: str) -> float:
     """
     Busy (non-idle) seconds of one CPU since boot, from /proc/stat.
@@ -282,28 +359,61 @@ def core_busy_seconds(cpu: str) -> float:
     return 0.0
 
 
+def _cores(spec: Optional[str]) -> List[str]:
+    """
+    The CPU numbers of a taskset list ("1", "0,1", "0-3"); every CPU for None.
+    """
+    if spec is None:
+        return [str(i) for i in range(os.cpu_count() or 1)]
+    cores: List[str] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cores += [str(i) for i in range(int(lo), int(hi or lo) + 1)]
+    return cores
+
+
 class CpuMeter:
     """
-    CPU used by the proxy during one test, and by everything else on its core
-    (other tenants of a shared machine): the noise indicator, and the
-    denominator of the per-CPU-second figures.
+    CPU used by the proxy during one test, and by everything else on its
+    core(s) (other tenants of a shared machine): the noise indicator, and
+    the denominator of the per-CPU-second figures.
+
+    The proxy's CPU is that of the whole process tree under C{pids} (a
+    supervisor and its workers), walked at the start and at the end of the
+    test: a process present at both counts its difference, one started
+    during the test all of its time, one that ended its time until its
+    parent reaped it (its parent's children's time).
     """
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    def __init__(self, pids: Sequence[int], cpu: Optional[str] = PROXY_CPU) -> None:
         self.pids = list(pids)
+        self.cores = _cores(cpu)
         self.t0 = time.monotonic()
-        self.p0 = proc_cpu_seconds(self.pids)
-        self.c0 = core_busy_seconds(PROXY_CPU)
+        self.tree0 = tree_cpu(self.pids)
+        self.c0 = sum(core_busy_seconds(c) for c in self.cores)
 
-    def stop(self) -> Dict[str, float]:
+    def stop(self) -> Dict[str, Any]:
         wall = time.monotonic() - self.t0
-        proxy = proc_cpu_seconds(self.pids) - self.p0
-        core = core_busy_seconds(PROXY_CPU) - self.c0
+        tree1 = tree_cpu(self.pids)
+        core = sum(core_busy_seconds(c) for c in self.cores) - self.c0
+        total0 = sum(own + reaped for own, reaped in self.tree0.values())
+        total1 = sum(own + reaped for own, reaped in tree1.values())
+        proxy = total1 - total0
+        per = {
+            str(pid): round(own - self.tree0.get(pid, (0.0, 0.0))[0], 3)
+            for pid, (own, _) in tree1.items()
+        }
         return {
             "wall_s": round(wall, 3),
             "proxy_cpu_s": round(proxy, 3),
             "proxy_util": round(proxy / wall, 3) if wall > 0 else 0.0,
+            "cores": ",".join(self.cores),
+            # with the proxy on several cores, "others" includes the load
+            # generator (core 0): not a noise indicator then
             "core_other_util": round(max(0.0, core - proxy) / wall, 3) if wall > 0 else 0.0,
+            "per_process_cpu_s": per,
+            "started": sorted(set(tree1) - set(self.tree0)),
+            "ended": sorted(set(self.tree0) - set(tree1)),
         }
 
 
@@ -397,11 +507,16 @@ class Running:
     bulk_port: int
     rss_pid: Optional[int]
     procs: List["subprocess.Popen[bytes]"] = field(default_factory=list)
+    logfile: Optional[str] = None
 
 
 class Peer:
     name = "?"
     needs: Tuple[str, ...] = ()
+    #: The proxy's CPUs (a taskset list; None: unpinned).
+    cpu: Optional[str] = PROXY_CPU
+    #: Processes or threads (C{--workers}); 0: the peer has no such setting.
+    workers = 0
 
     def missing(self) -> Optional[str]:
         """
@@ -425,7 +540,7 @@ class Direct(Peer):
 
 HAPROXY_CONF = """\
 global
-    nbthread 1
+    nbthread {nbthread}
     maxconn {maxconn}
 defaults
     mode tcp
@@ -450,6 +565,10 @@ class HAProxy(Peer):
     name = "haproxy"
     needs = ("haproxy",)
 
+    def __init__(self, name: str = "haproxy", threads: int = 1) -> None:
+        self.name = name
+        self.threads = threads
+
     def start(self, procs: Processes, b: Backends, workdir: str, max_conns: int) -> Running:
         web, bulk = free_port(), free_port()
         conf = os.path.join(workdir, "haproxy.cfg")
@@ -462,11 +581,12 @@ class HAProxy(Peer):
                     http_port=b.http_port,
                     iperf_port=b.iperf_port,
                     maxconn=max_conns,
+                    nbthread=self.threads,
                 )
             )
         p = procs.start(
             ["haproxy", "-db", "-f", conf],
-            PROXY_CPU,
+            self.cpu,
             stderr=open(os.path.join(workdir, "haproxy.stderr"), "ab"),
         )
         wait_listening([web, bulk], p, 10, "haproxy")
@@ -558,11 +678,12 @@ def _child_env(
     return env
 
 
-def write_routing_db(path: str, b: Backends) -> None:
+def write_routing_db(path: str, b: Backends, hard_limit: int = 0) -> None:
     """
     A routing table like a small POP's: three Brazilian rows for the web app
     (the geo path picks among them), two rows elsewhere (scored, not picked),
-    one bulk row.  All web rows point at the same nginx.
+    one bulk row.  All web rows point at the same nginx.  C{hard_limit} on
+    every row (0: none).
     """
     schema = os.path.join(ROOT, "edgeproxy", "data", "schema.sql")
     con = sqlite3.connect(path)
@@ -588,8 +709,8 @@ def write_routing_db(path: str, b: Backends) -> None:
         ]
         con.executemany(
             "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight,"
-            " soft_limit, hard_limit, deleted, proxy_protocol) VALUES (?,?,?,?,?,?,1,1,1000,0,0,0)",
-            rows,
+            " soft_limit, hard_limit, deleted, proxy_protocol) VALUES (?,?,?,?,?,?,1,1,1000,?,0,0)",
+            [(*row, hard_limit) for row in rows],
         )
         con.commit()
     finally:
@@ -609,7 +730,13 @@ class Edgeproxy(Peer):
     C{root} (another checkout of edgeproxy, e.g. a git worktree of an older
     commit, to compare two versions in one run),
     C{args} (extra plugin options, C{+}-separated, e.g.
-    C{args=--binding-ttl=0.001}).
+    C{args=--binding-ttl=0.001}),
+    C{hardlimit} (C{hard_limit} of every routing.db row; make it higher
+    than the connections ever open, so that nothing is refused: a hard
+    limit makes several workers take the shared slot's lock per
+    connection), C{workers} (C{--workers N}), C{steer} (C{off}: with
+    several workers, C{EDGEPROXY_WORKERS_STEER=off}, the groups without
+    client steering; C{bench/run.py --workers} sets it unless given).
     """
 
     needs = ()
@@ -637,7 +764,7 @@ class Edgeproxy(Peer):
         db = os.path.join(workdir, f"{tag}-routing.db")
         if os.path.exists(db):
             os.remove(db)
-        write_routing_db(db, b)
+        write_routing_db(db, b, int(self.knobs.get("hardlimit", "0")))
         overrides = os.path.join(workdir, "geo-overrides.txt")
         with open(overrides, "w") as f:
             f.write("# client CIDR -> country (the benchmark client is loopback)\n127.0.0.0/8 BR\n")
@@ -656,6 +783,8 @@ class Edgeproxy(Peer):
             if knob in self.knobs:
                 env_extra[var] = self.knobs[knob]
                 wrapped = True
+        if self.knobs.get("steer") == "off":
+            env_extra["EDGEPROXY_WORKERS_STEER"] = "off"
         if "gcnursery" in self.knobs:
             # PyPy's minor-collection nursery (read at interpreter start).
             env_extra["PYPY_GC_NURSERY"] = self.knobs["gcnursery"]
@@ -689,18 +818,73 @@ class Edgeproxy(Peer):
         ]
         if self.knobs.get("accesslog", "1") != "0":
             argv += ["--access-log", os.path.join(workdir, f"{tag}-access.log")]
+        workers = int(self.knobs.get("workers", "0"))
+        if workers:
+            argv += ["--workers", str(workers)]
         if self.knobs.get("args"):
             argv += self.knobs["args"].split("+")
         p = procs.start(
             argv,
-            PROXY_CPU,
+            self.cpu,
             env=_child_env(env_extra, self.knobs.get("root")),
             stderr=open(os.path.join(workdir, f"{tag}.stderr"), "ab"),
             stdout=open(os.path.join(workdir, f"{tag}.stdout"), "ab"),
             cwd=workdir,
         )
         wait_listening([web, bulk], p, 30, self.name)
-        return Running(web, bulk, p.pid, [p])
+        if workers > 1:
+            # the supervisor listens before its workers run: wait for them
+            wait_workers(logfile, workers, p, 60, self.name)
+        return Running(web, bulk, p.pid, [p], logfile)
+
+
+def wait_workers(
+    logfile: str, count: int, proc: "subprocess.Popen[bytes]", timeout: float, what: str
+) -> None:
+    """
+    Wait until the supervisor's log shows C{count} workers running.
+    """
+    deadline = time.monotonic() + timeout
+    seen: set = set()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before its workers ran")
+        try:
+            with open(logfile, errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        seen = set(re.findall(rf"worker (\d+) of {count} running", text))
+        if len(seen) >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what}: only {len(seen)} of {count} workers running after {timeout}s")
+
+
+#: Log lines worth a note after a run (edgeproxy's process log).
+_LOG_TROUBLE = re.compile(
+    r"Traceback|Unhandled|ended after|still running at the deadline|cannot |refused|"
+    r"released more often|malformed|error",
+    re.IGNORECASE,
+)
+
+
+def log_trouble(logfile: str, limit: int = 5) -> Tuple[int, List[str]]:
+    """
+    How many lines of C{logfile} look like trouble, and the first few.
+    """
+    n = 0
+    first: List[str] = []
+    try:
+        with open(logfile, errors="replace") as f:
+            for line in f:
+                if _LOG_TROUBLE.search(line):
+                    n += 1
+                    if len(first) < limit:
+                        first.append(line.strip()[:300])
+    except OSError:
+        pass
+    return n, first
 
 
 class TwistedPortforward(Peer):
@@ -1051,8 +1235,27 @@ MEASURES = [
     ("conn_per_cpu", "new conns per proxy CPU-s", "/s", True),
     ("keepalive_per_cpu", "requests per proxy CPU-s", "/s", True),
     ("bulk_per_cpu", "bulk per proxy CPU-s", "Gbit/s", True),
+    ("conn_cpu_us", "proxy CPU per new conn", "µs", False),
+    ("conn_util", "proxy CPUs busy (conn test)", "CPUs", False),
+    ("keepalive_util", "proxy CPUs busy (keepalive)", "CPUs", False),
+    ("worker_max_share", "busiest worker's CPU share", "%", False),
+    ("supervisor_share", "supervisor's CPU share", "%", False),
     ("core_other", "proxy core used by others", "%", False),
 ]
+
+#: Measures of C{--workers} runs (the others are skipped there).
+WORKER_MEASURES = (
+    "conn_rate",
+    "keepalive_rps",
+    "conn_per_cpu",
+    "keepalive_per_cpu",
+    "conn_cpu_us",
+    "conn_util",
+    "keepalive_util",
+    "worker_max_share",
+    "supervisor_share",
+    "core_other",
+)
 
 
 def summarise(values: List[float]) -> Dict[str, Any]:
@@ -1074,17 +1277,35 @@ def fmt(v: Optional[float], unit: str) -> str:
         return f"{v:.2f}"
     if unit == "B":
         return f"{v:,.0f}"
+    if unit == "CPUs":
+        return f"{v:.2f}"
     if abs(v) >= 100:
         return f"{v:,.0f}"
     return f"{v:.1f}"
 
 
-def print_table(results: Dict[str, Dict[str, Dict[str, Any]]], peers: List[str]) -> str:
+def print_table(
+    results: Dict[str, Dict[str, Dict[str, Any]]],
+    peers: List[str],
+    refs: Optional[Dict[str, str]] = None,
+    only: Optional[Sequence[str]] = None,
+) -> str:
+    """
+    The table of medians (C{only}: those measures; C{refs}: the column
+    each is compared with, HAProxy's unless given).
+    """
+    refs = refs or {}
     lines = []
     head = f"{'measure':<30}" + "".join(f"{p:>30}" for p in peers)
     lines.append(head)
     lines.append("-" * len(head))
     for key, label, unit, _ in MEASURES:
+        if only is not None and key not in only:
+            continue
+        if key in ("worker_max_share", "supervisor_share") and not any(
+            results.get(p, {}).get(key) for p in peers
+        ):
+            continue
         row = f"{label + ' (' + unit + ')':<30}"
         for p in peers:
             s = results.get(p, {}).get(key)
@@ -1096,7 +1317,16 @@ def print_table(results: Dict[str, Dict[str, Dict[str, Any]]], peers: List[str])
             if (
                 ratio is not None
                 and p not in ("haproxy", "direct")
-                and key not in ("lat_rate", "core_other")
+                and refs.get(p, "haproxy") != p
+                and key
+                not in (
+                    "lat_rate",
+                    "core_other",
+                    "conn_util",
+                    "keepalive_util",
+                    "worker_max_share",
+                    "supervisor_share",
+                )
             ):
                 cell += f" {ratio:.2f}x"
             row += f"{cell:>30}"
@@ -1167,6 +1397,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=1.0,
         help="seconds of each warm-up load before a peer's tests (JITs)",
     )
+    ap.add_argument(
+        "--workers",
+        default=None,
+        metavar="LIST",
+        help="comma list of worker counts, e.g. 1,2: each edgeproxy peer runs with "
+        "--workers N (groups unsteered: steer=off), HAProxy with nbthread N; N=1 on "
+        "the proxy core, N>1 on cores 0..N-1 (shared with the load generator); "
+        "measures new connections and keepalive only, CPU over the whole process tree",
+    )
     ap.add_argument("--no-pin", action="store_true", help="do not use taskset")
     ap.add_argument(
         "--keep-workdir", action="store_true", help="keep the temporary directory (configs, logs)"
@@ -1230,10 +1469,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"skipping {name}: not installed -- install with: {hint}")
             continue
         peers.append(peer)
-    names = [p.name for p in peers]
     if not peers:
         log("no peer to run")
         return 2
+    refs: Dict[str, str] = {}
+    bases: Dict[str, Tuple[str, int]] = {}
+    workers_list: List[int] = []
+    if args.workers:
+        try:
+            workers_list = [int(x) for x in args.workers.split(",") if x]
+        except ValueError:
+            ap.error(f"--workers {args.workers!r}: a comma list of numbers")
+        if not workers_list or min(workers_list) < 1 or max(workers_list) > 64:
+            ap.error("--workers: numbers 1..64")
+        ncpu = os.cpu_count() or 1
+        expanded: List[Peer] = []
+        for count in workers_list:
+            for peer in peers:
+                clone: Peer
+                if isinstance(peer, Edgeproxy):
+                    knobs = dict(peer.knobs, workers=str(count))
+                    if count > 1:
+                        knobs.setdefault("steer", "off")
+                    clone = Edgeproxy(f"{peer.name}-w{count}", knobs)
+                elif isinstance(peer, HAProxy):
+                    clone = HAProxy(f"{peer.name}-w{count}", threads=count)
+                else:
+                    if count == workers_list[0]:
+                        expanded.append(peer)
+                    continue
+                clone.workers = count
+                clone.cpu = (
+                    PROXY_CPU if count == 1 else (f"0-{count - 1}" if count <= ncpu else None)
+                )
+                refs[clone.name] = f"haproxy-w{count}"
+                bases[clone.name] = (peer.name, count)
+                expanded.append(clone)
+        peers = expanded
+        dropped = {"mem", "bulk", "latency", "select"} - skip
+        if dropped:
+            log(
+                f"--workers: skipping {','.join(sorted(dropped))} (new connections and "
+                "keepalive only)"
+            )
+        skip |= dropped
+    names = [p.name for p in peers]
 
     procs = Processes(pin)
     atexit.register(procs.stop_all)
@@ -1315,17 +1595,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     wrk(procs, pdir, running.http_port, warmup, 8, close=True)
                     wrk(procs, pdir, running.http_port, warmup, 8)
                     pids = [p.pid for p in running.procs]
+                    # "others" on the proxy's cores is noise only where the
+                    # proxy has its core to itself
+                    own_core = len(_cores(peer.cpu)) == 1
                     if "conn" not in skip:
-                        cm = CpuMeter(pids)
+                        cm = CpuMeter(pids, peer.cpu)
                         w = wrk(procs, pdir, running.http_port, duration, args.conns, close=True)
                         w["cpu"] = cpu = cm.stop()
                         record(peer.name, "conn_detail", w)
                         record(peer.name, "conn_rate", w["rps"])
                         if pids and cpu["proxy_cpu_s"] > 0:
                             record(peer.name, "conn_per_cpu", w["requests"] / cpu["proxy_cpu_s"])
-                            record(peer.name, "core_other", 100 * cpu["core_other_util"])
+                            record(
+                                peer.name, "conn_cpu_us", 1e6 * cpu["proxy_cpu_s"] / w["requests"]
+                            )
+                            record(peer.name, "conn_util", cpu["proxy_util"])
+                            if own_core:
+                                record(peer.name, "core_other", 100 * cpu["core_other_util"])
+                            worker_shares(peer, pids, cpu, record, notes, r, "conn")
                     if "keepalive" not in skip:
-                        cm = CpuMeter(pids)
+                        cm = CpuMeter(pids, peer.cpu)
                         w = wrk(procs, pdir, running.http_port, duration, args.conns)
                         w["cpu"] = cpu = cm.stop()
                         record(peer.name, "keepalive_detail", w)
@@ -1334,9 +1623,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             record(
                                 peer.name, "keepalive_per_cpu", w["requests"] / cpu["proxy_cpu_s"]
                             )
-                            record(peer.name, "core_other", 100 * cpu["core_other_util"])
+                            record(peer.name, "keepalive_util", cpu["proxy_util"])
+                            if own_core:
+                                record(peer.name, "core_other", 100 * cpu["core_other_util"])
+                            worker_shares(peer, pids, cpu, record, notes, r, "keepalive")
                     if "bulk" not in skip:
-                        cm = CpuMeter(pids)
+                        cm = CpuMeter(pids, peer.cpu)
                         g = iperf(procs, b, running.bulk_port, bulk_duration)
                         cpu = cm.stop()
                         record(peer.name, "bulk_gbps", g)
@@ -1360,6 +1652,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 finally:
                     for p in running.procs:
                         procs.stop(p)
+                    if running.logfile:
+                        n_bad, first = log_trouble(running.logfile)
+                        if n_bad:
+                            notes.append(
+                                f"{peer.name} round {r + 1}: {n_bad} log line(s) like trouble, "
+                                f"first: {' | '.join(first)}"
+                            )
 
         if "select" not in skip and any(isinstance(p, Edgeproxy) for p in peers):
             log("routing decision timing (in-process, pinned to the proxy core)")
@@ -1386,6 +1685,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "conn_per_cpu",
             "keepalive_per_cpu",
             "bulk_per_cpu",
+            "conn_cpu_us",
+            "conn_util",
+            "keepalive_util",
+            "worker_max_share",
+            "supervisor_share",
             "core_other",
         ):
             if key in raw[n]:
@@ -1405,20 +1709,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if f"lat_{q}" in results[n]:
                     results[n][f"lat_{q}_added"] = results[n][f"lat_{q}"]
         notes.append("no direct peer: latency columns are absolute, not added")
-    if "haproxy" in results:
-        for n in names:
+    for n in names:
+        ref_name = refs.get(n, "haproxy")
+        if ref_name in results:
             ratios = {}
             for key, _, _, _ in MEASURES:
-                a, h = results[n].get(key), results["haproxy"].get(key)
+                a, h = results[n].get(key), results[ref_name].get(key)
                 if a and h and a["median"] is not None and h["median"]:
                     ratios[key] = a["median"] / h["median"]
             results[n]["ratio_to_haproxy"] = ratios  # type: ignore[assignment]
 
     sel_res = sel.get("result") if isinstance(sel, dict) else None
-    table = print_table(results, names)
+    table = print_table(results, names, refs, WORKER_MEASURES if workers_list else None)
     print()
-    print(f"median [min..max] over {rounds} round(s); x = ratio to HAProxy's median")
+    if workers_list:
+        print(
+            f"median [min..max] over {rounds} round(s); x = ratio to the median of HAProxy "
+            "with as many threads (-wN: --workers N / nbthread N)"
+        )
+    else:
+        print(f"median [min..max] over {rounds} round(s); x = ratio to HAProxy's median")
     print(table)
+    scaling: List[Dict[str, Any]] = []
+    if workers_list:
+        hard_limited = [
+            p.name for p in peers if isinstance(p, Edgeproxy) and int(p.knobs.get("hardlimit", 0))
+        ]
+        scaling = scaling_report(results, bases, hard_limited)
+        if scaling:
+            print()
+            print("scaling (per proxy CPU-second, -wN against -w1 of the same peer):")
+            for line in scaling:
+                print("  " + line["text"])
     if sel:
         print()
         if sel_res is not None:
@@ -1468,6 +1790,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "proxy_cpu": PROXY_CPU,
             "peers": names,
             "variants": variants,
+            "workers": workers_list,
+            "proxy_cpus": {p.name: p.cpu for p in peers},
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "cpu": _cpu_model(),
@@ -1477,6 +1801,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "raw": raw,
         "routing_decision": sel,
         "targets": targets,
+        "scaling": scaling,
         "notes": notes,
         "table": table,
     }
@@ -1490,6 +1815,108 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 130 if interrupted else 0
+
+
+def worker_shares(
+    peer: Peer,
+    roots: Sequence[int],
+    cpu: Dict[str, Any],
+    record: Callable[[str, str, Any], None],
+    notes: List[str],
+    rnd: int,
+    test: str,
+) -> None:
+    """
+    For a peer with several worker processes: the busiest worker's share of
+    the workers' CPU and the supervisor's (the root's) share of the whole
+    tree's, and a note if a process started or ended during the test.
+    """
+    if peer.workers < 2 or not isinstance(peer, Edgeproxy):
+        return
+    per = {int(k): v for k, v in cpu["per_process_cpu_s"].items()}
+    root = sum(per.get(pid, 0.0) for pid in roots)
+    workers = [v for pid, v in per.items() if pid not in roots]
+    total = cpu["proxy_cpu_s"]
+    if workers and sum(workers) > 0:
+        record(peer.name, "worker_max_share", 100 * max(workers) / sum(workers))
+    if total > 0:
+        record(peer.name, "supervisor_share", 100 * root / total)
+    if len(workers) != peer.workers:
+        notes.append(
+            f"{peer.name} round {rnd + 1} {test}: {len(workers)} worker processes "
+            f"(expected {peer.workers})"
+        )
+    if cpu["started"] or cpu["ended"]:
+        notes.append(
+            f"{peer.name} round {rnd + 1} {test}: processes started {cpu['started']} / "
+            f"ended {cpu['ended']} during the test"
+        )
+
+
+def scaling_report(
+    results: Dict[str, Dict[str, Dict[str, Any]]],
+    bases: Dict[str, Tuple[str, int]],
+    hard_limited: Sequence[str] = (),
+) -> List[Dict[str, Any]]:
+    """
+    Per peer and worker count N > 1: new connections and keepalive requests
+    per proxy CPU-second with N against with 1 (the scaling figure, target
+    >= 0.9), its complement (the sharing overhead), the wall-clock ratio,
+    and for edgeproxy peers with a hard limit the per-connection CPU against
+    the same count without one.
+    """
+    out: List[Dict[str, Any]] = []
+    by_base: Dict[str, Dict[int, str]] = {}
+    for name, (base, n) in bases.items():
+        by_base.setdefault(base, {})[n] = name
+
+    def med(name: str, key: str) -> Optional[float]:
+        s = results.get(name, {}).get(key)
+        return None if not s else s.get("median")
+
+    for base, counts in by_base.items():
+        one = counts.get(1)
+        if one is None:
+            continue
+        for n, name in sorted(counts.items()):
+            if n == 1:
+                continue
+            entry: Dict[str, Any] = {"peer": base, "workers": n}
+            parts = []
+            for key, what in (("conn_per_cpu", "new conns"), ("keepalive_per_cpu", "requests")):
+                a, b = med(name, key), med(one, key)
+                if a and b:
+                    ratio = a / b
+                    entry[key] = {"ratio": ratio, "overhead": 1 - ratio}
+                    parts.append(f"{what} {ratio:.2f} (overhead {100 * (1 - ratio):+.0f}%)")
+            a, b = med(name, "conn_rate"), med(one, "conn_rate")
+            if a and b:
+                entry["conn_rate_ratio"] = a / b
+                parts.append(f"wall-clock new conns/s {a / b:.2f}x")
+            c = entry.get("conn_per_cpu")
+            verdict = "" if c is None else ("MET  " if c["ratio"] >= 0.9 else "MISS ")
+            entry["met"] = None if c is None else c["ratio"] >= 0.9
+            entry["text"] = f"{verdict}{base} {n} vs 1: " + "; ".join(parts)
+            out.append(entry)
+    # the hard limit's cost: a peer whose knobs set hardlimit, against the
+    # plain edgeproxy with as many workers
+    for name, (base, n) in bases.items():
+        if name not in hard_limited:
+            continue
+        plain = by_base.get("edgeproxy", {}).get(n)
+        a, b = med(name, "conn_cpu_us"), med(plain, "conn_cpu_us") if plain else None
+        if a and b:
+            out.append(
+                {
+                    "peer": base,
+                    "workers": n,
+                    "conn_cpu_us": a,
+                    "edgeproxy_conn_cpu_us": b,
+                    "text": f"hard limit, {n} worker(s): {base} {a:.0f} µs of proxy CPU per new "
+                    f"connection against edgeproxy's {b:.0f} ({100 * (a / b - 1):+.1f}%)",
+                }
+            )
+    return out
 
 
 def evaluate_targets(

@@ -91,6 +91,12 @@ _log = Logger()
 #: The environment variable that makes an edgeproxy process a worker.
 WORKER_ENV = "EDGEPROXY_WORKER"
 
+#: Set to C{off} in the supervisor's environment, it makes the listening
+#: groups without client steering (bench/run.py's C{--workers}: a load
+#: generator on one address would otherwise reach one worker only).  Not an
+#: option: a benchmark knob.
+STEER_ENV = "EDGEPROXY_WORKERS_STEER"
+
 #: Seconds between a worker's metrics reports to the supervisor.
 REPORT_INTERVAL = 1.0
 
@@ -917,6 +923,16 @@ class WorkerSupervisor(Service):
             seen.add((host, port))
             if port:
                 _probe(host, port)
+        # Benchmarks only (bench/run.py --workers): without steering the
+        # kernel spreads one client's connections over the workers by its
+        # 4-tuple hash; bindings and per-client limits are then per worker.
+        unsteered = os.environ.get(STEER_ENV) == "off"
+        if unsteered:
+            _log.warn(
+                "{var}=off: connections are not steered by client address"
+                " (for benchmarks only: bindings and per-client limits are per worker)",
+                var=STEER_ENV,
+            )
         for host, port, steer in self.addresses:
             try:
                 group = reuseport_group(
@@ -924,7 +940,7 @@ class WorkerSupervisor(Service):
                     port,
                     self.count,
                     backlog=self.backlog,
-                    steer=steer,
+                    steer=steer and not unsteered,
                     ipv6_prefix=self.ipv6Prefix,
                 )
             except OSError as e:
