@@ -53,7 +53,7 @@ from zope.interface import implementer
 
 from edgeproxy.interfaces import ILoadCounter, IMetricsStore
 from edgeproxy.model import Backend
-from edgeproxy.routing.load import UNDERFLOW, LoadTable
+from edgeproxy.routing.load import LoadTable
 
 __all__ = [
     "GLOBAL_BLOCK",
@@ -635,21 +635,6 @@ class SharedLoadTable(LoadTable):
         else:  # pragma: no cover - connections counts this worker's own
             return
         self.changed.add(backend_id)
-
-    def _underflow(self, backend_id: str) -> None:
-        """
-        Count and log (once) a release of a connection never taken.
-        """
-        if self.metrics is not None:
-            self.metrics.increment(UNDERFLOW, backend_id)
-        if not self._underflowLogged:
-            self._underflowLogged = True
-            _log.warn(
-                "connection to {backend_id} released more often than taken "
-                "(ignored; counted as {counter}, logged once)",
-                backend_id=backend_id,
-                counter=UNDERFLOW,
-            )
 
     def refresh(self) -> None:
         """

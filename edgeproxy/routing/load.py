@@ -83,16 +83,22 @@ class LoadTable:
             del connections[backend_id]
             self.changed.add(backend_id)
         else:
-            if self.metrics is not None:
-                self.metrics.increment(UNDERFLOW, backend_id)
-            if not self._underflowLogged:
-                self._underflowLogged = True
-                _log.warn(
-                    "connection to {backend_id} released more often than taken "
-                    "(ignored; counted as {counter}, logged once)",
-                    backend_id=backend_id,
-                    counter=UNDERFLOW,
-                )
+            self._underflow(backend_id)
+
+    def _underflow(self, backend_id: str) -> None:
+        """
+        Count and log (once) a release of a connection never taken.
+        """
+        if self.metrics is not None:
+            self.metrics.increment(UNDERFLOW, backend_id)
+        if not self._underflowLogged:
+            self._underflowLogged = True
+            _log.warn(
+                "connection to {backend_id} released more often than taken "
+                "(ignored; counted as {counter}, logged once)",
+                backend_id=backend_id,
+                counter=UNDERFLOW,
+            )
 
 
 class RttTable(Dict[str, float]):
