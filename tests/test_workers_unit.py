@@ -534,3 +534,25 @@ def test_supervisor_refuses_a_port_in_use(counters: Any) -> None:
             sup.privilegedStartService()
     finally:
         taken.close()
+
+
+@pytest.mark.parametrize("steer", ["on", "off"])
+def test_supervisor_steers_unless_the_bench_switch_says_off(
+    counters: Any, monkeypatch: Any, steer: str
+) -> None:
+    """
+    A plain listener's group gets the steering program; the benchmark-only
+    EDGEPROXY_WORKERS_STEER=off leaves it to the kernel's hash.
+    """
+    from test_steering import has_program
+
+    if steer == "off":
+        monkeypatch.setenv("EDGEPROXY_WORKERS_STEER", "off")
+    else:
+        monkeypatch.delenv("EDGEPROXY_WORKERS_STEER", raising=False)
+    sup, _, _ = supervisor(counters)
+    sup.privilegedStartService()
+    try:
+        assert has_program(sup.groups[0][0]) is (steer == "on")
+    finally:
+        sup._closeSockets()
