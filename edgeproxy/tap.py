@@ -1292,9 +1292,10 @@ def makeService(
     steerings: Any = None
     handoff: Any = None
     addresses: list[tuple[str, int, bool]] = []
+    supervised: Sequence[ListenerSpec] = ()
     if supervising:
         addresses = [_socket_address(reactor, spec) for spec in listeners]
-        listeners = ()
+        supervised, listeners = listeners, ()
     elif worker_fds is not None:
         import socket as _socket
 
@@ -1375,6 +1376,8 @@ def makeService(
             state_file=state_file,
         ).setServiceParent(top)
     elif supervising:
+        # For the startup summary: the workers' listeners.
+        top.listeners = list(supervised)
         _supervise(reactor, options, top, addresses, counters, load, metrics, health, admin)
     return top
 
