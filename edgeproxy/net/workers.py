@@ -455,6 +455,10 @@ class _Inbox(FileDescriptor):
             except OSError as e:
                 _log.warn("handoff inbox: {error}", error=e)
                 return None
+            if _flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                # Cut short: the bytes or descriptors are incomplete.
+                self.handoff.received(b"", fds)
+                continue
             self.handoff.received(data, fds)
         return None
 
