@@ -111,7 +111,10 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 def _workers(value: str) -> int:
     text = value.strip().lower()
     if text == "auto":
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        if hasattr(os, "sched_getaffinity"):
+            cpus = len(os.sched_getaffinity(0))
+        else:  # PyPy 3.9: the machine's, not this process's affinity
+            cpus = os.cpu_count() or 1
         return max(1, min(cpus, 256))
     try:
         count = int(text)
