@@ -30,10 +30,12 @@ from edgeproxy.interfaces import ILoadCounter
 from edgeproxy.net.sharedload import (
     GLOBAL_BLOCK,
     GLOBAL_SLOT,
+    HARD_BLOCK,
     RESERVED_ID,
     SharedCounters,
     SharedLoadTable,
     SharedLoadView,
+    reservedId,
 )
 from edgeproxy.routing.load import UNDERFLOW
 from edgeproxy.routing.router import Router
@@ -427,19 +429,22 @@ def test_routers_share_hard_limit(shared: _Shared) -> None:
 
 class SharedMachine(RuleBasedStateMachine):
     """
-    Random acquires, releases and refreshes over several workers' tables:
-    every shared total is what succeeded minus what was released and never
-    above the hard limit; after a refresh a table's counts are the totals;
-    every count a table changed is noted in its C{changed}.
+    Random acquires, releases, refreshes and reloads over several workers'
+    tables: every shared total is what succeeded minus what was released; an
+    acquire succeeds only below the hard limit, and does far from it; after
+    a refresh a table's counts are the totals; every count a table changed
+    is noted in its C{changed}.
     """
 
     WORKERS = 3
-    IDS = ("a", "b", "c", "d")
-    HARD = {"a": 2, "b": 3, "c": 0, "d": 1}
+    IDS = ("a", "b", "c", "d", "e")
+    HARD = {"a": 2, "b": 3, "c": 0, "d": 1, "e": 40}
 
     @initialize()
     def setUp(self) -> None:
         self.shared = _Shared(self.WORKERS, 16)
+        # "e" has blocks of 3 at 40 and changes on a reload.
+        self.hard = dict(self.HARD)
         self.held: Dict[Tuple[int, str], int] = {}
         # What each table's reader (the selection index) last drained.
         self.drained: List[Dict[str, int]] = [{} for _ in range(self.WORKERS)]
@@ -454,11 +459,24 @@ class SharedMachine(RuleBasedStateMachine):
 
     @rule(w=st.integers(0, WORKERS - 1), bid=st.sampled_from(IDS))
     def acquire(self, w: int, bid: str) -> None:
-        hard = self.HARD[bid]
-        expected = hard <= 0 or self.total(bid) < hard
-        assert self.shared.tables[w].acquire(backend(bid, hard_limit=hard)) is expected
-        if expected:
+        hard = self.hard[bid]
+        total = self.total(bid)
+        got = self.shared.tables[w].acquire(backend(bid, hard_limit=hard))
+        block = max(1, min(HARD_BLOCK, hard // (4 * self.WORKERS)))
+        if hard <= 0 or total < hard - 2 * (self.WORKERS - 1) * block:
+            assert got
+        elif total >= hard:
+            assert not got
+        if got:
             self.held[(w, bid)] = self.held.get((w, bid), 0) + 1
+
+    @rule(hard=st.sampled_from([0, 8, 40]))
+    def reload(self, hard: int) -> None:
+        """Every worker reloads a table where "e" has another limit."""
+        self.hard["e"] = hard
+        backends = [backend(bid, hard_limit=h) for bid, h in self.hard.items()]
+        for table in self.shared.tables:
+            table.follow(backends)
 
     @rule(w=st.integers(0, WORKERS - 1), bid=st.sampled_from(IDS))
     def release(self, w: int, bid: str) -> None:
@@ -506,10 +524,14 @@ class SharedMachine(RuleBasedStateMachine):
             total = counters.total(slot) if slot > 0 else 0
             assert total == self.total(bid)
             hard = self.HARD[bid]
-            assert hard <= 0 or total <= hard
+            if bid != "e":
+                assert hard <= 0 or total <= hard
             for w in range(self.WORKERS):
                 own = counters.count(slot, w) if slot > 0 else 0
                 assert own == self.held.get((w, bid), 0)
+                hold = self.shared.tables[w]._holds.get(bid)
+                if hold is not None:
+                    assert counters.count(counters.lookup(reservedId(bid)), w) == hold.reserved
         underflows = self.shared.metrics.counters()
         assert sum(n for (name, _), n in underflows.items() if name == UNDERFLOW) == self.underflows
 
@@ -744,3 +766,187 @@ def test_global_cap_never_exceeded_and_refuses_little_early(seed: int) -> None:
             tables[w].releaseGlobal()
             held[w] -= 1
     assert tables[0].globalTotal() == 0
+
+
+def _reserved(table: SharedLoadTable, bid: str, worker: int = -1) -> int:
+    """
+    The room reserved under C{bid}'s hard limit by C{worker} (-1: by every
+    worker).
+    """
+    slot = table.counters.lookup(reservedId(bid))
+    if slot < 0:
+        return 0
+    if worker < 0:
+        return table.counters.total(slot)
+    return table.counters.count(slot, worker)
+
+
+def test_hard_limit_reserves_room_in_blocks() -> None:
+    """
+    Far from a backend's hard limit a worker reserves room for a block of
+    connections under one lock and admits from it: the reservation moves
+    once per block, while the backend's count is the open connections.
+    """
+    a, b = _tables(2)
+    big = backend("b1", hard_limit=1000)
+    assert HARD_BLOCK == 64
+    assert a.acquire(big)
+    assert _reserved(a, "b1") == 64
+    for _ in range(63):
+        assert a.acquire(big)
+    assert _reserved(a, "b1") == 64
+    assert a.acquire(big)
+    assert _reserved(a, "b1") == 128
+    assert b.acquire(big)
+    assert _reserved(a, "b1", 1) == 64
+    slot = a.counters.lookup("b1")
+    assert a.counters.total(slot) == 66
+    # A small limit has blocks of one: a quarter of a worker's share.
+    assert a.acquire(backend("small", hard_limit=7))
+    assert _reserved(a, "small") == 1
+
+
+def test_hard_limit_exact_with_the_last_connections_anywhere() -> None:
+    """
+    Near a hard limit room is taken one connection at a time and given back
+    at once: with 29 of 30 held by one worker the other takes the 30th, and
+    nobody takes a 31st; when one closes, either worker may take its place.
+    """
+    a, b = _tables(2)
+    limited = backend("b1", hard_limit=30)
+    for _ in range(29):
+        assert a.acquire(limited)
+    assert b.acquire(limited)
+    assert not a.acquire(limited)
+    assert not b.acquire(limited)
+    assert a.connections == {"b1": 30}
+    assert a.counters.total(a.counters.lookup("b1")) == 30
+    a.release("b1")
+    assert _reserved(a, "b1") == 29
+    assert b.acquire(limited)
+    assert not a.acquire(limited)
+    b.release("b1")
+    assert a.acquire(limited)
+    for _ in range(29):
+        a.release("b1")
+    for _ in range(2):
+        b.release("b1")
+    assert a.counters.total(a.counters.lookup("b1")) == 0
+    # Far from the limit again, each keeps at most two blocks (of 3).
+    assert all(_reserved(a, "b1", w) <= 6 for w in (0, 1))
+
+
+def test_refresh_gives_back_spare_room_near_the_limit() -> None:
+    """
+    Room a worker reserved far from the limit and no longer needs is given
+    back at its next refresh once the group has come near the limit, so
+    that another worker refused meanwhile is admitted after it.
+    """
+    a, b = _tables(2)
+    limited = backend("b1", hard_limit=200)  # blocks of 25, near below 100 free
+    assert a.acquire(limited)
+    assert _reserved(a, "b1", 0) == 25
+    taken = 0
+    while b.acquire(limited):
+        taken += 1
+    assert taken == 175  # a's 24 spare are not b's to take
+    a.refresh()
+    assert _reserved(a, "b1", 0) == 1
+    for _ in range(24):
+        assert b.acquire(limited)
+    assert not b.acquire(limited)
+    assert a.counters.total(a.counters.lookup("b1")) == 200
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_hard_limit_never_exceeded_and_refuses_little_early(seed: int) -> None:
+    """
+    Random acquires, releases and refreshes over three workers: the open
+    connections never add up to more than the hard limit, every refusal
+    comes within two blocks per other worker of it, a worker's room never
+    falls below its connections, and once every worker has refreshed, a
+    refusal means the backend is full.
+    """
+    rng = random.Random(seed)
+    hard = rng.choice([5, 30, 200, 1000])
+    limited = backend("b1", hard_limit=hard)
+    tables = _tables(3)
+    held = [0, 0, 0]
+    block = max(1, min(HARD_BLOCK, hard // 12))
+    counters = tables[0].counters
+    for _ in range(3000):
+        w = rng.randrange(3)
+        r = rng.random()
+        if r < 0.02:
+            for t in tables:
+                t.refresh()
+            least = held.index(min(held))
+            if tables[least].acquire(limited):
+                held[least] += 1
+            else:
+                assert sum(held) == hard
+        elif held[w] and r < 0.45:
+            tables[w].release("b1")
+            held[w] -= 1
+        elif tables[w].acquire(limited):
+            held[w] += 1
+        else:
+            assert sum(held) >= hard - 2 * 2 * block, (sum(held), hard, block)
+        assert sum(held) <= hard
+        slot = counters.lookup("b1")
+        assert counters.total(slot) == sum(held)
+        assert all(_reserved(tables[0], "b1", v) >= held[v] for v in range(3))
+        assert _reserved(tables[0], "b1") <= hard
+    for w in range(3):
+        while held[w]:
+            tables[w].release("b1")
+            held[w] -= 1
+    assert counters.total(counters.lookup("b1")) == 0
+
+
+def test_follow_resizes_room_when_a_limit_changes() -> None:
+    """
+    A reload that lowers a hard limit makes a worker give back its spare
+    room at once (L{SharedLoadTable.follow}), so another worker may use
+    what the new limit leaves; one that removes the limit gives back all of
+    it; and connections opened without a limit count once it returns.
+    """
+    a, b = _tables(2)
+    assert all(a.acquire(backend("b1", hard_limit=1000)) for _ in range(5))
+    assert _reserved(a, "b1", 0) == 64
+    lowered = [backend("b1", hard_limit=8)]
+    a.follow(lowered)
+    b.follow(lowered)
+    assert _reserved(a, "b1", 0) == 5
+    assert [b.acquire(lowered[0]) for _ in range(4)] == [True, True, True, False]
+    unlimited = [backend("b1")]
+    a.follow(unlimited)
+    b.follow(unlimited)
+    assert _reserved(a, "b1") == 0
+    assert all(a.acquire(unlimited[0]) for _ in range(5))
+    # a now holds 10 and b 3; the limit comes back at 12 and b sees it
+    # first: a's connections count although a holds no room yet.
+    back = backend("b1", hard_limit=12)
+    b.follow([back])
+    assert not b.acquire(back)
+    a.release("b1")
+    assert not b.acquire(back)
+    a.release("b1")
+    assert b.acquire(back)
+    assert not a.acquire(back)
+    assert a.counters.total(a.counters.lookup("b1")) == 12
+
+
+def test_dead_workers_room_is_freed_with_its_row() -> None:
+    """
+    Clearing a dead worker's row frees the room it reserved under a hard
+    limit along with its connections.
+    """
+    a, b = _tables(2)
+    limited = backend("b1", hard_limit=10)
+    assert all(a.acquire(limited) for _ in range(10))
+    assert not b.acquire(limited)
+    a.counters.clearWorker(0)
+    assert _reserved(b, "b1") == 0
+    assert all(b.acquire(limited) for _ in range(10))
+    assert not b.acquire(limited)

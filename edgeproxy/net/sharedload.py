@@ -23,6 +23,18 @@ Releases and acquires without a hard limit take no lock: a release only
 lowers a count, so a concurrent reader can only over-estimate it and refuse
 a connection it could have taken, never admit one too many.
 
+A lock per connection to a hard-limited backend cost two workers 15% of
+their CPU per connection (a contended record lock sleeps), so the lock is
+taken per block of room instead: a worker reserves room for up to
+L{HARD_BLOCK} connections at a time in a second slot of the backend's (its
+id prefixed as by L{reservedId}), under that slot's lock, and admits from
+its own room without a lock.  Reservations never exceed the limit, and a
+worker's connections never exceed its reservation.  The global cap is
+shared the same way (the L{RESERVED_ID} slot).  Near a limit room is taken
+one connection at a time and given back at once, so the last connections go
+to whichever worker asks; room a worker reserved farther from it is given
+back at its next release or its next refresh (0.1 s).
+
 File layout (offsets in bytes, all little-endian int64 unless said)::
 
     0                 header page(s): magic, version, workers, slots; at 64,
@@ -34,8 +46,10 @@ File layout (offsets in bytes, all little-endian int64 unless said)::
     H + D             counters, worker-major: cell (worker * slots + slot)
 
 Slot 0 is the POP's global connection count (L{SharedLoadTable.acquireGlobal}).
+A hard-limited backend has two slots: its connections, and its reservations.
 Lock bytes (locks may lie anywhere, data or not): byte 0 guards the
-directory's inserts, byte 1 + slot guards a slot's acquires.
+directory's inserts, byte 1 + slot guards a slot's acquires and
+reservations.
 """
 
 from __future__ import annotations
@@ -58,10 +72,12 @@ from edgeproxy.routing.load import LoadTable
 __all__ = [
     "GLOBAL_BLOCK",
     "GLOBAL_SLOT",
+    "HARD_BLOCK",
     "RESERVED_ID",
     "SharedCounters",
     "SharedLoadTable",
     "SharedLoadView",
+    "reservedId",
 ]
 
 _log = Logger()
@@ -75,6 +91,46 @@ RESERVED_ID = "\x00global-reserved"
 
 #: The most room a worker reserves under the global cap at a time.
 GLOBAL_BLOCK = 64
+
+#: The most room a worker reserves under a backend's hard limit at a time.
+HARD_BLOCK = 64
+
+
+def reservedId(backend_id: str) -> str:
+    """
+    The directory id of the slot where workers reserve room under
+    C{backend_id}'s hard limit (see L{SharedLoadTable.acquire}).
+    """
+    return "\x00reserved\x00" + backend_id
+
+
+class _Hold:
+    """
+    A worker's room under one backend's hard limit.
+
+    @ivar slot: The reservation slot (C{-1}: the directory had no room, so
+        the limit is checked under a lock per connection instead).
+    @ivar hard: The limit the room was reserved under.
+    @ivar block: How much room is reserved at a time far from the limit.
+    @ivar margin: Less than this much room left unreserved is near the
+        limit.
+    @ivar reserved: This worker's room (its cell of C{slot}); where it is
+        below the worker's open connections (they were opened without a
+        limit) each acquire reserves.
+    @ivar near: The group's reservations were near the limit when last
+        looked at: spare room goes back at each release.
+    """
+
+    __slots__ = ("block", "hard", "margin", "near", "reserved", "slot")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.hard = 0
+        self.block = 1
+        self.margin = 0
+        self.reserved = 0
+        self.near = True
+
 
 _PAGE = 4096
 _MAGIC = b"EPSHLOAD"
@@ -345,14 +401,22 @@ class SharedCounters:
         self._generations[worker] += 1
         return sum(cells[slot::slots])
 
-    def reserve(self, slot: int, worker: int, limit: int, amount: int, margin: int) -> int:
+    def reserve(
+        self, slot: int, worker: int, limit: int, amount: int, margin: int, counted: int = -1
+    ) -> int:
         """
         Add up to C{amount} to C{worker}'s cell of C{slot} while the slot's
         total stays at most C{limit}, in one atomic step across processes
         (the slot's lock): C{amount} while more than C{margin} would be
         left free, else 1 (near the limit every unit is taken alone).
 
-        @return: How much was added (0: the slot is at its limit).
+        @param counted: A slot of connections that C{slot} reserves room
+            for: each worker then takes up the larger of its two cells, so
+            that the connections of a worker that holds no room (e.g. one
+            that has not yet seen a backend gain its hard limit) count too.
+
+        @return: How much was added (C{>= 1}); when the slot is at its
+            limit, minus its total (C{<= -limit}), nothing added.
         """
         cells = self._cells
         slots = self.slots
@@ -360,9 +424,13 @@ class SharedCounters:
         start = 1 + slot
         fcntl.lockf(fd, fcntl.LOCK_EX, 1, start)
         try:
-            free = limit - sum(cells[slot::slots])
+            if counted > 0:
+                total = sum(map(max, cells[slot::slots], cells[counted::slots]))
+            else:
+                total = sum(cells[slot::slots])
+            free = limit - total
             if free <= 0:
-                return 0
+                return -total
             grant = amount if free - amount > margin else 1
             cells[worker * slots + slot] += grant
             self._generations[worker] += 1
@@ -480,6 +548,7 @@ class SharedLoadTable(LoadTable):
         "_copies",
         "_dirty",
         "_generations",
+        "_holds",
         "_ids",
         "_open",
         "_others",
@@ -526,6 +595,8 @@ class SharedLoadTable(LoadTable):
         self._reserveSlot: Optional[int] = None
         self._block = 0
         self._cap = 0
+        #: Backend id -> this worker's room under its hard limit.
+        self._holds: Dict[str, _Hold] = {}
 
     def __repr__(self) -> str:
         return (
@@ -575,12 +646,41 @@ class SharedLoadTable(LoadTable):
             if bid not in slots:
                 self._register(bid)
 
+    def follow(self, backends: Iterable[Backend]) -> None:
+        """
+        L{track} every one of C{backends} (e.g. a routing snapshot's), and
+        follow the hard limits they have now: room reserved under a limit
+        that changed is resized at once, spare room given back, rather than
+        at the backend's next acquire, so that a lowered limit holds in the
+        group as soon as every worker has reloaded.
+        """
+        slots = self._slots
+        holds = self._holds
+        for b in backends:
+            bid = b.id
+            slot = slots.get(bid)
+            if slot is None:
+                slot = self._register(bid)
+            hold = holds.get(bid)
+            if hold is not None and hold.hard != b.hard_limit:
+                if b.hard_limit > 0:
+                    self._hold(bid, slot, b.hard_limit)
+                else:
+                    self._unhold(bid)
+
     def acquire(self, backend: Backend) -> bool:
         """
-        See L{ILoadCounter.acquire}: with a hard limit, checked against
-        every worker's connections under the slot's lock.  C{connections}
-        gets the total read then (also on a refusal, so that scoring sees
-        the backend full).
+        See L{ILoadCounter.acquire}.
+
+        With a hard limit, the connection is admitted from room this worker
+        reserved under the limit in the backend's reservation slot: far
+        from the limit up to L{HARD_BLOCK} connections' worth (at most a
+        quarter of a worker's share) under one lock, near it (less than two
+        blocks per worker unreserved) one connection's worth at a time.
+        The reservations of every worker never add up to more than the
+        limit, so neither do their connections.  On a refusal
+        C{connections} gets the reserved total (at least the limit), so
+        that scoring sees the backend full until the next L{refresh}.
         """
         bid = backend.id
         slot = self._slots.get(bid)
@@ -589,24 +689,102 @@ class SharedLoadTable(LoadTable):
         if slot < 0:
             return LoadTable.acquire(self, backend)
         hard = backend.hard_limit
+        connections = self.connections
+        i = self._base + slot
         if hard > 0:
-            n = self.counters.acquire(slot, self.worker, hard)
-            self._dirty.add(slot)
-            if n < 0:
-                self._set(bid, -n)
-                return False
-            self.connections[bid] = n
-            self.changed.add(bid)
-            return True
+            hold = self._holds.get(bid)
+            if hold is None or hold.hard != hard:
+                hold = self._hold(bid, slot, hard)
+            own = self._cells[i]
+            if own >= hold.reserved:
+                if hold.slot < 0:
+                    n = self.counters.acquire(slot, self.worker, hard)
+                    self._dirty.add(slot)
+                    if n < 0:
+                        self._set(bid, -n)
+                        return False
+                    connections[bid] = n
+                    self.changed.add(bid)
+                    return True
+                grant = self.counters.reserve(
+                    hold.slot, self.worker, hard, hold.block, hold.margin, slot
+                )
+                if grant <= 0:
+                    hold.near = True
+                    self._dirty.add(slot)
+                    self._set(bid, -grant)
+                    return False
+                hold.near = grant == 1
+                hold.reserved += grant
+                # The lock was taken anyway: read every worker's count.
+                self._cells[i] = own + 1
+                self._generations[self.worker] += 1
+                self._dirty.add(slot)
+                connections[bid] = sum(self._cells[slot :: self.counters.slots])
+                self.changed.add(bid)
+                return True
+        elif self._holds and bid in self._holds:
+            self._unhold(bid)
         # SharedCounters.acquire without a limit, inlined; the count of
         # this worker's own connections is exact, the others' come in on
         # refresh.
-        self._cells[self._base + slot] += 1
+        self._cells[i] += 1
         self._generations[self.worker] += 1
-        connections = self.connections
         connections[bid] = connections.get(bid, 0) + 1
         self.changed.add(bid)
         return True
+
+    def _hold(self, bid: str, slot: int, hard: int) -> _Hold:
+        """
+        Start reserving room under C{bid}'s hard limit C{hard}, or follow a
+        new limit (a reload): room for this worker's open connections is
+        kept, spare room given back, and the block sized for the new limit.
+        """
+        counters = self.counters
+        own = self._cells[self._base + slot]
+        hold = self._holds.get(bid)
+        if hold is None:
+            # Connections opened while the backend had no limit count all
+            # the same: L{SharedCounters.reserve} takes the larger of the
+            # two cells.
+            hold = self._holds[bid] = _Hold(counters.slotFor(reservedId(bid)))
+        elif hold.slot > 0 and hold.reserved > own:
+            counters.unreserve(hold.slot, self.worker, hold.reserved - own)
+            hold.reserved = own
+        workers = counters.workers
+        hold.hard = hard
+        hold.block = max(1, min(HARD_BLOCK, hard // (4 * workers)))
+        hold.margin = 2 * hold.block * workers
+        hold.near = True
+        return hold
+
+    def _unhold(self, bid: str) -> None:
+        """
+        Give back all the room reserved under C{bid}'s hard limit: it has
+        none any more.
+        """
+        hold = self._holds.pop(bid)
+        if hold.slot > 0 and hold.reserved > 0:
+            self.counters.unreserve(hold.slot, self.worker, hold.reserved)
+
+    def _spare(self, hold: _Hold, spare: int) -> None:
+        """
+        Give back C{spare} room under a hard limit that this worker holds
+        beyond its open connections: all of it near the limit, else what
+        goes past two blocks.
+        """
+        counters = self.counters
+        slot = hold.slot
+        reserved = sum(self._cells[slot :: counters.slots])
+        hold.near = hold.hard - reserved < hold.margin
+        if hold.near:
+            give = spare
+        elif spare > 2 * hold.block:
+            give = spare - hold.block
+        else:
+            return
+        counters.unreserve(slot, self.worker, give)
+        hold.reserved -= give
 
     def release(self, backend_id: str) -> None:
         """
@@ -626,6 +804,12 @@ class SharedLoadTable(LoadTable):
             return
         cells[i] = own - 1
         self._generations[self.worker] += 1
+        if self._holds:
+            hold = self._holds.get(backend_id)
+            if hold is not None and hold.slot > 0:
+                spare = hold.reserved - own + 1
+                if spare > 0 and (hold.near or spare > 2 * hold.block):
+                    self._spare(hold, spare)
         connections = self.connections
         n = connections.get(backend_id, 0)
         if n > 1:
@@ -655,6 +839,7 @@ class SharedLoadTable(LoadTable):
         chunks = self._chunks
         copies = self._copies
         seen = self._seen
+        self._sweep()
         for w in self._others:
             g = generations[w]
             if g == seen[w]:
@@ -686,6 +871,29 @@ class SharedLoadTable(LoadTable):
             self._set(ids[slot], total)
         dirty.clear()
 
+    def _sweep(self) -> None:
+        """
+        Give back the spare room this worker holds under a limit (a hard
+        limit's or the global cap) that the group's reservations have come
+        near, for L{refresh}: room reserved far from the limit is otherwise
+        kept until this worker next releases such a connection, and another
+        worker would be refused meanwhile.
+        """
+        cells = self._cells
+        slots = self.counters.slots
+        base = self._base
+        for bid, hold in self._holds.items():
+            if hold.slot > 0:
+                spare = hold.reserved - cells[base + self._slots[bid]]
+                if spare > 0:
+                    self._spare(hold, spare)
+        spare = self._reserved - self._open
+        slot = self._reserveSlot
+        if spare > 0 and slot is not None and slot > 0:
+            if self._cap - sum(cells[slot::slots]) < 2 * self._block * self.counters.workers:
+                self.counters.unreserve(slot, self.worker, spare)
+                self._reserved -= spare
+
     def acquireGlobal(self, cap: int) -> bool:
         """
         Count one more connection in the POP's global count (slot 0) if the
@@ -702,8 +910,10 @@ class SharedLoadTable(LoadTable):
         and given back at once, so the last connections go wherever they
         arrive; a worker keeps what it reserved farther from the cap (at
         most two blocks beyond its open connections) until it next closes a
-        connection, so the group may refuse up to two blocks per other
-        worker short of the cap, never above it.
+        connection or its next L{refresh} (every 0.1 s) finds the group
+        near the cap, so for that long the group may refuse up to two blocks
+        per other worker short of the cap, never above it.  Hard limits
+        work the same way (L{acquire}).
 
         @return: C{True} if counted (call L{releaseGlobal} once later).
         """
@@ -726,7 +936,7 @@ class SharedLoadTable(LoadTable):
             grant = self.counters.reserve(
                 slot, self.worker, cap, block, 2 * block * self.counters.workers
             )
-            if grant == 0:
+            if grant <= 0:
                 return False
             self._reserved += grant
         self._open = opened + 1
