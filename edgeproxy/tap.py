@@ -1364,8 +1364,8 @@ def makeService(
         top.admission.shared = load
         # Slots for every backend of the table, so that other workers' counts
         # reach this one's scoring before it first connects to them.
-        load.track(b.id for b in repository.current().backends)
-        repository.addListener(lambda old, new: load.track(b.id for b in new.backends))
+        load.follow(repository.current().backends)
+        repository.addListener(lambda old, new: load.follow(new.backends))
         WorkerRuntime(
             reactor,
             worker_fds,
