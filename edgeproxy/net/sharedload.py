@@ -9,11 +9,11 @@ the totals through a L{SharedLoadView} for its metrics and status page.
 
 The table is a matrix of 64-bit counters, one row per worker and one column
 (a I{slot}) per backend id; each worker writes only its own row, so no cell
-has two writers, and a backend's count is the sum of its column.  Taking a
-slot under a hard limit reads that sum and increments the worker's own cell
-while holding a POSIX record lock on one byte of the file for that slot
-(C{fcntl.lockf}): two workers can never both see room for the last
-connection.  Record locks rather than semaphores or futexes because the
+has two writers, and a backend's count is the sum of its column.  Room
+under a hard limit is taken by reading a column's sum and incrementing the
+worker's own cell while holding a POSIX record lock on one byte of the file
+for that slot (C{fcntl.lockf}): two workers can never both see room for the
+last connection.  Record locks rather than semaphores or futexes because the
 kernel releases them when the holding process dies, even by C{SIGKILL}:
 a crashed worker never leaves a backend locked.  Its counts stay in its row
 until the supervisor, having seen it exit, clears the row
